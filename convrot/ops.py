@@ -1,0 +1,73 @@
+"""Kernel dispatch: the CUDA extension where it is built and supports the device, the reference ops elsewhere.
+
+Every entry point has the reference's signature and meaning (see reference.py); the choice is made per call from
+the tensor's device, so a model that moves between CPU and GPU (ComfyUI offloading) keeps working.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import reference
+
+log = logging.getLogger("convrot")
+_fallback_logged: set[str] = set()
+
+
+def _kernels():
+    """The compiled-kernel module when usable for CUDA tensors, else None (the reason is logged once)."""
+    try:
+        from . import kernels
+    except Exception as e:  # the package is optional: a broken or absent build must never break inference
+        _log_once(f"CUDA kernels unavailable ({type(e).__name__}: {e}); using the PyTorch reference path")
+        return None
+    return kernels
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _fallback_logged:
+        _fallback_logged.add(msg)
+        log.warning("ConvRot: %s", msg)
+
+
+def _fast(t: torch.Tensor, bits: int):
+    if t.device.type != "cuda" or bits != 4:
+        return None
+    k = _kernels()
+    if k is None:
+        return None
+    try:
+        return k if k.available(t.device) else None
+    except Exception as e:
+        _log_once(f"CUDA kernels unavailable ({e}); using the PyTorch reference path")
+        return None
+
+
+def rotate_quantize(x2d: torch.Tensor, group_size: int, bits: int = 4):
+    k = _fast(x2d, bits)
+    if k is not None:
+        return k.rotate_quantize(x2d.contiguous(), group_size)
+    return reference.rotate_quantize(x2d, group_size, bits)
+
+
+def quantize_weight(weight: torch.Tensor, group_size: int, bits: int = 4):
+    """Offline weight quantization: (codes, per-output-channel fp32 scale). Runs on whatever device `weight` is."""
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        weight = weight.to(torch.float32)
+    return rotate_quantize(weight, group_size, bits)
+
+
+def linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+           group_size: int, bits: int = 4) -> torch.Tensor:
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    k = _fast(x2d, bits) if x.dtype in (torch.float16, torch.bfloat16) else None
+    if k is not None and x2d.shape[0] > 0:
+        out = k.w4a4_linear(x2d.contiguous(), w_q, w_scale, bias, group_size)
+    else:
+        a_q, a_scale = reference.rotate_quantize(x2d, group_size, bits)
+        out = reference.quantized_gemm(a_q, a_scale, w_q, w_scale, bias, x.dtype, bits)
+    return out.reshape(*lead, w_scale.shape[0])

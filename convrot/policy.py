@@ -1,0 +1,120 @@
+"""Which FLUX layers are quantized, and how: one action per linear layer, from a preset plus optional overrides.
+
+Names are matched without any checkpoint prefix (`model.diffusion_model.` and friends), so the same policy serves
+the ComfyUI loader, the CLI and the save node.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+
+log = logging.getLogger("convrot")
+
+BF16, W4A4, W8A8 = "bf16", "w4a4", "w8a8"
+ACTIONS = (BF16, W4A4, W8A8)
+
+# Embedders and the output head are tiny, run once per step and are the most sensitive: always full precision.
+ALWAYS_BF16 = ("img_in", "txt_in", "time_in.*", "vector_in.*", "guidance_in.*", "final_layer.*")
+MODULATION = ("double_blocks.*.img_mod.lin", "double_blocks.*.txt_mod.lin", "single_blocks.*.modulation.lin")
+
+PRESETS = {
+    "mixed": "W4A4 bulk; W8A8 for double-block attention outputs and modulation; bf16 for the last MLP outputs",
+    "w4a4": "every block linear at W4A4; modulation stays bf16",
+    "compact": "every block linear at W4A4, modulation included (smallest, least faithful)",
+    "w8a8": "every block linear at W8A8 (about 2x smaller than bf16, most faithful)",
+}
+PRESET_ALIASES = {"quality": "w4a4"}
+DEFAULT_PRESET = "mixed"
+
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
+
+
+def strip_prefix(name: str) -> str:
+    for p in _PREFIXES:
+        if name.startswith(p):
+            return name[len(p):]
+    return name
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def count_blocks(names, kind: str) -> int:
+    idx = [int(m.group(1)) for n in names if (m := re.match(rf"{kind}\.(\d+)\.", strip_prefix(n)))]
+    return max(idx) + 1 if idx else 0
+
+
+@dataclass
+class LayerPolicy:
+    preset: str = DEFAULT_PRESET
+    num_double: int = 0
+    num_single: int = 0
+    overrides: list[tuple[str, str]] = field(default_factory=list)  # (glob pattern, action), first match wins
+
+    def __post_init__(self):
+        self.preset = PRESET_ALIASES.get(self.preset, self.preset)
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown ConvRot preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        for pat, act in self.overrides:
+            if act not in ACTIONS:
+                raise ValueError(f"override {pat!r}: unknown action {act!r}; choose one of {ACTIONS}")
+
+    @classmethod
+    def for_names(cls, names, preset: str = DEFAULT_PRESET, overrides=None) -> "LayerPolicy":
+        names = list(names)
+        return cls(preset, count_blocks(names, "double_blocks"), count_blocks(names, "single_blocks"),
+                   parse_overrides(overrides))
+
+    def action(self, name: str) -> str:
+        """The action for a linear layer named like `double_blocks.3.img_attn.qkv` (prefix allowed)."""
+        n = strip_prefix(name.removesuffix(".weight"))
+        for pat, act in self.overrides:
+            if fnmatch.fnmatchcase(n, pat):
+                return act
+        if _matches(n, ALWAYS_BF16) or not n.startswith(("double_blocks.", "single_blocks.")):
+            return BF16
+        modulation = _matches(n, MODULATION)
+        if self.preset == "w8a8":
+            return W8A8
+        if self.preset == "compact":
+            return W4A4
+        if self.preset == "w4a4":
+            return BF16 if modulation else W4A4
+        # "mixed": the recipe of the ConvRot paper's best FLUX result plus ComfyUI's finding on AdaLN layers.
+        if modulation or _matches(n, ("double_blocks.*.img_attn.proj", "double_blocks.*.txt_attn.proj")):
+            return W8A8
+        last_d, last_s = self.num_double - 1, self.num_single - 1
+        if n in (f"double_blocks.{last_d}.img_mlp.2", f"double_blocks.{last_d}.txt_mlp.2",
+                 f"single_blocks.{last_s}.linear2"):
+            return BF16
+        return W4A4
+
+
+def parse_overrides(spec) -> list[tuple[str, str]]:
+    """Overrides from a JSON object {"pattern": "action"}, or text lines "pattern = action" / "pattern: action"."""
+    if not spec:
+        return []
+    if isinstance(spec, (list, tuple)):
+        return [(str(p), str(a)) for p, a in spec]
+    if isinstance(spec, dict):
+        return [(str(p), str(a)) for p, a in spec.items()]
+    text = str(spec).strip()
+    if text.startswith("{"):
+        try:
+            return [(str(p), str(a)) for p, a in json.loads(text).items()]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"layer overrides are not valid JSON: {e}") from e
+    out = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.match(r"^(\S+)\s*[:=]\s*(\S+)$", line)
+        if not m:
+            raise ValueError(f"cannot read layer override line {line!r}; write 'pattern = action'")
+        out.append((m.group(1), m.group(2).lower()))
+    return out

@@ -1,0 +1,125 @@
+"""Pure-PyTorch reference ops. They define what every fast kernel must compute and run anywhere, CPU included.
+
+Numerics (shared with ComfyUI's native `convrot_w4a4` format, so files are interchangeable):
+- rotation: per group of G consecutive input channels, g -> g @ H_G, math in fp32 whatever the input dtype;
+- symmetric quantization per row: scale = absmax / qmax (absmax clamped to 1e-10 so zero rows stay finite),
+  code = round_half_even(r / scale) clamped to [-qmax, qmax]; qmax = 7 for int4, 127 for int8;
+- int4 packing: two codes per byte, the low nibble holds the even input channel;
+- GEMM: exact integer accumulation, then acc * a_scale[m] * w_scale[n] + bias[n] in fp32, cast to the output dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from .hadamard import check_group_size, regular_hadamard
+
+QMAX = {4: 7, 8: 127}
+
+
+def rotate(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Block-diagonal regular-Hadamard rotation along the last dim, returned in fp32.
+
+    H is symmetric, so this single op serves activations (x @ H) and weights (W @ Hᵀ): x·Wᵀ is unchanged.
+    """
+    check_group_size(group_size)
+    k = x.shape[-1]
+    if k % group_size:
+        raise ValueError(f"last dim {k} is not a multiple of the ConvRot group size {group_size}")
+    h = regular_hadamard(group_size, device=x.device)
+    xg = x.to(torch.float32).reshape(*x.shape[:-1], k // group_size, group_size)
+    return (xg @ h).reshape(x.shape)
+
+
+def quantize_rows(x: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row quantization of the last dim: (codes int8, scale fp32 [...])."""
+    qmax = QMAX[bits]
+    xf = x.to(torch.float32)
+    scale = xf.abs().amax(dim=-1).clamp_min(1e-10) / qmax
+    codes = torch.round(xf / scale.unsqueeze(-1)).clamp_(-qmax, qmax).to(torch.int8)
+    return codes, scale
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """[..., K] int codes in [-8, 7] -> [..., K/2] int8, low nibble = even k."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even last dim, got {codes.shape[-1]}")
+    c = codes.to(torch.int16)
+    lo = c[..., 0::2] & 0xF
+    hi = c[..., 1::2] & 0xF
+    return (lo | (hi << 4)).to(torch.uint8).view(torch.int8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: [..., K/2] int8 -> [..., K] int8 codes (signed nibbles)."""
+    p = packed.view(torch.uint8).to(torch.int16)
+    lo = p & 0xF
+    hi = p >> 4
+    both = torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    return torch.where(both >= 8, both - 16, both).to(torch.int8)
+
+
+def rotate_quantize(x: torch.Tensor, group_size: int, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate then quantize each row. bits=4 returns packed codes [..., K/2]; bits=8 plain codes [..., K]."""
+    codes, scale = quantize_rows(rotate(x, group_size), bits)
+    return (pack_int4(codes) if bits == 4 else codes), scale
+
+
+def codes_of(q: torch.Tensor, bits: int) -> torch.Tensor:
+    return unpack_int4(q) if bits == 4 else q
+
+
+def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact a[M,K] @ b[N,K]ᵀ for integer codes, returned as fp32.
+
+    fp32 sums of integers are exact while every partial sum stays below 2^24: |acc| <= 7²·K (int4) or 127²·K
+    (int8) bounds them, so int4 is exact in fp32 up to K ~ 342k and int8 up to K ~ 1040; past that fp64 is used.
+    TF32 would round the inputs, so it is switched off for the call on CUDA.
+    """
+    bound = int(a.abs().max().clamp_min(1)) * int(b.abs().max().clamp_min(1)) * a.shape[-1] if a.numel() else 0
+    dtype = torch.float32 if bound < 2**24 else torch.float64
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return (a.to(dtype) @ b.to(dtype).t()).to(torch.float32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def quantized_gemm(
+    a_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    bits: int = 4,
+) -> torch.Tensor:
+    """[M, K(/2)] x [N, K(/2)]ᵀ with exact integer accumulation and the scales/bias epilogue."""
+    acc = int_matmul(codes_of(a_q, bits), codes_of(w_q, bits))
+    out = acc * a_scale.to(torch.float32).unsqueeze(-1) * w_scale.to(torch.float32)
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype)
+
+
+def convrot_linear(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    bits: int = 4,
+) -> torch.Tensor:
+    """The whole quantized linear: rotate -> quantize per token -> integer GEMM -> scales -> bias; any leading dims."""
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    a_q, a_scale = rotate_quantize(x2d, group_size, bits)
+    out = quantized_gemm(a_q, a_scale, w_q, w_scale, bias, x.dtype, bits)
+    return out.reshape(*lead, w_scale.shape[0])
+
+
+def dequantize_weight(w_q: torch.Tensor, w_scale: torch.Tensor, group_size: int, bits: int = 4,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Back to the original basis: codes * scale, then the (self-inverse) rotation."""
+    w_rot = codes_of(w_q, bits).to(torch.float32) * w_scale.to(torch.float32).unsqueeze(-1)
+    return rotate(w_rot, group_size).to(dtype)

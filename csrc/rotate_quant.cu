@@ -1,0 +1,296 @@
+// One pass over an activation (or weight) matrix: block-diagonal regular Hadamard in fp32 registers,
+// per-row absmax, symmetric int4 codes written packed (two per byte) or as int8 (what the sm_90 GEMM reads).
+//
+// Regular Hadamard of size 4^k = D * P * S * D with S the Sylvester (Walsh-Hadamard) matrix,
+// D = diag(-1 for every base-4 digit of the index equal to 3) and P swapping the two bits of each base-4 digit.
+// So: sign the input, run a plain FWHT butterfly, sign again, and write element p to position P(p).
+// Each thread holds 16 consecutive elements of a group (two base-4 digits), so the lower digits are a
+// register permutation and the upper digits (which thread of the group) only change the store address.
+#include "convrot.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace convrot {
+namespace {
+
+constexpr int kChunk = 16;  // elements per thread per chunk
+
+template <typename T>
+struct Loader;
+
+template <>
+struct Loader<__nv_bfloat16> {
+  static constexpr int kVec = 2;  // 16-byte loads per chunk
+  __device__ static void cvt(const uint4 (&raw)[kVec], float (&v)[kChunk]) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(raw);
+#pragma unroll
+    for (int i = 0; i < kChunk / 2; ++i) {
+      float2 f = __bfloat1622float2(h[i]);
+      v[2 * i] = f.x;
+      v[2 * i + 1] = f.y;
+    }
+  }
+};
+
+template <>
+struct Loader<__half> {
+  static constexpr int kVec = 2;
+  __device__ static void cvt(const uint4 (&raw)[kVec], float (&v)[kChunk]) {
+    const __half2* h = reinterpret_cast<const __half2*>(raw);
+#pragma unroll
+    for (int i = 0; i < kChunk / 2; ++i) {
+      float2 f = __half22float2(h[i]);
+      v[2 * i] = f.x;
+      v[2 * i + 1] = f.y;
+    }
+  }
+};
+
+template <>
+struct Loader<float> {
+  static constexpr int kVec = 4;
+  __device__ static void cvt(const uint4 (&raw)[kVec], float (&v)[kChunk]) {
+    const float* f = reinterpret_cast<const float*>(raw);
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) v[i] = f[i];
+  }
+};
+
+// -1 where an odd number of base-4 digits of e (4 bits: two digits) equal 3.
+__host__ __device__ constexpr float digit3_sign(int e) {
+  return (((e & 3) == 3) ^ (((e >> 2) & 3) == 3)) ? -1.f : 1.f;
+}
+// Swap the two bits inside every base-4 digit.
+__host__ __device__ constexpr int swap_digit_bits(int e) {
+  return ((e & 0x55555555) << 1) | ((e >> 1) & 0x55555555);
+}
+
+// CPT chunks per thread, strided by the number of active threads so each chunk sweep is one coalesced pass
+// and the G/16 threads sharing a group are consecutive lanes of one warp.
+template <typename T, int G, int CPT, bool kPacked>
+__global__ void __launch_bounds__(1024) rotate_quantize_kernel(const T* __restrict__ x, int8_t* __restrict__ out,
+                                                               float* __restrict__ scale, int K, int active) {
+  constexpr int kLanesPerGroup = G / kChunk;  // 1, 4 or 16
+  using L = Loader<T>;
+  const int t = threadIdx.x;
+  const bool live = t < active;
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * K;
+
+  // Issue every load before the first use: the kernel is bandwidth-bound and this is all the work in flight.
+  uint4 raw[CPT][L::kVec];
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) {
+    const uint4* src = reinterpret_cast<const uint4*>(xr + (int64_t)(j * active + t) * kChunk);
+#pragma unroll
+    for (int q = 0; q < L::kVec; ++q) raw[j][q] = live ? __ldg(src + q) : make_uint4(0, 0, 0, 0);
+  }
+
+  const int q = t % kLanesPerGroup;  // which 16-element piece of the group this thread holds
+  // Sign of the upper (thread-level) digits; the lower two digits are compile-time per element.
+  float tsign = 1.f;
+  if (kLanesPerGroup >= 4) tsign *= ((q & 3) == 3) ? -1.f : 1.f;
+  if (kLanesPerGroup >= 16) tsign *= (((q >> 2) & 3) == 3) ? -1.f : 1.f;
+
+  float v[CPT][kChunk];
+  float amax = 0.f;
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) {
+    L::cvt(raw[j], v[j]);
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) v[j][e] *= digit3_sign(e) * tsign;
+#pragma unroll
+    for (int h = 1; h < kChunk; h <<= 1) {
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) {
+        if ((e & h) == 0) {
+          float a = v[j][e], b = v[j][e + h];
+          v[j][e] = a + b;
+          v[j][e + h] = a - b;
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 1; h < kLanesPerGroup; h <<= 1) {
+      const bool upper = (q & h) != 0;
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) {
+        float other = __shfl_xor_sync(0xffffffffu, v[j][e], h);
+        v[j][e] = upper ? other - v[j][e] : v[j][e] + other;
+      }
+    }
+    // 1/sqrt(G) is a power of two (1/4, 1/8, 1/16): the product is exact, as in the reference's matmul.
+    constexpr float kNorm = G == 16 ? 0.25f : (G == 64 ? 0.125f : 0.0625f);
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) {
+      v[j][e] *= digit3_sign(e) * tsign * kNorm;
+      amax = fmaxf(amax, fabsf(v[j][e]));
+    }
+  }
+
+  // Row absmax: warp shuffle, then one slot per warp.
+  __shared__ float red[32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  if ((t & 31) == 0) red[t >> 5] = amax;
+  __syncthreads();
+  if (t < 32) {
+    float m = t < (int)(blockDim.x >> 5) ? red[t] : 0.f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (t == 0) red[0] = m;
+  }
+  __syncthreads();
+  // Same expression as the reference: clamp, then an IEEE division by 7, then an IEEE division per element.
+  const float s = __fdiv_rn(fmaxf(red[0], 1e-10f), 7.f);
+  if (t == 0) scale[row] = s;
+  if (!live) return;
+
+  const int qdst = swap_digit_bits(q);
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) {
+    const int64_t chunk = (int64_t)(j * active + t) - q + qdst;
+    int c[kChunk];
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) {
+      float r = rintf(__fdiv_rn(v[j][e], s));
+      r = fminf(fmaxf(r, -7.f), 7.f);
+      c[swap_digit_bits(e)] = (int)r;
+    }
+    if constexpr (kPacked) {
+      uint32_t w[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t acc = 0;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc |= (uint32_t)(c[h * 8 + i] & 0xF) << (4 * i);
+        w[h] = acc;
+      }
+      reinterpret_cast<uint2*>(out + row * (K / 2))[chunk] = make_uint2(w[0], w[1]);
+    } else {
+      uint32_t w[4];
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        uint32_t acc = 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc |= (uint32_t)(c[h * 4 + i] & 0xFF) << (8 * i);
+        w[h] = acc;
+      }
+      reinterpret_cast<uint4*>(out + row * K)[chunk] = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  }
+}
+
+// Packed int4 -> int8 codes, 32 codes per thread: 16-byte load, two 16-byte stores.
+__global__ void unpack_int4_kernel(const uint4* __restrict__ in, uint4* __restrict__ out, int64_t n16) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n16) return;
+  const uint4 p = __ldg(in + i);
+  const uint32_t pw[4] = {p.x, p.y, p.z, p.w};
+  uint32_t o[8];
+#pragma unroll
+  for (int h = 0; h < 4; ++h) {
+    // Sign-extend each nibble to a byte with SIMD byte arithmetic: (n ^ 8) - 8, no borrow across bytes.
+    const uint32_t lo = __vsub4((pw[h] & 0x0F0F0F0Fu) ^ 0x08080808u, 0x08080808u);
+    const uint32_t hi = __vsub4(((pw[h] >> 4) & 0x0F0F0F0Fu) ^ 0x08080808u, 0x08080808u);
+    o[2 * h] = __byte_perm(lo, hi, 0x5140);      // lo0 hi0 lo1 hi1: even k in the lower byte
+    o[2 * h + 1] = __byte_perm(lo, hi, 0x7362);  // lo2 hi2 lo3 hi3
+  }
+  out[2 * i] = make_uint4(o[0], o[1], o[2], o[3]);
+  out[2 * i + 1] = make_uint4(o[4], o[5], o[6], o[7]);
+}
+
+template <typename T, int G, bool kPacked>
+void launch_rq(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, cudaStream_t stream) {
+  const int64_t M = x.size(0);
+  const int K = (int)x.size(1);
+  const int chunks = K / kChunk;
+  constexpr int lanes = G / kChunk;
+  // Fewest chunks per thread that fit one block, keeping the group's lanes together.
+  int cpt = 1;
+  while (cpt <= 8 && !(chunks % cpt == 0 && (chunks / cpt) % lanes == 0 && chunks / cpt <= 1024)) cpt *= 2;
+  TORCH_CHECK(cpt <= 8, "convrot: K=", K, " too large or not divisible for the rotate-quantize kernel");
+  const int active = chunks / cpt;
+  const int threads = (active + 31) / 32 * 32;
+  auto* xp = reinterpret_cast<const T*>(x.data_ptr());
+  auto* op = out.data_ptr<int8_t>();
+  auto* sp = scale.data_ptr<float>();
+  const dim3 grid((unsigned)M);
+  switch (cpt) {
+    case 1: rotate_quantize_kernel<T, G, 1, kPacked><<<grid, threads, 0, stream>>>(xp, op, sp, K, active); break;
+    case 2: rotate_quantize_kernel<T, G, 2, kPacked><<<grid, threads, 0, stream>>>(xp, op, sp, K, active); break;
+    case 4: rotate_quantize_kernel<T, G, 4, kPacked><<<grid, threads, 0, stream>>>(xp, op, sp, K, active); break;
+    default: rotate_quantize_kernel<T, G, 8, kPacked><<<grid, threads, 0, stream>>>(xp, op, sp, K, active); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool kPacked>
+void dispatch_g(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, int64_t G, cudaStream_t s) {
+  if (G == 16) launch_rq<T, 16, kPacked>(x, out, scale, s);
+  else if (G == 64) launch_rq<T, 64, kPacked>(x, out, scale, s);
+  else launch_rq<T, 256, kPacked>(x, out, scale, s);
+}
+
+template <bool kPacked>
+std::tuple<at::Tensor, at::Tensor> rotate_quantize_impl(const at::Tensor& x, int64_t group_size) {
+  check_rq_input(x, group_size);
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1);
+  auto out = at::empty({M, kPacked ? K / 2 : K}, x.options().dtype(at::kChar));
+  auto scale = at::empty({M}, x.options().dtype(at::kFloat));
+  if (M == 0) return {out, scale};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  switch (x.scalar_type()) {
+    case at::kBFloat16: dispatch_g<__nv_bfloat16, kPacked>(x, out, scale, group_size, stream); break;
+    case at::kHalf: dispatch_g<__half, kPacked>(x, out, scale, group_size, stream); break;
+    default: dispatch_g<float, kPacked>(x, out, scale, group_size, stream); break;
+  }
+  return {out, scale};
+}
+
+}  // namespace
+
+void check_rq_input(const at::Tensor& x, int64_t group_size) {
+  TORCH_CHECK(x.is_cuda(), "convrot.rotate_quantize: expected a CUDA tensor");
+  TORCH_CHECK(x.dim() == 2, "convrot.rotate_quantize: expected a 2-D [M, K] tensor, got ", x.dim(), "-D");
+  TORCH_CHECK(x.is_contiguous(), "convrot.rotate_quantize: input must be contiguous");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf || x.scalar_type() == at::kFloat,
+              "convrot.rotate_quantize: dtype must be bfloat16, float16 or float32, got ", x.scalar_type());
+  TORCH_CHECK(group_size == 16 || group_size == 64 || group_size == 256,
+              "convrot.rotate_quantize: group_size must be 16, 64 or 256, got ", group_size);
+  const int64_t K = x.size(1);
+  TORCH_CHECK(K % 64 == 0 && K % group_size == 0, "convrot.rotate_quantize: K=", K,
+              " must be a multiple of 64 and of group_size=", group_size);
+  TORCH_CHECK(K <= 131072, "convrot.rotate_quantize: K=", K, " above the kernel's limit of 131072");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "convrot.rotate_quantize: input not 16-byte aligned");
+}
+
+std::tuple<at::Tensor, at::Tensor> rotate_quantize_packed(const at::Tensor& x, int64_t group_size) {
+  return rotate_quantize_impl<true>(x, group_size);
+}
+
+std::tuple<at::Tensor, at::Tensor> rotate_quantize_int8(const at::Tensor& x, int64_t group_size) {
+  return rotate_quantize_impl<false>(x, group_size);
+}
+
+at::Tensor unpack_int4(const at::Tensor& packed) {
+  TORCH_CHECK(packed.is_cuda() && packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kChar,
+              "convrot.unpack_int4: expected a contiguous 2-D int8 CUDA tensor");
+  TORCH_CHECK(packed.size(1) % 16 == 0, "convrot.unpack_int4: packed row length must be a multiple of 16 bytes");
+  c10::cuda::CUDAGuard guard(packed.device());
+  auto out = at::empty({packed.size(0), packed.size(1) * 2}, packed.options());
+  const int64_t n16 = packed.numel() / 16;
+  if (n16 == 0) return out;
+  const int threads = 256;
+  const int64_t blocks = (n16 + threads - 1) / threads;
+  unpack_int4_kernel<<<(unsigned)blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const uint4*>(packed.data_ptr()), reinterpret_cast<uint4*>(out.data_ptr()), n16);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace convrot
