@@ -109,6 +109,7 @@ def quantize_layer(weight: torch.Tensor, bias: torch.Tensor | None, action: str,
 class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
+    start: int = -1  # absolute byte offset in the source file, where read from one
 
 
 def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -134,13 +135,47 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     for k, v in header.items():
         try:
             dt = _ST_DTYPES[v["dtype"]]
-            infos[k] = TensorInfo(dt, tuple(v["shape"]))
-            end = max(end, int(v["data_offsets"][1]))
+            b, e = int(v["data_offsets"][0]), int(v["data_offsets"][1])
+            infos[k] = TensorInfo(dt, tuple(v["shape"]), 8 + n + b)
+            if e - b != nbytes(infos[k]):
+                raise CheckpointError(f"{name}: tensor {k!r} has {e - b} bytes for shape {v['shape']} {v['dtype']}")
+            end = max(end, e)
         except (KeyError, TypeError, IndexError) as e:
             raise CheckpointError(f"{name}: tensor {k!r} has an unreadable or unsupported header entry {v}") from e
     if 8 + n + end > size:
         raise CheckpointError(f"{name}: truncated: tensors need {8 + n + end} bytes, the file has {size}")
     return infos, meta
+
+
+class TensorReader:
+    """Reads one tensor at a time with plain file reads.
+
+    No mmap: a mapped file's touched pages count as resident, so a streaming conversion would look (and on some
+    systems act) as large as the whole model. Plain reads keep peak memory at one tensor.
+    """
+
+    def __init__(self, path: str, infos: dict[str, TensorInfo]):
+        self.infos, self.f = infos, open(path, "rb")
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        info = self.infos[name]
+        n = nbytes(info)
+        self.f.seek(info.start)
+        buf = bytearray(self.f.read(n))
+        if len(buf) != n:
+            raise CheckpointError(f"{name}: file ended early ({len(buf)} of {n} bytes)")
+        if n == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+    def close(self):
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.close()
 
 
 def nbytes(info: TensorInfo) -> int:

@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 
 from .checkpoint import (
-    CheckpointError, StreamingWriter, TensorInfo, convrot_params, decode_conf, encode_conf, layer_conf, nbytes,
+    CheckpointError, StreamingWriter, TensorInfo, TensorReader, convrot_params, decode_conf, encode_conf, layer_conf, nbytes,
     quantize_layer, read_header)
 from .policy import BF16, W4A4, LayerPolicy, strip_prefix
 
@@ -73,7 +72,7 @@ def plan_file(path: str, group_size: int, preset: str, overrides=None) -> tuple[
     name = path.rsplit("/", 1)[-1]
     infos, meta = read_header(path)
     check_flux(infos, name)
-    with safe_open(path, framework="pt") as f:
+    with TensorReader(path, infos) as f:
         confs = layer_confs(f, infos, meta, name)
     policy = LayerPolicy.for_names(infos, preset, overrides)
     plan = Plan()
@@ -138,12 +137,12 @@ def quantize_file(src: str, dst: str, group_size: int = 256, preset: str = "mixe
     total = sum(1 for a in plan.actions.values() if a not in (BF16, "keep"))
     done = 0
     try:
-        with safe_open(src, framework="pt") as f, StreamingWriter(dst, plan.specs, out_meta) as w:
+        with TensorReader(src, infos) as f, StreamingWriter(dst, plan.specs, out_meta) as w:
             confs = layer_confs(f, infos, meta, name)
             for k in plan.specs:
-                layer = k.rsplit(".", 1)[0]
+                layer, sub = k.rsplit(".", 1) if "." in k else (k, "")
                 act = plan.actions.get(layer)
-                if act in (None, "keep", BF16):
+                if act in (None, "keep", BF16) or sub not in _REPLACED:
                     # a comfy_quant entry may have lived only in the header form
                     w.write(k, f.get_tensor(k) if k in infos else encode_conf(confs[layer]))
                     continue
@@ -168,7 +167,7 @@ def inspect_file(path: str) -> dict:
     name = path.rsplit("/", 1)[-1]
     infos, meta = read_header(path)
     rows = []
-    with safe_open(path, framework="pt") as f:
+    with TensorReader(path, infos) as f:
         confs = layer_confs(f, infos, meta, name)
         for layer in sorted(linear_layers(infos)):
             w = infos[f"{layer}.weight"]

@@ -1,0 +1,334 @@
+"""CUDA kernels for ConvRot W4A4: build on first use, load, and thin wrappers with the reference's semantics.
+
+Routes by GPU architecture:
+- sm_90 (H100/H200): activations -> int8 codes in one pass (rotate + absmax + quantize), packed int4 weights
+  sign-extended to int8 (per call, or once through `prepare_weight`), CUTLASS wgmma int8 GEMM with the scales
+  and bias fused in its epilogue. Needs the CUTLASS headers (`pip install nvidia-cutlass==4.2.0.0`).
+- sm_80/86/87/89: packed int4 activations and weights straight into mma.sync m16n8k64 s4 (scales, bias fused).
+- anything else, CPU tensors, a failed build or no nvcc: `available()` is False and callers use the reference.
+
+The extension is compiled with ninja through torch.utils.cpp_extension.load into
+~/.cache/convrot/<torch>-cu<cuda>-sm<arch>/ (CONVROT_CACHE_DIR overrides the root) and reused afterwards.
+Set CONVROT_DISABLE_KERNELS=1 to never build or use it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("convrot")
+
+_REPO = Path(__file__).resolve().parents[2]
+CSRC = _REPO / "csrc"
+SOURCES_COMMON = ["ops.cpp", "rotate_quant.cu", "gemm_mma_s4.cu"]
+SOURCES_SM90 = ["gemm_sm90_bf16.cu", "gemm_sm90_f16.cu", "gemm_sm90_f32.cu"]
+SUPPORTED_CC = {(8, 0), (8, 6), (8, 7), (8, 9), (9, 0)}
+GROUP_SIZES = (16, 64, 256)
+MAX_K = 65536
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "ops": None, "cc": None, "reason": None}
+
+
+def _not_available(reason: str):
+    _state["reason"] = reason
+    log.warning("ConvRot CUDA kernels not available: %s; using the PyTorch reference path", reason)
+    return None
+
+
+def cutlass_include_dirs() -> list[str] | None:
+    """CUTLASS/CuTe include folders: $CONVROT_CUTLASS_DIR (a CUTLASS checkout) or the nvidia-cutlass wheel."""
+    roots = []
+    env = os.environ.get("CONVROT_CUTLASS_DIR")
+    if env:
+        roots.append(Path(env))
+    try:
+        import cutlass_library  # the nvidia-cutlass wheel ships the C++ headers under source/
+
+        roots.append(Path(cutlass_library.__file__).parent / "source")
+    except Exception:
+        pass
+    for root in roots:
+        inc = root / "include"
+        if (inc / "cutlass" / "cutlass.h").is_file():
+            dirs = [str(inc)]
+            util = root / "tools" / "util" / "include"
+            if util.is_dir():
+                dirs.append(str(util))
+            return dirs
+    return None
+
+
+def build_flags(cc: tuple[int, int], cutlass_dirs: list[str] | None) -> tuple[list[str], list[str], list[str]]:
+    """(sources, nvcc flags, c++ flags) for one architecture. Shared with tests/test_kernels_build.py."""
+    major, minor = cc
+    sources = [str(CSRC / s) for s in SOURCES_COMMON]
+    # sm_90a, not sm_90: wgmma and setmaxnreg exist only in the arch-specific target.
+    arch = "90a" if cc == (9, 0) else f"{major}{minor}"
+    nvcc = [
+        "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG",
+        f"-gencode=arch=compute_{arch},code=sm_{arch}",
+        # PyTorch's default flags hide the half/bfloat16 operators that CUTLASS relies on.
+        "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
+    ]
+    cxx = ["-O3", "-std=c++17"]
+    if cc == (9, 0) and cutlass_dirs:
+        sources += [str(CSRC / s) for s in SOURCES_SM90]
+        nvcc += ["-DCONVROT_SM90"] + [f"-I{d}" for d in cutlass_dirs]
+        cxx += ["-DCONVROT_SM90"]
+    else:
+        # Stubs keep the registered op set identical on every architecture.
+        sources += [str(CSRC / s) for s in SOURCES_SM90]
+    return sources, nvcc, cxx
+
+
+def _cache_dir(cc: tuple[int, int]) -> Path:
+    root = Path(os.environ.get("CONVROT_CACHE_DIR", Path.home() / ".cache" / "convrot"))
+    tag = f"{torch.__version__.split('+')[0]}-cu{(torch.version.cuda or 'none').replace('.', '')}-sm{cc[0]}{cc[1]}"
+    return root / tag
+
+
+def _register_fakes() -> None:
+    """Shape-only kernels so torch.compile / FakeTensor tracing goes through the ops without running them."""
+
+    def rq_fake(x, group_size):
+        return x.new_empty((x.shape[0], x.shape[1] // 2), dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+    def rq8_fake(x, group_size):
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+    def unpack_fake(p):
+        return p.new_empty((p.shape[0], p.shape[1] * 2), dtype=torch.int8)
+
+    def gemm_s4_fake(a, a_scale, w, w_scale, bias, out_dtype):
+        return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
+
+    def gemm_i8_fake(a, a_scale, w, w_scale, bias, out_dtype, config=-1):
+        return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
+
+    for name, fn in (("rotate_quantize", rq_fake), ("rotate_quantize_i8", rq8_fake), ("unpack_int4", unpack_fake),
+                     ("gemm_s4_mma", gemm_s4_fake), ("gemm_i8_sm90", gemm_i8_fake)):
+        try:
+            torch.library.register_fake(f"convrot::{name}")(fn)
+        except RuntimeError as e:  # already registered (a second load in the same process)
+            if "already" not in str(e):
+                raise
+
+
+def load(verbose: bool = False):
+    """Build (first time) and load the extension for the current GPU; the `torch.ops.convrot` namespace or None."""
+    if _state["tried"]:
+        return _state["ops"]
+    with _lock:
+        if _state["tried"]:
+            return _state["ops"]
+        try:
+            _state["ops"] = _load(verbose)
+        except Exception as e:  # a build failure must never take inference down
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            _state["ops"] = _not_available(f"build or load failed ({type(e).__name__}: {first[:300]})")
+        _state["tried"] = True
+        return _state["ops"]
+
+
+def _load(verbose: bool):
+    if os.environ.get("CONVROT_DISABLE_KERNELS", "0") not in ("", "0"):
+        return _not_available("disabled by CONVROT_DISABLE_KERNELS")
+    if not torch.cuda.is_available():
+        return _not_available("no CUDA device visible to PyTorch")
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None or not (Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc").exists():
+        return _not_available("nvcc not found (set CUDA_HOME to a CUDA toolkit matching PyTorch's CUDA)")
+    cc = torch.cuda.get_device_capability()
+    if cc not in SUPPORTED_CC:
+        return _not_available(f"GPU architecture sm_{cc[0]}{cc[1]} has no kernel here (supported: sm_80/86/87/89/90)")
+    cutlass_dirs = cutlass_include_dirs() if cc == (9, 0) else None
+    if cc == (9, 0) and cutlass_dirs is None:
+        return _not_available("sm_90 GEMM needs the CUTLASS headers: pip install nvidia-cutlass==4.2.0.0 "
+                              "(or set CONVROT_CUTLASS_DIR to a CUTLASS checkout)")
+    sources, nvcc, cxx = build_flags(cc, cutlass_dirs)
+    build_dir = _cache_dir(cc)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    so = build_dir / f"convrot_kernels_sm{cc[0]}{cc[1]}.so"
+    fresh = so.exists() and all(so.stat().st_mtime >= Path(s).stat().st_mtime for s in sources + [str(CSRC / "convrot.h"), str(CSRC / "gemm_sm90.cuh")])
+    if not fresh:
+        log.warning("ConvRot: compiling CUDA kernels for sm_%d%d into %s (first use; about 1-3 minutes)",
+                    cc[0], cc[1], build_dir)
+    cpp_extension.load(
+        name=f"convrot_kernels_sm{cc[0]}{cc[1]}",
+        sources=sources,
+        extra_cflags=cxx,
+        extra_cuda_cflags=nvcc,
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=verbose,
+    )
+    _register_fakes()
+    _state["cc"] = cc
+    log.info("ConvRot: CUDA kernels loaded for sm_%d%d", cc[0], cc[1])
+    return torch.ops.convrot
+
+
+def unavailable_reason() -> str | None:
+    return _state["reason"]
+
+
+def available(device=None) -> bool:
+    """True when the kernels can run on `device` (a torch.device, index or tensor device); never raises."""
+    try:
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        device = torch.device(device) if not isinstance(device, torch.device) else device
+        if device.type != "cuda":
+            return False
+        if load() is None:
+            return False
+        return torch.cuda.get_device_capability(device) == _state["cc"]
+    except Exception as e:
+        log.warning("ConvRot CUDA kernels not available: %s", e)
+        return False
+
+
+def _ops():
+    ops = load()
+    if ops is None:
+        raise RuntimeError(f"ConvRot CUDA kernels are not available: {_state['reason']}")
+    return ops
+
+
+def _check_act(x2d: torch.Tensor, group_size: int) -> None:
+    if x2d.dim() != 2:
+        raise ValueError(f"expected a 2-D [M, K] tensor, got shape {tuple(x2d.shape)}")
+    if x2d.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {x2d.dtype}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
+    k = x2d.shape[1]
+    if k % 64 or k % group_size or k > MAX_K:
+        raise ValueError(f"K={k} must be a multiple of 64 and of group_size={group_size}, and at most {MAX_K}")
+    if not x2d.is_contiguous():
+        raise ValueError("input must be contiguous")
+
+
+def _is_sm90() -> bool:
+    return _state["cc"] == (9, 0)
+
+
+def _bias_f32(bias):
+    return None if bias is None else bias.to(torch.float32).contiguous()
+
+
+def rotate_quantize(x2d: torch.Tensor, group_size: int):
+    """(packed int8 [M, K/2], scale float32 [M]) — the reference's rotate_quantize(x2d, G, bits=4). Weights too."""
+    _check_act(x2d, group_size)
+    return _ops().rotate_quantize(x2d, group_size)
+
+
+def rotate_quantize_int8_codes(x2d: torch.Tensor, group_size: int):
+    """Same codes as rotate_quantize, one int8 per code ([M, K]): what the sm_90 GEMM reads."""
+    _check_act(x2d, group_size)
+    return _ops().rotate_quantize_i8(x2d, group_size)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Packed int4 [N, K/2] -> int8 codes [N, K] on the GPU."""
+    return _ops().unpack_int4(packed)
+
+
+def prepare_weight(w_packed: torch.Tensor) -> torch.Tensor:
+    """Opt-in weight cache for the sm_90 route: int8 codes [N, K] (2x the packed size, half of bf16).
+
+    w4a4_linear / w4a4_gemm accept the result in place of the packed weight and then skip the per-call
+    sign extension (~19 us for 12288x3072). On other architectures the packed weight is already what the
+    GEMM reads, so it is returned unchanged.
+    """
+    _ops()
+    if _is_sm90():
+        return unpack_int4(w_packed.contiguous())
+    return w_packed
+
+
+def _weight_int8(w: torch.Tensor, k: int) -> torch.Tensor:
+    if w.shape[1] == k:  # prepared (already int8 codes)
+        return w
+    if w.shape[1] * 2 != k:
+        raise ValueError(f"weight has {w.shape[1]} bytes per row; expected {k // 2} (packed) or {k} (prepared)")
+    return unpack_int4(w)
+
+
+def _check_w(w: torch.Tensor, w_scale: torch.Tensor, bias) -> None:
+    if w.dtype != torch.int8 or w.dim() != 2 or not w.is_contiguous():
+        raise ValueError("weight codes must be a contiguous 2-D int8 tensor")
+    if w.shape[0] % 8:
+        raise ValueError(f"N={w.shape[0]} must be a multiple of 8")
+    if w_scale.numel() != w.shape[0]:
+        raise ValueError(f"w_scale has {w_scale.numel()} entries for N={w.shape[0]}")
+    if bias is not None and bias.numel() != w.shape[0]:
+        raise ValueError(f"bias has {bias.numel()} entries for N={w.shape[0]}")
+
+
+def w4a4_gemm(a_packed, a_scale, w_packed, w_scale, bias, out_dtype, config: int = -1):
+    """acc = exact int32 sum of code products; out = acc * a_scale[m] * w_scale[n] + bias[n] in out_dtype.
+
+    out_dtype may also be float32, which with unit scales returns the accumulator exactly (|acc| < 2^24).
+    """
+    ops = _ops()
+    k = a_packed.shape[1] * 2
+    _check_w(w_packed, w_scale, bias)
+    if k % 64:
+        raise ValueError(f"K={k} must be a multiple of 64")
+    a_scale = a_scale.to(torch.float32).contiguous()
+    w_scale = w_scale.to(torch.float32).contiguous()
+    if _is_sm90():
+        return ops.gemm_i8_sm90(unpack_int4(a_packed.contiguous()), a_scale, _weight_int8(w_packed, k), w_scale,
+                                _bias_f32(bias), out_dtype, config)
+    return ops.gemm_s4_mma(a_packed.contiguous(), a_scale, w_packed, w_scale, _bias_f32(bias), out_dtype)
+
+
+def gemm_s4_mma(a_packed, a_scale, w_packed, w_scale, bias, out_dtype):
+    """The mma.sync s4 GEMM on any sm_80+ GPU (emulated, slow on sm_90): for tests."""
+    return _ops().gemm_s4_mma(a_packed.contiguous(), a_scale.float().contiguous(), w_packed,
+                              w_scale.float().contiguous(), _bias_f32(bias), out_dtype)
+
+
+def gemm_int32(a_packed: torch.Tensor, w_packed: torch.Tensor, route: str | None = None, config: int = -1):
+    """Test-only: the exact int32 accumulator of the GEMM route ('sm90' or 's4'; default: this GPU's route)."""
+    m, n = a_packed.shape[0], w_packed.shape[0]
+    ones_m = torch.ones(m, device=a_packed.device, dtype=torch.float32)
+    ones_n = torch.ones(n, device=a_packed.device, dtype=torch.float32)
+    route = route or ("sm90" if _is_sm90() else "s4")
+    if route == "sm90":
+        k = a_packed.shape[1] * 2
+        out = _ops().gemm_i8_sm90(unpack_int4(a_packed.contiguous()), ones_m, _weight_int8(w_packed, k), ones_n,
+                                  None, torch.float32, config)
+    else:
+        out = gemm_s4_mma(a_packed, ones_m, w_packed, ones_n, None, torch.float32)
+    return out.to(torch.int32)
+
+
+def w4a4_linear(x2d: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias, group_size: int,
+                config: int = -1) -> torch.Tensor:
+    """The whole linear: rotate + quantize x per token, W4A4 GEMM, epilogue; output dtype = x dtype.
+
+    w_packed may be the packed int8 [N, K/2] checkpoint tensor or the result of prepare_weight.
+    """
+    ops = _ops()
+    _check_act(x2d, group_size)
+    if x2d.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"w4a4_linear returns x's dtype, which must be bfloat16 or float16, got {x2d.dtype}")
+    _check_w(w_packed, w_scale, bias)
+    k = x2d.shape[1]
+    w_scale = w_scale.to(torch.float32).contiguous()
+    if _is_sm90():
+        a8, a_scale = ops.rotate_quantize_i8(x2d, group_size)
+        return ops.gemm_i8_sm90(a8, a_scale, _weight_int8(w_packed, k), w_scale, _bias_f32(bias), x2d.dtype, config)
+    if w_packed.shape[1] * 2 != k:
+        raise ValueError(f"weight has {w_packed.shape[1]} bytes per row; expected {k // 2}")
+    a4, a_scale = ops.rotate_quantize(x2d, group_size)
+    return ops.gemm_s4_mma(a4, a_scale, w_packed, w_scale, _bias_f32(bias), x2d.dtype)

@@ -1,0 +1,550 @@
+"""`python -m convrot quality [FILE]`: how much each preset perturbs a FLUX transformer, layer by layer and end to end.
+
+Per layer: every nn.Linear's inputs are captured with forward hooks while the bf16 model denoises; each layer is
+then run on those same inputs in bf16, W8A8 and W4A4 (ConvRot reference math, bit-identical to ConvRotLinear on CPU)
+and compared with an fp32 computation from the same bf16 weights and inputs:
+    relative error = ||y - y_fp32||_F / ||y_fp32||_F   over all captured rows of the layer.
+A preset's error for a layer is that of the action the preset picks for it (0 where it keeps the layer bf16).
+
+End to end: the same noise is denoised N steps (Euler flow matching, sigmas 1 -> 0) by the bf16 model and by a copy
+quantized with each preset; the final latents are compared (relative error and PSNR over the bf16 latent's range).
+
+Random weights have none of the activation outliers of a trained DiT, and outliers are what ConvRot exists for. So on
+the seeded model the per-layer table is measured, by default, on captured activations with DiT-like outliers injected
+(a few channels scaled up, a few token rows shifted by a large common offset); the output says which mode was used.
+The end-to-end rows always run the unmodified model.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import reference
+from .flux import Flux, FluxConfig, example_inputs, random_flux
+from .policy import BF16, W4A4, W8A8, LayerPolicy, count_blocks, strip_prefix
+from .quantizer import quantize_model
+
+PRESET_ORDER = ("mixed", "w4a4", "compact", "w8a8")
+BLOCK_TYPES = ("double attn", "double mlp", "single", "modulation", "embed/final")
+BLOCK_TYPE_HELP = {
+    "double attn": "double_blocks.*.{img,txt}_attn.{qkv,proj}",
+    "double mlp": "double_blocks.*.{img,txt}_mlp.{0,2}",
+    "single": "single_blocks.*.linear1, single_blocks.*.linear2",
+    "modulation": "double_blocks.*.{img,txt}_mod.lin, single_blocks.*.modulation.lin",
+    "embed/final": "img_in, txt_in, time_in, vector_in, guidance_in, final_layer (bf16 under every preset)",
+}
+# Where ComfyUI's FLUX loader and the project expect trained weights to appear (see ../shared/README.md).
+SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
+
+
+def block_type(name: str) -> str:
+    n = strip_prefix(name)
+    if n.startswith("double_blocks."):
+        if "_mod." in n:
+            return "modulation"
+        return "double attn" if "_attn." in n else "double mlp"
+    if n.startswith("single_blocks."):
+        return "modulation" if ".modulation." in n else "single"
+    return "embed/final"
+
+
+# ------------------------------------------------------------------------------------------------ outliers
+
+@dataclass
+class OutlierSpec:
+    """DiT-like outliers added to a [tokens, channels] activation matrix (relative to its own RMS).
+
+    channel_frac of the channels (at least one) are multiplied by channel_gain: the column-wise outliers that
+    per-token quantization handles worst without rotation. row_frac of the tokens (at least one, only where there
+    are >= min_rows tokens) get a common offset of row_offset x RMS added to every channel, with a random sign per
+    token: the row-wise "massive activation" outliers the ConvRot paper targets, which a Sylvester Hadamard funnels
+    into one channel and a regular Hadamard spreads evenly.
+    """
+    channel_frac: float = 0.01
+    channel_gain: float = 20.0
+    row_frac: float = 0.02
+    row_offset: float = 10.0
+    min_rows: int = 16
+
+    def describe(self) -> str:
+        return (f"{self.channel_frac:.0%} of channels x{self.channel_gain:g}; {self.row_frac:.0%} of token rows "
+                f"+/-{self.row_offset:g} x RMS common offset (rows only where a layer sees >= {self.min_rows} tokens)")
+
+
+def inject_outliers(x: torch.Tensor, spec: OutlierSpec, seed: int = 0) -> torch.Tensor:
+    """x [M, K] -> a copy with DiT-like channel and row outliers (fp32 math, returned in x's dtype)."""
+    gen = torch.Generator().manual_seed(seed)
+    xf = x.to(torch.float32).clone()
+    m, k = xf.shape
+    rms = xf.pow(2).mean().sqrt().clamp_min(1e-6)
+    n_ch = max(1, round(spec.channel_frac * k))
+    ch = torch.randperm(k, generator=gen)[:n_ch]
+    xf[:, ch] *= spec.channel_gain
+    if m >= spec.min_rows and spec.row_frac > 0:
+        n_rows = max(1, round(spec.row_frac * m))
+        rows = torch.randperm(m, generator=gen)[:n_rows]
+        sign = torch.randint(0, 2, (n_rows, 1), generator=gen).to(torch.float32) * 2 - 1
+        xf[rows] += sign * spec.row_offset * rms
+    return xf.to(x.dtype)
+
+
+def dit_like_activations(m: int, k: int, seed: int = 0, spec: OutlierSpec | None = None,
+                         dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Gaussian [m, k] activations with DiT-like channel and row outliers (for tests and demos)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen)
+    return inject_outliers(x, spec or OutlierSpec(), seed + 1).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------ per layer
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.to(torch.float32)
+    return float((y.to(torch.float32) - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def quantized_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int,
+                     bits: int) -> torch.Tensor:
+    """What a ConvRotLinear built from `weight` returns for x (the reference path), as fp32."""
+    w_q, w_s = reference.rotate_quantize(weight, group_size, bits)
+    a_q, a_s = reference.rotate_quantize(x, group_size, bits)
+    return reference.quantized_gemm(a_q, a_s, w_q, w_s, bias, torch.float32, bits)
+
+
+def unrotated_w4a4_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Plain per-token / per-channel symmetric int4 with no rotation: what ConvRot's rotation is measured against."""
+    a, sa = reference.quantize_rows(x, 4)
+    w, sw = reference.quantize_rows(weight, 4)
+    out = reference.int_matmul(a, w) * sa.unsqueeze(-1) * sw
+    return out + bias.to(torch.float32) if bias is not None else out
+
+
+def layer_errors(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> dict:
+    """Relative output error of one layer on inputs x [M, K] for each way of running it."""
+    ref = F.linear(x.float(), weight.float(), bias.float() if bias is not None else None)
+    out = {"bf16": rel_err(F.linear(x.to(torch.bfloat16), weight.to(torch.bfloat16),
+                                    bias.to(torch.bfloat16) if bias is not None else None), ref),
+           "w4a4_norot": rel_err(unrotated_w4a4_output(x, weight, bias), ref)}
+    if x.shape[-1] % group_size == 0:
+        out[W8A8] = rel_err(quantized_output(x, weight, bias, group_size, 8), ref)
+        out[W4A4] = rel_err(quantized_output(x, weight, bias, group_size, 4), ref)
+    return out
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, run) -> dict[str, torch.Tensor]:
+    """Run `run()` with a forward hook on every nn.Linear; return each layer's inputs as [rows, in_features]."""
+    store: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            def hook(m, args, _out, name=name):
+                store.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).cpu())
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: torch.cat(v) for k, v in store.items()}
+
+
+def per_layer_report(model: nn.Module, inputs: dict[str, torch.Tensor], group_size: int,
+                     outliers: OutlierSpec | None, presets=PRESET_ORDER, max_rows: int = 0) -> list[dict]:
+    """One row per captured linear layer. max_rows > 0 keeps that many captured token rows per layer (a seeded
+    random sample, taken before outliers are injected) to bound the time on big models."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    policies = {p: LayerPolicy.for_names([f"{n}.weight" for n in names], p) for p in presets}
+    rows = []
+    for name in names:
+        if name not in inputs:
+            continue
+        mod = model.get_submodule(name)
+        x = inputs[name]
+        if max_rows and x.shape[0] > max_rows:
+            x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))[:max_rows]]
+        if outliers is not None:
+            x = inject_outliers(x, outliers, zlib.crc32(name.encode()))
+        errs = layer_errors(x, mod.weight.data, mod.bias.data if mod.bias is not None else None, group_size)
+        row = {"layer": name, "type": block_type(name), "rows": x.shape[0], "in": mod.in_features,
+               "out": mod.out_features, "bf16": errs["bf16"], "w4a4_norot": errs["w4a4_norot"],
+               "w4a4_layer": errs.get(W4A4), "w8a8_layer": errs.get(W8A8), "actions": {}, "preset_err": {}}
+        for p, pol in policies.items():
+            act = pol.action(name)
+            if act != BF16 and act not in errs:  # in_features not a multiple of G: stays bf16, as quantize_model does
+                act = BF16
+            row["actions"][p] = act
+            row["preset_err"][p] = errs["bf16"] if act == BF16 else errs[act]
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict], presets=PRESET_ORDER) -> dict[str, dict]:
+    """Per block type: layer count and mean / max relative error for bf16, unrotated W4A4 and each preset."""
+    out = {}
+    for t in BLOCK_TYPES:
+        sel = [r for r in rows if r["type"] == t]
+        if not sel:
+            continue
+        cols = {"bf16": [r["bf16"] for r in sel], "w4a4_norot": [r["w4a4_norot"] for r in sel]}
+        cols.update({p: [r["preset_err"][p] for r in sel] for p in presets})
+        out[t] = {"layers": len(sel), **{c: {"mean": sum(v) / len(v), "max": max(v)} for c, v in cols.items()}}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+def sigmas(steps: int) -> torch.Tensor:
+    return torch.linspace(1.0, 0.0, steps + 1)
+
+
+@torch.no_grad()
+def denoise(model: Flux, inputs: dict, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """Euler flow matching: x <- x + (s_next - s) * v(x, s), from pure noise at sigma 1 down to sigma 0."""
+    x = noise.clone()
+    sig = sigmas(steps)
+    batch = x.shape[0]
+    for i in range(steps):
+        t = torch.full((batch,), float(sig[i]), device=x.device)
+        v = model(x, inputs["img_ids"], inputs["txt"], inputs["txt_ids"], t, inputs["y"], inputs["guidance"])
+        x = (x.float() + (sig[i + 1] - sig[i]) * v.float()).to(x.dtype)
+    return x
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR in dB with the reference's value range (max - min) as the peak."""
+    ref = ref.float()
+    mse = float((x.float() - ref).pow(2).mean())
+    peak = float(ref.max() - ref.min())
+    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+def linear_bytes(model: nn.Module, plan: dict[str, str]) -> int:
+    """Bytes of all linear weights (+fp32 scales) under a plan {layer: action}; biases excluded."""
+    total = 0
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            act = plan.get(n, BF16)
+            o, i = m.out_features, m.in_features
+            total += o * i * 2 if act == BF16 else (o * i // 2 if act == W4A4 else o * i) + 4 * o
+    return total
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+def default_config() -> FluxConfig:
+    """Small but not tiny: hidden 512 (4 heads of 128), MLP 2048, 4 double + 4 single blocks."""
+    return FluxConfig.tiny(hidden=512, depth=4, single=4)
+
+
+def config_from_state_dict(shapes: dict[str, tuple]) -> FluxConfig:
+    """A FluxConfig from the tensor shapes of a FLUX state dict (names without the checkpoint prefix)."""
+    def s(k):
+        if k not in shapes:
+            raise ValueError(f"not a FLUX.1 transformer: missing {k}")
+        return shapes[k]
+    hidden, in_ch = s("img_in.weight")
+    head_dim = s("double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    if head_dim == 128:
+        axes = [16, 56, 56]
+    else:  # keep FLUX's proportions; every axis needs an even size
+        a = (head_dim * 7 // 16) // 2 * 2
+        axes = [head_dim - 2 * a, a, a]
+    return FluxConfig(in_channels=in_ch, vec_in_dim=s("vector_in.in_layer.weight")[1],
+                      context_in_dim=s("txt_in.weight")[1], hidden_size=hidden,
+                      mlp_ratio=s("double_blocks.0.img_mlp.0.weight")[0] / hidden, num_heads=hidden // head_dim,
+                      depth=count_blocks(shapes, "double_blocks"), depth_single_blocks=count_blocks(shapes, "single_blocks"),
+                      axes_dim=axes, guidance_embed="guidance_in.in_layer.weight" in shapes)
+
+
+def load_flux_file(path: str, dtype: torch.dtype = torch.bfloat16) -> Flux:
+    """A FLUX.1 safetensors file in ComfyUI naming (any of the usual prefixes) as a convrot.flux.Flux in bf16."""
+    from safetensors import safe_open
+
+    from .convert import float_weight, read_header
+
+    infos, _meta = read_header(path)
+    if any(k.endswith(".comfy_quant") for k in infos):
+        raise ValueError(f"{path}: already quantized; the quality report needs the float (bf16/fp16/fp32/fp8) source")
+    keys = {strip_prefix(k): k for k in infos}
+    cfg = config_from_state_dict({k: tuple(infos[v].shape) for k, v in keys.items()})
+    with torch.device("meta"):
+        model = Flux(cfg)
+    wanted = model.state_dict().keys()
+    missing = [k for k in wanted if k not in keys]
+    if missing:
+        raise ValueError(f"{path}: FLUX tensors missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    sd = {}
+    with safe_open(path, framework="pt") as f:
+        for k in wanted:
+            src = keys[k]
+            t = float_weight(f, src[: -len(".weight")], infos) if k.endswith(".weight") else f.get_tensor(src)
+            sd[k] = t.to(dtype)
+    model.load_state_dict(sd, assign=True)
+    return model.eval()
+
+
+def find_shared_weights(folder: Path = SHARED_WEIGHTS) -> list[Path]:
+    """FLUX transformer files in ../shared/weights/ (smallest first); [] when the folder or such files are absent."""
+    if not folder.is_dir():
+        return []
+    from .convert import FLUX_MARKERS, read_header
+    found = []
+    for p in sorted(folder.rglob("*.safetensors")):
+        try:
+            names = {strip_prefix(k) for k in read_header(str(p))[0]}
+        except Exception:
+            continue
+        if all(m in names for m in FLUX_MARKERS):
+            found.append(p)
+    return sorted(found, key=lambda p: p.stat().st_size)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def run_quality(model: Flux, *, steps: int = 4, height: int = 32, width: int = 32, txt_len: int = 64,
+                group_size: int = 256, seed: int = 0, outliers: OutlierSpec | None = None,
+                presets=PRESET_ORDER, model_desc: str = "", max_rows: int = 512, progress=None) -> dict:
+    say = progress or (lambda msg: None)
+    cfg = model.cfg
+    model = model.eval()
+    inputs = example_inputs(cfg, height=height, width=width, txt_len=txt_len, seed=seed)
+    noise = inputs["img"]
+    t0 = time.perf_counter()
+    latents = {}
+    captured = capture_inputs(model, lambda: latents.__setitem__("bf16", denoise(model, inputs, noise, steps)))
+    say(f"bf16: {steps} steps, inputs of {len(captured)} linear layers captured ({time.perf_counter() - t0:.1f}s)")
+    t1 = time.perf_counter()
+    rows = per_layer_report(model, captured, group_size, outliers, presets, max_rows)
+    del captured
+    say(f"per-layer errors: {len(rows)} layers ({time.perf_counter() - t1:.1f}s)")
+    e2e = [{"preset": "bf16", "w4a4_layers": 0, "w8a8_layers": 0,
+            "linear_bytes": linear_bytes(model, {}), "rel_err": 0.0, "psnr_db": math.inf}]
+    ref = latents["bf16"]
+    for p in presets:
+        t2 = time.perf_counter()
+        qm = copy.deepcopy(model)
+        names = [f"{n}.weight" for n, m in qm.named_modules() if isinstance(m, nn.Linear)]
+        plan = quantize_model(qm, group_size, LayerPolicy.for_names(names, p))
+        out = denoise(qm, inputs, noise, steps)
+        del qm
+        acts = list(plan.values())
+        e2e.append({"preset": p, "w4a4_layers": acts.count(W4A4), "w8a8_layers": acts.count(W8A8),
+                    "linear_bytes": linear_bytes(model, plan), "rel_err": rel_err(out, ref), "psnr_db": psnr(out, ref)})
+        say(f"{p}: end to end ({time.perf_counter() - t2:.1f}s)")
+    tokens = (height // 2) * (width // 2)
+    return {
+        "model": model_desc,
+        "config": {"hidden": cfg.hidden_size, "mlp": int(cfg.hidden_size * cfg.mlp_ratio), "heads": cfg.num_heads,
+                   "double_blocks": cfg.depth, "single_blocks": cfg.depth_single_blocks},
+        "group_size": group_size, "steps": steps, "seed": seed, "max_rows": max_rows,
+        "image_tokens": tokens, "text_tokens": txt_len, "latent": f"{height}x{width}",
+        "outliers": "none" if outliers is None else {"mode": "dit", **asdict(outliers)},
+        "outlier_desc": "none (activations as captured)" if outliers is None else "DiT-like outliers injected into the "
+                        "captured activations: " + outliers.describe(),
+        "presets": list(presets),
+        "summary": summarize(rows, presets), "layers": rows, "end_to_end": e2e,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.2f}%"
+
+
+def to_markdown(rep: dict, per_layer: bool = False) -> str:
+    presets = rep["presets"]
+    c = rep["config"]
+    lines = [
+        "## ConvRot quality report", "",
+        f"- model: {rep['model']} (hidden {c['hidden']}, MLP {c['mlp']}, {c['heads']} heads, "
+        f"{c['double_blocks']} double + {c['single_blocks']} single blocks)",
+        f"- group size {rep['group_size']}; latent {rep['latent']} ({rep['image_tokens']} image + "
+        f"{rep['text_tokens']} text tokens); {rep['steps']} Euler steps; seed {rep['seed']}",
+        f"- per-layer inputs: captured with forward hooks on every nn.Linear during the bf16 model's {rep['steps']} "
+        f"sampler steps" + (f" (at most {rep['max_rows']} random token rows per layer)" if rep["max_rows"] else ""),
+        f"- outlier mode: **{'dit' if rep['outliers'] != 'none' else 'none'}** — {rep['outlier_desc']}",
+        "",
+        "### Per-layer relative output error, by block type",
+        "",
+        "||y - y_fp32||_F / ||y_fp32||_F per layer, against fp32 math on the same bf16 weights and inputs; "
+        "cells are mean / max over the layers of that type. A preset's cell uses the action it picks per layer "
+        "(a layer it keeps bf16 counts with the bf16 error). `bf16` = the unquantized layer; "
+        "`w4a4 no-rot` = plain int4 per-token/per-channel without the Hadamard rotation, for scale.",
+        "",
+        "| block type | layers | bf16 | w4a4 no-rot | " + " | ".join(presets) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(presets),
+    ]
+    for t, s in rep["summary"].items():
+        cells = [f"{_pct(s[k]['mean'])} / {_pct(s[k]['max'])}" for k in ("bf16", "w4a4_norot", *presets)]
+        lines.append(f"| {t} | {s['layers']} | " + " | ".join(cells) + " |")
+    lines += ["", "Block types: " + "; ".join(f"{t} = {BLOCK_TYPE_HELP[t]}" for t in rep["summary"]), ""]
+    lines += [
+        f"### End to end: same noise, {rep['steps']} Euler flow-matching steps, final latent vs bf16"
+        + (" (unmodified model: no injected outliers)" if rep["outliers"] != "none" else ""),
+        "",
+        "| preset | W4A4 layers | W8A8 layers | linear weights MiB | rel. error | PSNR dB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rep["end_to_end"]:
+        p = "inf" if math.isinf(r["psnr_db"]) else f"{r['psnr_db']:.2f}"
+        lines.append(f"| {r['preset']} | {r['w4a4_layers']} | {r['w8a8_layers']} | "
+                     f"{r['linear_bytes'] / 2**20:.2f} | {_pct(r['rel_err'])} | {p} |")
+    lines += ["", "PSNR uses the bf16 latent's range (max - min) as the peak.", ""]
+    if per_layer:
+        lines += ["### Every layer", "", "| layer | type | bf16 | w4a4 no-rot | " + " | ".join(presets) + " |",
+                  "|---|---|---:|---:|" + "---:|" * len(presets)]
+        for r in rep["layers"]:
+            cells = [f"{_pct(r['preset_err'][p])} ({r['actions'][p]})" for p in presets]
+            lines.append(f"| {r['layer']} | {r['type']} | {_pct(r['bf16'])} | {_pct(r['w4a4_norot'])} | "
+                         + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append(f"_{rep['seconds']} s_")
+    return "\n".join(lines)
+
+
+def to_json(rep: dict) -> str:
+    """Strict JSON: an infinite PSNR (identical latents) is written as null."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(rep), indent=1, allow_nan=False)
+
+
+def save_png(rep: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rep["layers"] if r["type"] != "embed/final"]
+    presets = rep["presets"]
+    n = len(rows)
+    width = 0.8 / len(presets)
+    fig, ax = plt.subplots(figsize=(max(10, n * 0.28), 5))
+    for i, p in enumerate(presets):
+        xs = [j + (i - (len(presets) - 1) / 2) * width for j in range(n)]
+        ax.bar(xs, [100 * max(r["preset_err"][p], 1e-6) for r in rows], width, label=p)
+    ax.set_yscale("log")
+    ax.set_ylabel("relative output error (%)")
+    ax.set_xticks(range(n))
+    ax.set_xticklabels([r["layer"].replace("double_blocks.", "d").replace("single_blocks.", "s") for r in rows],
+                       rotation=90, fontsize=6)
+    mode = "DiT-like outliers injected" if rep["outliers"] != "none" else "activations as captured"
+    ax.set_title(f"ConvRot per-layer error, G={rep['group_size']} ({rep['model']}; {mode})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m convrot quality",
+        description="Per-layer and end-to-end error of each ConvRot preset (mixed, w4a4, compact, w8a8) vs bf16.")
+    ap.add_argument("file", nargs="?", help="FLUX.1 transformer .safetensors (ComfyUI naming; bf16/fp16/fp32/fp8). "
+                    f"Default: the first FLUX file in {SHARED_WEIGHTS} when that folder exists, else a seeded "
+                    "random FLUX-architecture model")
+    ap.add_argument("--seeded", action="store_true", help="use the seeded random model even if shared weights exist")
+    ap.add_argument("--hidden", type=int, default=512, help="seeded model: hidden size (multiple of 128)")
+    ap.add_argument("--double", type=int, default=4, help="seeded model: double blocks")
+    ap.add_argument("--single", type=int, default=4, help="seeded model: single blocks")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random model, the noise and the conditioning")
+    ap.add_argument("--steps", type=int, default=4, help="Euler steps end to end (default 4)")
+    ap.add_argument("--size", type=int, default=32, help="latent height = width in latent pixels (2x2 patches)")
+    ap.add_argument("--txt-len", type=int, default=64, help="text tokens")
+    ap.add_argument("--group-size", type=int, default=256, choices=(16, 64, 256))
+    ap.add_argument("--presets", default=",".join(PRESET_ORDER), help="comma-separated presets to compare")
+    ap.add_argument("--outliers", choices=("auto", "dit", "none"), default="auto",
+                    help="per-layer table: inject DiT-like outliers into captured activations (dit) or not (none); "
+                         "auto = dit for the seeded model, none for a file of trained weights")
+    ap.add_argument("--channel-frac", type=float, default=OutlierSpec.channel_frac)
+    ap.add_argument("--channel-gain", type=float, default=OutlierSpec.channel_gain)
+    ap.add_argument("--row-frac", type=float, default=OutlierSpec.row_frac)
+    ap.add_argument("--row-offset", type=float, default=OutlierSpec.row_offset)
+    ap.add_argument("--max-rows", type=int, default=512,
+                    help="captured token rows per layer used for the per-layer table (0 = all)")
+    ap.add_argument("--per-layer", action="store_true", help="also print every layer's row")
+    ap.add_argument("--json", metavar="PATH", help="write the full report as JSON ('-' = stdout, instead of markdown)")
+    ap.add_argument("--png", metavar="PATH", help="bar chart of per-layer error (needs matplotlib)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    say = (lambda m: None) if args.quiet else (lambda m: print(f"[quality] {m}", file=sys.stderr, flush=True))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    for p in presets:
+        LayerPolicy(p)  # raises on an unknown preset
+    if args.png:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("quality: --png needs matplotlib (pip install matplotlib)", file=sys.stderr)
+            return 2
+    path = args.file
+    if path is None and not args.seeded:
+        shared = find_shared_weights()
+        if shared:
+            path = str(shared[0])
+            say(f"using shared weights {path} (see {SHARED_WEIGHTS / 'README.md'}); --seeded to skip")
+    try:
+        if path:
+            if not os.path.isfile(path):
+                print(f"quality: no such file: {path}", file=sys.stderr)
+                return 2
+            say(f"loading {path}")
+            model = load_flux_file(path)
+            desc = f"{Path(path).name} (trained weights)"
+            trained = True
+        else:
+            if args.hidden % 128 or args.hidden % args.group_size:
+                print(f"quality: --hidden must be a multiple of 128 and of the group size {args.group_size}",
+                      file=sys.stderr)
+                return 2
+            model = random_flux(FluxConfig.tiny(hidden=args.hidden, depth=args.double, single=args.single), args.seed)
+            desc = f"seeded random FLUX-architecture model (seed {args.seed})"
+            trained = False
+    except (ValueError, OSError) as e:
+        print(f"quality: {e}", file=sys.stderr)
+        return 2
+    mode = args.outliers if args.outliers != "auto" else ("none" if trained else "dit")
+    spec = OutlierSpec(args.channel_frac, args.channel_gain, args.row_frac, args.row_offset) if mode == "dit" else None
+    rep = run_quality(model, steps=args.steps, height=args.size, width=args.size, txt_len=args.txt_len,
+                      group_size=args.group_size, seed=args.seed, outliers=spec, presets=presets, model_desc=desc,
+                      max_rows=args.max_rows, progress=say)
+    if args.json == "-":
+        print(to_json(rep))
+    else:
+        print(to_markdown(rep, args.per_layer))
+        if args.json:
+            Path(args.json).write_text(to_json(rep))
+            say(f"wrote {args.json}")
+    if args.png:
+        save_png(rep, args.png)
+        say(f"wrote {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
