@@ -38,7 +38,7 @@ SPECS = {
     "VAELoader": dict(inputs=[], outputs=[("VAE", "VAE")]),
     "VAEDecode": dict(inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")]),
     "VAEEncode": dict(inputs=[("pixels", "IMAGE"), ("vae", "VAE")], outputs=[("LATENT", "LATENT")]),
-    "SaveImage": dict(inputs=[("images", "IMAGE")], outputs=[]),
+    "SaveImage": dict(inputs=[("images", "IMAGE")], outputs=[("IMAGE", "IMAGE")]),
     "LoraLoaderModelOnly": dict(inputs=[("model", "MODEL")], outputs=[("MODEL", "MODEL")]),
     "LoadImage": dict(inputs=[], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "FluxKontextImageScale": dict(inputs=[("image", "IMAGE")], outputs=[("IMAGE", "IMAGE")]),
