@@ -71,7 +71,7 @@ __host__ __device__ constexpr int swap_digit_bits(int e) {
 // CPT chunks per thread, strided by the number of active threads so each chunk sweep is one coalesced pass
 // and the G/16 threads sharing a group are consecutive lanes of one warp.
 template <typename T, int G, int CPT, bool kPacked>
-__global__ void __launch_bounds__(1024) rotate_quantize_kernel(const T* __restrict__ x, int8_t* __restrict__ out,
+__global__ void __launch_bounds__(CPT == 1 ? 1024 : 512) rotate_quantize_kernel(const T* __restrict__ x, int8_t* __restrict__ out,
                                                                float* __restrict__ scale, int K, int active) {
   constexpr int kLanesPerGroup = G / kChunk;  // 1, 4 or 16
   using L = Loader<T>;
@@ -211,7 +211,9 @@ void launch_rq(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, cudaStre
   constexpr int lanes = G / kChunk;
   // Fewest chunks per thread that fit one block, keeping the group's lanes together.
   int cpt = 1;
-  while (cpt <= 8 && !(chunks % cpt == 0 && (chunks / cpt) % lanes == 0 && chunks / cpt <= 1024)) cpt *= 2;
+  // Blocks of more than one chunk per thread stop at 512 threads so the registers fit without spilling.
+  auto fits = [&](int c) { return chunks % c == 0 && (chunks / c) % lanes == 0 && chunks / c <= (c == 1 ? 1024 : 512); };
+  while (cpt <= 8 && !fits(cpt)) cpt *= 2;
   TORCH_CHECK(cpt <= 8, "convrot: K=", K, " too large or not divisible for the rotate-quantize kernel");
   const int active = chunks / cpt;
   const int threads = (active + 31) / 32 * 32;
@@ -265,7 +267,7 @@ void check_rq_input(const at::Tensor& x, int64_t group_size) {
   const int64_t K = x.size(1);
   TORCH_CHECK(K % 64 == 0 && K % group_size == 0, "convrot.rotate_quantize: K=", K,
               " must be a multiple of 64 and of group_size=", group_size);
-  TORCH_CHECK(K <= 131072, "convrot.rotate_quantize: K=", K, " above the kernel's limit of 131072");
+  TORCH_CHECK(K <= 65536, "convrot.rotate_quantize: K=", K, " above the kernel's limit of 65536");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "convrot.rotate_quantize: input not 16-byte aligned");
 }
 

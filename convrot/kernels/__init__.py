@@ -70,13 +70,13 @@ def build_flags(cc: tuple[int, int], cutlass_dirs: list[str] | None) -> tuple[li
     # sm_90a, not sm_90: wgmma and setmaxnreg exist only in the arch-specific target.
     arch = "90a" if cc == (9, 0) else f"{major}{minor}"
     nvcc = [
-        "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG",
+        "-O3", "--expt-relaxed-constexpr", "-DNDEBUG",
         f"-gencode=arch=compute_{arch},code=sm_{arch}",
         # PyTorch's default flags hide the half/bfloat16 operators that CUTLASS relies on.
         "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
     ]
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]  # the C++ standard is PyTorch's own (C++17 up to 2.12, C++20 after)
     if cc == (9, 0) and cutlass_dirs:
         sources += [str(CSRC / s) for s in SOURCES_SM90]
         nvcc += ["-DCONVROT_SM90"] + [f"-I{d}" for d in cutlass_dirs]

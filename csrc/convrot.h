@@ -1,0 +1,33 @@
+// Entry points shared by the translation units of the convrot CUDA extension.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace convrot {
+
+void check_rq_input(const at::Tensor& x, int64_t group_size);
+std::tuple<at::Tensor, at::Tensor> rotate_quantize_packed(const at::Tensor& x, int64_t group_size);
+std::tuple<at::Tensor, at::Tensor> rotate_quantize_int8(const at::Tensor& x, int64_t group_size);
+at::Tensor unpack_int4(const at::Tensor& packed);
+
+void check_gemm_inputs(const char* name, const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
+                       const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype,
+                       int64_t k_per_row_a);
+
+// mma.sync m16n8k64 s4 GEMM on packed codes (sm_80/86/89; runs emulated on sm_90, for tests only there).
+at::Tensor gemm_s4_mma(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w, const at::Tensor& w_scale,
+                       const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype);
+
+
+// Per-output-dtype instantiations of the sm_90 GEMM, one translation unit each (they compile slowly).
+// bias may be null; out is [M, N] contiguous.
+void gemm_i8_sm90_bf16(const int8_t* a, const float* as, const int8_t* w, const float* ws, const float* bias, void* out,
+                       int M, int N, int K, int small_m, cudaStream_t stream, const at::Device& dev);
+void gemm_i8_sm90_f16(const int8_t* a, const float* as, const int8_t* w, const float* ws, const float* bias, void* out,
+                      int M, int N, int K, int small_m, cudaStream_t stream, const at::Device& dev);
+void gemm_i8_sm90_f32(const int8_t* a, const float* as, const int8_t* w, const float* ws, const float* bias, void* out,
+                      int M, int N, int K, int small_m, cudaStream_t stream, const at::Device& dev);
+
+}  // namespace convrot
