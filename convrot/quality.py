@@ -441,6 +441,7 @@ def save_png(rep: dict, path: str) -> None:
     for i, p in enumerate(presets):
         xs = [j + (i - (len(presets) - 1) / 2) * width for j in range(n)]
         ax.bar(xs, [100 * max(r["preset_err"][p], 1e-6) for r in rows], width, label=p)
+    ax.plot(range(n), [100 * r["w4a4_norot"] for r in rows], "kx", markersize=4, label="W4A4 without rotation")
     ax.set_yscale("log")
     ax.set_ylabel("relative output error (%)")
     ax.set_xticks(range(n))
