@@ -1,0 +1,15 @@
+"""ComfyUI nodes of the ConvRot pack (V3 node API). Imported only inside ComfyUI."""
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .loader import ConvRotW4A4Loader
+from .save import ConvRotSaveQuantized
+
+NODES = [ConvRotW4A4Loader, ConvRotSaveQuantized]
+
+
+class ConvRotExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

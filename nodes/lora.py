@@ -1,0 +1,206 @@
+"""LoRA and other weight patches on ConvRot layers, applied next to the quantized GEMM instead of merged into it.
+
+ComfyUI's LoRA loaders (LoraLoader, LoraLoaderModelOnly, any node calling ModelPatcher.add_patches) store patches
+keyed by weight name, e.g. `diffusion_model.double_blocks.0.img_attn.qkv.weight`, in `ModelPatcher.patches`; the
+patcher merges them into float weights while loading. A ConvRot layer's weight is a buffer of 4-bit codes, which the
+patcher never merges into (see nodes/ops.py). Instead two ModelPatcher callbacks (`ON_LOAD`, after every load or
+re-load of the weights, and `ON_PRE_RUN`, at the start of every sampling run) hand each quantized layer the patch list
+of the patcher that is running, so clones with and without LoRAs can share one model. Per layer:
+
+* LoRA (`LoRAAdapter` without DoRA/mid/reshape): y += s * (x @ Aᵀ) @ Bᵀ in the activation dtype, s = strength *
+  alpha / rank; several LoRAs stack as separate branches (grouped into one wider branch per output slice); negative
+  strengths work; slices into fused layers (FLUX qkv/linear1 patches carry an offset (0, start, length)) add to that
+  output slice.
+* Other additive patches (`diff`, LoHa, LoKr, LoRA with a mid/Tucker factor): their dense delta ΔW is computed once,
+  without touching the quantized weight, and applied as an extra matmul y += x @ ΔWᵀ (slower; logged once).
+* Patches that depend on the weight itself (DoRA, OFT/BOFT, GLoRA, `set`, `model_as_lora`, strength_model != 1,
+  patch functions, nested patch lists): the whole list is evaluated by ComfyUI's `comfy.lora.calculate_weight` on the
+  dequantized weight once, and the resulting ΔW is applied as above (slow path, logged once).
+Nothing is ignored: shapes that do not fit raise an error naming the layer.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("convrot")
+
+_DORA_INDEX = {"lora": 4, "loha": 7, "lokr": 8}
+_warned: set[str] = set()
+CALLBACK_KEY = "convrot_lora"
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        log.warning("ConvRot: %s", msg)
+
+
+def _adapter_base():
+    import comfy.weight_adapter as wa
+    return wa.WeightAdapterBase
+
+
+def _diff_tensor(v):
+    """The tensor of a plain `diff` patch, or None if `v` is something else (or a padding diff)."""
+    if isinstance(v, tuple) and len(v) == 1 and isinstance(v[0], torch.Tensor):
+        return v[0]
+    if isinstance(v, tuple) and len(v) == 2 and v[0] == "diff":
+        data = v[1]
+        if len(data) > 1 and isinstance(data[1], dict) and data[1].get("pad_weight"):
+            return None
+        return data[0]
+    return None
+
+
+def _kind(p) -> str:
+    """'lowrank', 'dense' (additive, weight-independent) or 'weight' (needs the weight) for one patch entry."""
+    strength, v, strength_model, offset, function = p
+    if strength_model != 1.0 or function is not None or isinstance(v, list):
+        return "weight"
+    if offset is not None and offset[0] != 0:
+        return "weight"
+    if isinstance(v, _adapter_base()):
+        name = getattr(v, "name", "")
+        if name not in _DORA_INDEX or v.weights[_DORA_INDEX[name]] is not None:
+            return "weight"
+        if name == "lora":
+            if v.weights[5] is not None:  # reshape: changes the layer's shape
+                return "weight"
+            return "lowrank" if v.weights[3] is None else "dense"
+        return "dense"
+    return "dense" if _diff_tensor(v) is not None else "weight"
+
+
+def _describe(p) -> str:
+    v = p[1]
+    if isinstance(v, _adapter_base()):
+        return getattr(v, "name", type(v).__name__)
+    if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str):
+        return v[0]
+    return type(v).__name__
+
+
+class LayerPatches:
+    """The patch list one quantized layer currently runs with, and its device/dtype-ready form."""
+
+    def __init__(self):
+        self.key: str | None = None
+        self.token = None
+        self.patches: list | None = None
+        self._cache: dict = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.patches)
+
+    def set(self, key: str, patches, token) -> None:
+        if key == self.key and token == self.token:
+            return
+        self.key, self.token = key, token
+        self.patches = list(patches) if patches else None
+        self._cache = {}
+
+    def clear(self) -> None:
+        self.set(self.key, None, None)
+
+    def apply(self, layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ck = (x.device, x.dtype)
+        prep = self._cache.get(ck)
+        if prep is None:
+            with torch.no_grad():
+                prep = self._prepare(layer, x.device, x.dtype)
+            self._cache[ck] = prep
+        branches, dense = prep
+        for (start, length), down, up in branches:
+            h = F.linear(F.linear(x, down), up)
+            if start is None:
+                y = y + h
+            else:
+                y[..., start:start + length] += h  # y is this call's fresh output
+        if dense is not None:
+            y = y + F.linear(x, dense)
+        return y
+
+    # ---------------------------------------------------------------- preparation (once per patch set and device)
+
+    def _prepare(self, layer, device, dtype):
+        name = layer._layer_name or self.key
+        out_f, in_f = layer.out_features, layer.in_features
+        kinds = [_kind(p) for p in self.patches]
+        if "weight" in kinds:
+            import comfy.lora
+            what = sorted({_describe(p) for p, k in zip(self.patches, kinds) if k == "weight"})
+            _warn_once(f"{name}: patches {what} depend on the weight; applying them as a dense bf16 delta computed "
+                       f"once from the dequantized weight (slow path: an extra full matmul per call)")
+            w = layer.dequantized_weight(torch.float32).to(device)
+            patched = comfy.lora.calculate_weight(self.patches, w.clone(), self.key, intermediate_dtype=torch.float32)
+            if tuple(patched.shape) != (out_f, in_f):
+                raise RuntimeError(f"ConvRot: patches change the shape of {name} to {tuple(patched.shape)}; "
+                                   f"shape-changing patches are not supported on quantized layers")
+            return [], (patched - w).to(dtype)
+
+        groups: dict[tuple, tuple[list, list]] = {}
+        dense = None
+        for p, kind in zip(self.patches, kinds):
+            strength, v, _, offset, _ = p
+            if strength == 0:
+                continue
+            start, length = (offset[1], offset[2]) if offset is not None else (None, None)
+            rows = length if length is not None else out_f
+            if start is not None and (start < 0 or start + length > out_f):
+                raise RuntimeError(f"ConvRot: patch slice {offset} is outside {name} ({out_f} outputs)")
+            if kind == "lowrank":
+                up, down, alpha = v.weights[0], v.weights[1], v.weights[2]
+                up, down = up.flatten(1), down.flatten(1)
+                if down.shape[1] != in_f or up.shape[0] != rows or up.shape[1] != down.shape[0]:
+                    raise RuntimeError(
+                        f"ConvRot: LoRA for {name} has shapes up {tuple(up.shape)} / down {tuple(down.shape)}, "
+                        f"which do not fit the layer slice [{rows} x {in_f}]")
+                scale = strength * (alpha / down.shape[0] if alpha is not None else 1.0)
+                ups, downs = groups.setdefault((start, length), ([], []))
+                ups.append(up.to(device=device, dtype=torch.float32) * scale)
+                downs.append(down.to(device=device, dtype=torch.float32))
+                continue
+            # additive dense patch: its delta does not depend on the weight
+            _warn_once(f"{name}: {_describe(p)} patch applied as a dense delta (an extra full matmul per call)")
+            diff = _diff_tensor(v)
+            if diff is not None:
+                delta = strength * diff.to(device=device, dtype=torch.float32)
+            else:
+                zero = torch.zeros(rows, in_f, device=device, dtype=torch.float32)
+                delta = v.calculate_weight(zero, self.key, strength, 1.0, None, lambda a: a, torch.float32)
+            if tuple(delta.shape) != (rows, in_f):
+                raise RuntimeError(f"ConvRot: {_describe(p)} patch for {name} has shape {tuple(delta.shape)}, "
+                                   f"expected {(rows, in_f)}")
+            if dense is None:
+                dense = torch.zeros(out_f, in_f, device=device, dtype=torch.float32)
+            if start is None:
+                dense += delta
+            else:
+                dense[start:start + length] += delta
+        branches = []
+        for (start, length), (ups, downs) in groups.items():
+            branches.append(((start, length), torch.cat(downs, 0).to(dtype), torch.cat(ups, 1).to(dtype)))
+        return branches, (dense.to(dtype) if dense is not None else None)
+
+
+def sync_patches(patcher, *args, **kwargs) -> None:
+    """ModelPatcher callback: give every ConvRot layer the running patcher's patches for its weight."""
+    from .ops import quantized_layers
+    model = patcher.model
+    layers = getattr(model, "_convrot_layers", None)
+    if layers is None:
+        layers = [(f"{n}.weight", m) for n, m in quantized_layers(model)]
+        model._convrot_layers = layers
+    for key, m in layers:
+        m.convrot_patches.set(key, patcher.patches.get(key), patcher.patches_uuid)
+
+
+def install(patcher) -> None:
+    """Register the callbacks on a freshly loaded ModelPatcher; clones (LoRA loaders, model patches) copy them."""
+    from comfy.patcher_extension import CallbacksMP
+    patcher.add_callback_with_key(CallbacksMP.ON_LOAD, CALLBACK_KEY, sync_patches)
+    patcher.add_callback_with_key(CallbacksMP.ON_PRE_RUN, CALLBACK_KEY, sync_patches)
+    sync_patches(patcher)

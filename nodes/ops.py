@@ -1,0 +1,273 @@
+"""ComfyUI custom operations that quantize FLUX linear layers to ConvRot W4A4/W8A8 while the state dict is read.
+
+`make_ops(spec)` returns a subclass of ComfyUI's `comfy.ops.manual_cast`; pass it as
+`model_options["custom_operations"]` to `comfy.sd.load_diffusion_model`. Only `Linear` is replaced. Per layer, its
+`_load_from_state_dict` either
+  * keeps the layer in floating point (ComfyUI's manual-cast Linear, LoRA and offloading untouched),
+  * quantizes a bf16/fp16/fp32/fp8 weight into packed int8 codes + an fp32 scale (on the GPU when there is one), or
+  * adopts an already-quantized native `convrot_w4a4` / ConvRot `int8_tensorwise` layer as stored.
+A quantized layer holds `weight` (int8, packed for 4 bit) and `weight_scale` (fp32) as *buffers* and `bias` as a
+Parameter. Buffers are never handed to ModelPatcher.patch_weight_to_device, so ComfyUI never tries to merge LoRA
+patches into 4-bit codes; they move with `module.to()` (full loads) or are copied to the input's device per call
+(lowvram / dynamic offloading). LoRA patches reach the layer through ModelPatcher callbacks (see nodes/lora.py) and
+are applied as branches next to the quantized GEMM.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import comfy.model_management
+import comfy.ops
+
+from ..convrot import ops as cr_ops
+from ..convrot.checkpoint import CheckpointError, convrot_params, decode_conf, encode_conf, layer_conf
+from ..convrot.policy import BF16, W4A4, W8A8, strip_prefix
+from .lora import LayerPatches
+
+log = logging.getLogger("convrot")
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# per-layer keys a quantized layer consumes besides weight/bias (fp8 scales are folded into the new codes)
+_SIDE_KEYS = ("weight_scale", "input_scale", "scale_weight", "scale_input", "comfy_quant")
+
+
+@dataclass
+class LoadSpec:
+    """What the loader decided from the file header before ComfyUI builds the model."""
+    file_name: str
+    group_size: int = 256
+    actions: dict[str, str] = field(default_factory=dict)  # layer (no prefix) -> bf16 | w4a4 | w8a8 | keep
+    confs: dict[str, dict] = field(default_factory=dict)   # layer (no prefix) -> comfy_quant config (header form)
+    quant_device: torch.device | None = None                # where weights are quantized (GPU when present)
+    progress: Callable[[str], None] | None = None           # called once per linear layer loaded
+
+    @classmethod
+    def from_plan(cls, file_name, group_size, actions, confs, **kw) -> "LoadSpec":
+        return cls(file_name, group_size, {strip_prefix(k): v for k, v in actions.items()},
+                   {strip_prefix(k): v for k, v in confs.items()}, **kw)
+
+
+def _float_weight(w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    if w.dtype in FP8_DTYPES or scale is not None:
+        w = w.to(torch.float32)
+        if scale is not None:
+            w = w * scale.to(torch.float32)
+    return w
+
+
+class ConvRotLinearOp(comfy.ops.manual_cast.Linear):
+    """ComfyUI manual-cast Linear that can turn itself into a ConvRot quantized layer while loading."""
+
+    _spec: LoadSpec | None = None
+    convrot_bits: int | None = None   # None: a plain (floating point) ComfyUI layer
+    convrot_group_size: int = 256
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+        # Allocate nothing real: every tensor is assigned from the state dict, so peak RAM stays near the
+        # quantized size instead of holding a float copy of each layer next to its codes.
+        super().__init__(in_features, out_features, bias, device="meta", dtype=dtype)
+        self._target_device = device
+        self._target_dtype = dtype
+        self._layer_name = ""
+        self.convrot_patches = LayerPatches()
+
+    # ------------------------------------------------------------------ loading
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        spec = self._spec
+        name = strip_prefix(prefix[:-1])
+        self._layer_name = name
+        file_name = spec.file_name if spec else "model"
+        where = f"{file_name}: {name}"
+        get = lambda k: state_dict.get(prefix + k)  # noqa: E731
+        w, b = get("weight"), get("bias")
+        conf_t = get("comfy_quant")
+        conf = decode_conf(conf_t, where) if conf_t is not None else (spec.confs.get(name) if spec else None)
+        device = self._target_device if self._target_device is not None else torch.device("cpu")
+
+        if w is None:
+            missing_keys.append(prefix + "weight")
+            self.weight = torch.nn.Parameter(torch.zeros(self.out_features, self.in_features, device=device,
+                                                         dtype=self._target_dtype or torch.float32),
+                                             requires_grad=False)
+        else:
+            params = convrot_params(conf, where) if conf is not None else None  # refuses unknown formats by name
+            if params is not None:
+                bits, g = params
+                scale = get("weight_scale")
+                if scale is None:
+                    raise CheckpointError(f"{where}: ConvRot layer without weight_scale")
+                self._become_quantized(w.view(torch.int8), scale, bits, g, device, where)
+            else:
+                if conf is not None and w.dtype not in FP8_DTYPES:
+                    raise CheckpointError(f"{where}: float8 layer config on a {w.dtype} weight")
+                scale = get("scale_weight")
+                if scale is None and (w.dtype in FP8_DTYPES or conf is not None):
+                    scale = get("weight_scale")
+                action = spec.actions.get(name, BF16) if spec else BF16
+                g = spec.group_size if spec else 256
+                if action != BF16 and self.in_features % g:
+                    action = BF16
+                if action == BF16:
+                    fw = _float_weight(w, scale)
+                    dtype = self._target_dtype if self._target_dtype not in (None,) + FP8_DTYPES else (
+                        torch.bfloat16 if fw.dtype == torch.float32 and w.dtype in FP8_DTYPES else fw.dtype)
+                    copy = not local_metadata.get("assign_to_params_buffers", False)
+                    t = fw.to(device=device, dtype=dtype, copy=copy and fw is w)
+                    self.weight = torch.nn.Parameter(t, requires_grad=False)
+                else:
+                    self._quantize_from_float(_float_weight(w, scale), action, g, device, where)
+
+        if self.bias is not None or b is not None:
+            if b is None:
+                missing_keys.append(prefix + "bias")
+                b = torch.zeros(self.out_features)
+            dtype = self._target_dtype if self._target_dtype not in (None,) + FP8_DTYPES else (
+                b.dtype if b.dtype not in FP8_DTYPES else torch.bfloat16)
+            self.bias = torch.nn.Parameter(b.to(device=device, dtype=dtype, copy=True), requires_grad=False)
+
+        for k in list(state_dict):
+            if k.startswith(prefix):
+                sub = k[len(prefix):]
+                if sub not in ("weight", "bias") + _SIDE_KEYS:
+                    unexpected_keys.append(k)
+        if spec is not None and spec.progress is not None:
+            spec.progress(name)
+
+    def _quantize_from_float(self, w: torch.Tensor, action: str, g: int, device, where: str) -> None:
+        bits = 4 if action == W4A4 else 8
+        qdev = (self._spec.quant_device if self._spec else None) or device
+        try:
+            src = w.to(qdev) if w.device != torch.device(qdev) else w
+            if src.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                src = src.to(torch.float32)
+            q, s = cr_ops.quantize_weight(src, g, bits)
+        except torch.OutOfMemoryError:
+            log.warning("ConvRot: out of memory quantizing %s on %s; using the CPU", where, qdev)
+            q, s = cr_ops.quantize_weight(w.to("cpu", torch.float32), g, bits)
+        self._become_quantized(q, s, bits, g, device, where)
+
+    def _become_quantized(self, q: torch.Tensor, scale: torch.Tensor, bits: int, g: int, device, where: str):
+        packed_k = self.in_features // 2 if bits == 4 else self.in_features
+        if q.dim() != 2 or tuple(q.shape) != (self.out_features, packed_k):
+            raise CheckpointError(f"{where}: quantized weight has shape {tuple(q.shape)}, expected "
+                                  f"{(self.out_features, packed_k)} for a {bits}-bit layer "
+                                  f"[{self.out_features} x {self.in_features}]")
+        if scale.numel() != self.out_features:
+            raise CheckpointError(f"{where}: weight_scale has {scale.numel()} values, expected {self.out_features}")
+        if "weight" in self._parameters:
+            del self._parameters["weight"]
+        self.register_buffer("weight", q.to(device=device, dtype=torch.int8))
+        self.register_buffer("weight_scale", scale.reshape(self.out_features).to(device=device,
+                                                                                  dtype=torch.float32))
+        self.convrot_bits, self.convrot_group_size = bits, g
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.convrot_bits is not None:
+            destination[prefix + "comfy_quant"] = encode_conf(
+                layer_conf(W4A4 if self.convrot_bits == 4 else W8A8, self.convrot_group_size))
+
+    # ------------------------------------------------------------------ ComfyUI patching hooks
+
+    def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+        """Called by ModelPatcher.patch_weight_to_device for `<layer>.weight` (e.g. a dynamic-VRAM force load)."""
+        if self.convrot_bits is None:
+            w = weight.to(self.weight.dtype)
+            if return_weight:
+                return w
+            self.weight = torch.nn.Parameter(w, requires_grad=False)
+            return None
+        if weight.dtype != torch.int8 or weight.shape != self.weight.shape:
+            raise RuntimeError(
+                f"ConvRot: ComfyUI tried to merge weight patches into the quantized layer {self._layer_name}; "
+                f"ConvRot applies LoRA as a branch instead and cannot merge into 4-bit codes (this happens for "
+                f"hook/scheduled LoRAs or force-patched loads, which ConvRot layers do not support)")
+        if return_weight:
+            return weight
+        self._buffers["weight"] = weight
+        return None
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, input, *args, **kwargs):
+        if self.convrot_bits is None:
+            return super().forward(input, *args, **kwargs)
+        comfy.ops.run_every_op()
+        return self.forward_convrot(input)
+
+    def _cast_bias(self, x: torch.Tensor):
+        if self.bias is None:
+            return None
+        bias = self.bias.to(device=x.device, dtype=x.dtype, copy=True)
+        for f in self.bias_function:
+            bias = f(bias)
+        lowvram_fn = getattr(self, "bias_lowvram_function", None)
+        if lowvram_fn is not None and hasattr(self, "_v"):  # dynamic VRAM keeps bias patches here
+            bias = lowvram_fn(bias)
+        return bias
+
+    def _check_weight_functions(self):
+        wkey = self.convrot_patches.key
+        for f in self.weight_function:
+            # ComfyUI's lowvram mode hands each offloaded layer its weight patches as a LowVramPatch; ours come
+            # through the patcher callbacks, so that copy is skipped rather than merged into 4-bit codes.
+            if getattr(f, "is_lowvram_patch", False) and (wkey is None or f.key == wkey):
+                continue
+            raise RuntimeError(f"ConvRot: weight functions ({type(f).__name__}) cannot be applied to the quantized "
+                               f"layer {self._layer_name}")
+
+    def forward_convrot(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w.dtype != torch.int8:
+            raise RuntimeError(f"ConvRot: the quantized weight of {self._layer_name} was replaced by a {w.dtype} "
+                               f"tensor (a weight patch merged outside ConvRot?)")
+        if self.weight_function:
+            self._check_weight_functions()
+        dev = x.device
+        non_blocking = comfy.model_management.device_supports_non_blocking(dev)
+        if w.device != dev:
+            w = w.to(dev, non_blocking=non_blocking)
+        s = self.weight_scale
+        if s.device != dev:
+            s = s.to(dev, non_blocking=non_blocking)
+        y = cr_ops.linear(x, w, s, self._cast_bias(x), self.convrot_group_size, self.convrot_bits)
+        if self.convrot_patches:
+            y = self.convrot_patches.apply(self, x, y)
+        return y
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        from ..convrot.reference import dequantize_weight
+        return dequantize_weight(self.weight, self.weight_scale, self.convrot_group_size, self.convrot_bits, dtype)
+
+    def extra_repr(self):
+        if self.convrot_bits is None:
+            return super().extra_repr()
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"convrot=w{self.convrot_bits}a{self.convrot_bits}, group_size={self.convrot_group_size}")
+
+
+def make_ops(spec: LoadSpec | None) -> type:
+    """A ComfyUI operations class bound to one file's load plan."""
+
+    class ConvRotOps(comfy.ops.manual_cast):
+        convrot_spec = spec
+
+        class Linear(ConvRotLinearOp):
+            _spec = spec
+
+    return ConvRotOps
+
+
+def quantized_layers(model: torch.nn.Module) -> list[tuple[str, ConvRotLinearOp]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ConvRotLinearOp) and m.convrot_bits]
+
+
+def describe_conf(conf) -> str:
+    return json.dumps(conf, sort_keys=True)
