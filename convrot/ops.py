@@ -67,7 +67,25 @@ def linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torc
     k = _fast(x2d, bits) if x.dtype in (torch.float16, torch.bfloat16) else None
     if k is not None and x2d.shape[0] > 0:
         out = k.w4a4_linear(x2d.contiguous(), w_q, w_scale, bias, group_size)
+    elif bits == 8 and x.device.type == "cuda" and x2d.shape[0] > 0 and w_q.shape[0] % 8 == 0:
+        out = _w8a8_cuda(x2d, w_q, w_scale, bias, group_size)
     else:
         a_q, a_scale = reference.rotate_quantize(x2d, group_size, bits)
         out = reference.quantized_gemm(a_q, a_scale, w_q, w_scale, bias, x.dtype, bits)
     return out.reshape(*lead, w_scale.shape[0])
+
+
+def _w8a8_cuda(x2d, w_q, w_scale, bias, group_size):
+    """W8A8 on CUDA: reference rotate+quantize (torch ops), then cuBLAS int8 GEMM through torch._int_mm.
+
+    _int_mm wants M > 16 and K, N multiples of 8, so tiny batches are padded with zero rows.
+    """
+    a_q, a_scale = reference.rotate_quantize(x2d, group_size, 8)
+    m = a_q.shape[0]
+    if m <= 16:
+        a_q = torch.cat((a_q, a_q.new_zeros(17 - m, a_q.shape[1])))
+    acc = torch._int_mm(a_q, w_q.t())[:m]
+    out = acc.to(torch.float32) * a_scale.unsqueeze(-1) * w_scale
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(x2d.dtype)
