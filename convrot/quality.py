@@ -296,8 +296,9 @@ def load_flux_file(path: str, dtype: torch.dtype = torch.bfloat16) -> Flux:
     return model.eval()
 
 
-def find_shared_weights(folder: Path = SHARED_WEIGHTS) -> list[Path]:
+def find_shared_weights(folder: Path | None = None) -> list[Path]:
     """FLUX transformer files in ../shared/weights/ (smallest first); [] when the folder or such files are absent."""
+    folder = Path(folder or SHARED_WEIGHTS)
     if not folder.is_dir():
         return []
     from .convert import FLUX_MARKERS, read_header
@@ -516,7 +517,7 @@ def main(argv=None) -> int:
                 return 2
             say(f"loading {path}")
             model = load_flux_file(path)
-            desc = f"{Path(path).name} (trained weights)"
+            desc = f"{Path(path).name} (weights from file)"
             trained = True
         else:
             if args.hidden % 128 or args.hidden % args.group_size:
