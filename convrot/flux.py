@@ -28,9 +28,10 @@ class FluxConfig:
     guidance_embed: bool = True
 
     @classmethod
-    def tiny(cls, hidden: int = 256, depth: int = 2, single: int = 2, guidance: bool = True) -> "FluxConfig":
+    def tiny(cls, hidden: int = 256, depth: int = 2, single: int = 2, guidance: bool = True, vec: int = 256,
+             ctx: int = 256) -> "FluxConfig":
         # ComfyUI infers num_heads = hidden / sum(axes_dim) = hidden / 128, so keep head_dim 128
-        return cls(vec_in_dim=256, context_in_dim=256, hidden_size=hidden, num_heads=hidden // 128, depth=depth,
+        return cls(vec_in_dim=vec, context_in_dim=ctx, hidden_size=hidden, num_heads=hidden // 128, depth=depth,
                    depth_single_blocks=single, guidance_embed=guidance)
 
 

@@ -1,0 +1,257 @@
+"""End-to-end FLUX.1-dev sampling inside ComfyUI on a GPU: stock bf16, stock fp8_e4m3fn_fast, ConvRot presets.
+
+    python bench/e2e_comfy.py --comfy /path/to/ComfyUI [--steps 20] [--res 1024] [--variants bf16,fp8_fast,mixed]
+
+A FLUX.1-dev-size transformer (12B) with seeded random bf16 weights is written once to a work folder (no weights can
+be downloaded); conditioning tensors stand in for the text encoders. Each variant runs in its own process so load
+time and peak VRAM are its own: load (+quantize) time, median seconds per step (CUDA-synchronized wall time of each
+transformer call), peak VRAM, transformer weight bytes. `--profile` adds a torch-profiler breakdown of one step.
+Prints a markdown table and writes JSON lines to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+# ---------------------------------------------------------------- the 12B random checkpoint
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def write_random_flux(path: Path, tiny: bool, seed: int = 0) -> None:
+    """FLUX.1-dev shapes and names, weights ~ N(0, 1/fan_in) generated on the GPU, written tensor by tensor."""
+    from convrot.checkpoint import StreamingWriter, TensorInfo
+    from convrot.flux import Flux, FluxConfig
+
+    with torch.device("meta"):
+        model = Flux(FluxConfig.tiny(vec=768, ctx=4096) if tiny else FluxConfig())
+    specs = {n: TensorInfo(torch.bfloat16, tuple(p.shape)) for n, p in model.state_dict().items()}
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    t0 = time.time()
+    with StreamingWriter(str(path), specs, {"note": "seeded random FLUX.1-dev-size weights for benchmarks"}) as w:
+        for name, info in specs.items():
+            if name.endswith(".scale"):
+                t = 1 + 0.1 * torch.randn(info.shape, generator=gen, device=DEV)
+            elif len(info.shape) == 2:
+                t = torch.randn(info.shape, generator=gen, device=DEV) / math.sqrt(info.shape[1])
+                if "mod" in name or "adaLN" in name:
+                    t *= 0.3
+            else:
+                t = 0.02 * torch.randn(info.shape, generator=gen, device=DEV)
+            w.write(name, t.to(torch.bfloat16))
+    print(f"wrote {path} ({path.stat().st_size / 1e9:.1f} GB) in {time.time() - t0:.0f}s", flush=True)
+
+
+# ---------------------------------------------------------------- one variant, in its own process
+
+_NODES = None
+
+
+def import_comfy(comfy_path: str, models_dir: Path):
+    global _NODES
+    if _NODES is not None:
+        return _NODES
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("convrot_comfy_env", REPO / "tests" / "comfy_env.py")
+    env = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(env)
+    sys.path.insert(0, comfy_path)
+    for name in ("av", "torchvision", "torchaudio"):  # optional for this headless run; stubbed only if broken
+        env._stub_if_broken(name)
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    if DEV == "cpu":  # a dry run of the whole flow on a machine without a GPU
+        import comfy.cli_args
+        comfy.cli_args.args.cpu = True
+    import folder_paths
+    folder_paths.add_model_folder_path("diffusion_models", str(models_dir), is_default=True)
+    import comfy.model_management  # noqa: F401
+    import comfy.sd  # noqa: F401
+    import nodes
+    _NODES = nodes
+    return nodes
+
+
+def peak_memory() -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if DEV == "cuda" else float("nan")
+
+
+def run_variant(a) -> dict:
+    models_dir = Path(a.workdir)
+    nodes = import_comfy(a.comfy, models_dir)
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    if a.variant == "bf16":
+        model = nodes.UNETLoader().load_unet(a.unet, "default")[0]
+    elif a.variant == "fp8_fast":
+        model = nodes.UNETLoader().load_unet(a.unet, "fp8_e4m3fn_fast")[0]
+    else:
+        from nodes_pack import loader  # noqa: F401  (set up by main: the pack imported as a package)
+        model = loader.load_convrot_model(str(models_dir / a.unet), a.variant, 256, "", progress=False)
+    t_load_cpu = time.time() - t0
+
+    import comfy.model_management as mm
+    t0 = time.time()
+    mm.load_models_gpu([model], force_full_load=True)
+    sync()
+    t_to_gpu = time.time() - t0
+    dm = model.model.diffusion_model
+    weight_bytes = sum(t.numel() * t.element_size() for t in list(dm.parameters()) + list(dm.buffers()))
+
+    times = []
+
+    def timed(apply_model, args):
+        sync()
+        s = time.perf_counter()
+        out = apply_model(args["input"], args["timestep"], **args["c"])
+        sync()
+        times.append(time.perf_counter() - s)
+        return out
+
+    model = model.clone()
+    model.set_model_unet_function_wrapper(timed)
+    h = w = a.res // 8
+    gen = torch.Generator().manual_seed(0)
+    txt_len = 512 if a.res >= 512 else 16
+    cond = [[torch.randn(1, txt_len, 4096, generator=gen),
+             {"pooled_output": torch.randn(1, 768, generator=gen), "guidance": 3.5}]]
+    latent = {"samples": torch.zeros(1, 16, h, w)}
+    t0 = time.time()
+    out = nodes.common_ksampler(model, 0, a.steps, 1.0, "euler", "simple", cond, cond, latent)[0]["samples"]
+    sync()
+    t_sample = time.time() - t0
+    res = {
+        "variant": a.variant, "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__,
+        "cuda": torch.version.cuda, "res": a.res, "steps": a.steps,
+        "load_s": round(t_load_cpu, 2), "to_gpu_s": round(t_to_gpu, 2),
+        "step_median_s": round(statistics.median(times[1:] or times), 4), "steps_timed": len(times),
+        "sample_s": round(t_sample, 2), "peak_vram_gb": round(peak_memory(), 2),
+        "weight_gb": round(weight_bytes / 1e9, 2), "latent_std": round(float(out.float().std()), 4),
+        "latent_finite": bool(torch.isfinite(out).all()),
+    }
+    if a.profile and DEV == "cuda":
+        res["profile"] = profile_step(model, nodes, cond, latent)
+    return res
+
+
+def profile_step(model, nodes, cond, latent) -> dict:
+    """Share of CUDA time by kind over one sampling step."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        nodes.common_ksampler(model, 0, 1, 1.0, "euler", "simple", cond, cond, latent)
+        torch.cuda.synchronize()
+    kinds = {"convrot gemm": 0.0, "convrot activation quant": 0.0, "attention": 0.0, "other gemm": 0.0,
+             "other": 0.0}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t <= 0 or e.key.startswith(("aten::", "cuda", "Memcpy", "Memset")) and "kernel" not in e.key.lower():
+            if not e.key.startswith(("Memcpy", "Memset")):
+                continue
+        k = e.key.lower()
+        if "convrot" in k and ("gemm" in k or "mma" in k or "cutlass" in k):
+            kinds["convrot gemm"] += t
+        elif "convrot" in k or "rotate" in k or "quant" in k:
+            kinds["convrot activation quant"] += t
+        elif "flash" in k or "fmha" in k or "attention" in k or "sdpa" in k:
+            kinds["attention"] += t
+        elif "gemm" in k or "cutlass" in k or "sm90" in k or "nvjet" in k:
+            kinds["other gemm"] += t
+        else:
+            kinds["other"] += t
+    total = sum(kinds.values()) or 1.0
+    top = sorted(((getattr(e, "device_time_total", 0) or 0, e.key) for e in prof.key_averages()), reverse=True)[:12]
+    return {"share": {k: round(v / total, 3) for k, v in kinds.items()}, "total_ms": round(total / 1e3, 1),
+            "top_kernels": [[k[:90], round(t / 1e3, 2)] for t, k in top]}
+
+
+# ---------------------------------------------------------------- driver
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--comfy", required=True)
+    p.add_argument("--workdir", default="/tmp/convrot_e2e")
+    p.add_argument("--unet", default="flux1-dev-random.safetensors")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--res", type=int, default=1024)
+    p.add_argument("--variants", default="bf16,fp8_fast,mixed,compact")
+    p.add_argument("--profile", default="mixed", help="variant to profile one step of ('' for none)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--tiny", action="store_true", help="a tiny model: a dry run of the flow, on CPU too")
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+
+    if a.variant:  # child process
+        a.profile = a.variant == a.profile
+        if a.variant not in ("bf16", "fp8_fast"):
+            # import the pack as a package the way ComfyUI does, under a name without a hyphen
+            import importlib
+            import importlib.util
+            spec = importlib.util.spec_from_file_location("nodes_pack_root", REPO / "__init__.py",
+                                                          submodule_search_locations=[str(REPO)])
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules["nodes_pack_root"] = mod
+            import_comfy(a.comfy, Path(a.workdir))
+            spec.loader.exec_module(mod)
+            mod.comfy_entrypoint
+            sys.modules["nodes_pack"] = importlib.import_module("nodes_pack_root.nodes")
+        print("RESULT " + json.dumps(run_variant(a)), flush=True)
+        return 0
+
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / a.unet).exists():
+        write_random_flux(work / a.unet, a.tiny)
+    rows = []
+    for v in a.variants.split(","):
+        t0 = time.time()
+        r = subprocess.run([sys.executable, __file__, "--comfy", a.comfy, "--workdir", a.workdir, "--unet", a.unet,
+                            "--steps", str(a.steps), "--res", str(a.res), "--profile", a.profile, "--variant", v],
+                           capture_output=True, text=True)
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+        if r.returncode or not lines:
+            print(f"variant {v} failed ({time.time() - t0:.0f}s):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}", flush=True)
+            continue
+        res = json.loads(lines[-1][len("RESULT "):])
+        rows.append(res)
+        print(json.dumps(res), flush=True)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(json.dumps(res) + "\n")
+    base = next((r for r in rows if r["variant"] == "bf16"), None)
+    print(f"\nFLUX.1-dev-size (random weights) in ComfyUI, {a.res}x{a.res}, {a.steps} steps, batch 1, "
+          f"{rows[0]['device'] if rows else '?'}, torch {torch.__version__}, CUDA {torch.version.cuda}\n")
+    print("| variant | load (+quantize) s | to GPU s | s/it (median) | it/s vs bf16 | peak VRAM GB | weights GB | "
+          "weights vs bf16 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        speed = base["step_median_s"] / r["step_median_s"] if base else float("nan")
+        size = base["weight_gb"] / r["weight_gb"] if base else float("nan")
+        print(f"| {r['variant']} | {r['load_s']} | {r['to_gpu_s']} | {r['step_median_s']} | {speed:.2f}x | "
+              f"{r['peak_vram_gb']} | {r['weight_gb']} | {size:.2f}x |")
+    for r in rows:
+        if "profile" in r:
+            print(f"\nprofile of one step ({r['variant']}): {json.dumps(r['profile'], indent=1)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
