@@ -135,3 +135,60 @@ def setup_comfy(models_dir: Path) -> ComfyEnv:
 def comfy(tmp_path_factory) -> ComfyEnv:
     """ComfyUI imported on the CPU with a temporary models folder and this pack loaded as a custom node."""
     return setup_comfy(tmp_path_factory.mktemp("comfy") / "models")
+
+
+# ---------------------------------------------------------------------------- tiny FLUX files and sampling helpers
+
+TINY_NAME = "tiny_flux.safetensors"
+LATENT_HW = 16   # 16x16 latent -> 8x8 = 64 image tokens
+TXT_LEN = 16
+
+
+def tiny_config():
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from convrot.flux import FluxConfig
+    return FluxConfig.tiny(hidden=256, depth=2, single=2)
+
+
+def tiny_state_dict(seed: int = 0):
+    import torch
+    from convrot.flux import random_flux
+    m = random_flux(tiny_config(), seed=seed, dtype=torch.bfloat16)
+    return {k: v.contiguous() for k, v in m.state_dict().items()}
+
+
+def write_file(env: ComfyEnv, name: str, sd: dict, metadata: dict | None = None) -> Path:
+    import safetensors.torch
+    path = env.models_dir / "diffusion_models" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(sd, str(path), metadata=metadata)
+    return path
+
+
+def conditioning(seed: int = 0, guidance: float = 3.5):
+    """FLUX conditioning as the text encoders would give it: [[cond [1, L, context_in_dim], {pooled, guidance}]]."""
+    import torch
+    cfg = tiny_config()
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.randn(1, TXT_LEN, cfg.context_in_dim, generator=g)
+    pooled = torch.randn(1, cfg.vec_in_dim, generator=g)
+    return [[cond, {"pooled_output": pooled, "guidance": guidance}]]
+
+
+def sample(env: ComfyEnv, model, cond=None, seed: int = 1, steps: int = 2, cfg: float = 1.0):
+    """KSampler (euler/simple, cfg 1 as for FLUX dev) from an empty latent; returns the latent tensor."""
+    import torch
+    cond = cond if cond is not None else conditioning()
+    latent = {"samples": torch.zeros(1, 16, LATENT_HW, LATENT_HW)}
+    out = env.nodes.common_ksampler(model, seed, steps, cfg, "euler", "simple", cond, cond, latent)
+    return out[0]["samples"].float()
+
+
+def rel(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def node_output(out):
+    """The outputs tuple of a V3 node's NodeOutput (or a V1 node's tuple)."""
+    return out.result if hasattr(out, "result") else out
