@@ -19,7 +19,7 @@ if [ $what = tests ] || [ $what = all ]; then
   timeout 400 python3 -m pytest -q -x tests/test_kernels_gpu.py -p no:cacheprovider 2>&1 | tee $OUT/tests.txt | tail -30
 fi
 if [ $what = bench ] || [ $what = all ]; then
-  python3 -c "import sys; from convrot.bench import main; sys.exit(main(sys.argv[1:]))" --json $OUT/bench.json 2>&1 | tee $OUT/bench.txt
+  python3 -c "import sys; from convrot.bench import main; sys.exit(main(sys.argv[1:]))" $BENCH_ARGS --json $OUT/bench.json 2>&1 | tee $OUT/bench.txt
 fi
 if [ $what = sanitize ]; then
   compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x tests/test_kernels_gpu.py -p no:cacheprovider \

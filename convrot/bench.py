@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--shapes", default=None, help="M,K,N;M,K,N;... (default: FLUX.1 linears at 1024^2)")
     p.add_argument("--no-kitchen", action="store_true", help="skip comfy-kitchen's convrot_w4a4_linear")
+    p.add_argument("--sweep", action="store_true", help="also time the experimental GEMM tile configs 2-5 (bf16)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args(argv)
 
@@ -114,8 +115,11 @@ def main(argv=None) -> int:
         r["ours_prepW_us"] = timer(lambda: kernels.w4a4_linear(x, w8, w_s, bias, G))
         if sm90:
             a8, a_s = ops.rotate_quantize_i8(x, G)
-            for cfg in (0, 1):
-                r[f"gemm_cfg{cfg}_us"] = timer(lambda: ops.gemm_i8_sm90(a8, a_s, w8, w_s, bias32, dtype, cfg))
+            for cfg in (0, 1) + ((2, 3, 4, 5) if args.sweep and dtype == torch.bfloat16 else ()):
+                try:
+                    r[f"gemm_cfg{cfg}_us"] = timer(lambda: ops.gemm_i8_sm90(a8, a_s, w8, w_s, bias32, dtype, cfg))
+                except RuntimeError as e:  # experimental configs exist only in some builds
+                    print(f"# config {cfg}: {str(e).splitlines()[0][:200]}")
             r["gemm_us"] = timer(lambda: ops.gemm_i8_sm90(a8, a_s, w8, w_s, bias32, dtype, -1))
             r["unpackW_us"] = timer(lambda: ops.unpack_int4(w_q))
             r["act_i8_us"] = timer(lambda: ops.rotate_quantize_i8(x, G))
@@ -163,8 +167,11 @@ def main(argv=None) -> int:
     if sm90:
         print("# act kernel writing int8 codes (fused path): " + ", ".join(
             f"{r['M']}x{r['K']}: {r['act_i8_us']:.1f} us {100 * r['act_i8_GBs'] / bw:.0f}%" for r in rows))
-        print("# GEMM tile configs (us, cfg0=128x256 cfg1=128x128): " + ", ".join(
-            f"{r['M']}x{r['K']}x{r['N']}: {r['gemm_cfg0_us']:.1f}/{r['gemm_cfg1_us']:.1f}" for r in rows))
+        print("# GEMM tile configs (us; 0=128x256 c2x1, 1=128x128 c1x2, 2=256x128 c1x2, 3=128x256 c1x1, "
+              "4=128x256 c2x1 stream-K, 5=128x128 pingpong c2x1):")
+        for r in rows:
+            print(f"#   {r['M']}x{r['K']}x{r['N']}: " + "  ".join(
+                f"{c}:{r[f'gemm_cfg{c}_us']:.1f}" for c in range(6) if f"gemm_cfg{c}_us" in r))
         print("# weight int4->int8 expansion (us): " + ", ".join(f"{r['N']}x{r['K']}: {r['unpackW_us']:.1f}" for r in rows))
     print(f"# weight quantization: 12288x3072 in {wq_us:.1f} us -> 12B parameters in ~{proj_s:.2f} s of GPU time")
     if args.json:

@@ -30,4 +30,13 @@ void gemm_i8_sm90_f16(const int8_t* a, const float* as, const int8_t* w, const f
 void gemm_i8_sm90_f32(const int8_t* a, const float* as, const int8_t* w, const float* ws, const float* bias, void* out,
                       int M, int N, int K, int small_m, cudaStream_t stream, const at::Device& dev);
 
+// Experimental tile configurations 2-5 (bf16 output only).
+#define CONVROT_DECL_X(NAME)                                                                                   \
+  void NAME(const int8_t* a, const float* as, const int8_t* w, const float* ws, const float* bias, void* out, \
+            int M, int N, int K, int small_m, cudaStream_t stream, const at::Device& dev);
+CONVROT_DECL_X(gemm_i8_sm90_x2)
+CONVROT_DECL_X(gemm_i8_sm90_x3)
+CONVROT_DECL_X(gemm_i8_sm90_x4)
+CONVROT_DECL_X(gemm_i8_sm90_x5)
+
 }  // namespace convrot

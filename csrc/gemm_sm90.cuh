@@ -30,7 +30,8 @@ namespace sm90 {
 using namespace cute;
 namespace fus = cutlass::epilogue::fusion;
 
-template <class ElementD, class TileShape, class ClusterShape, class MainSchedule, class EpiSchedule>
+template <class ElementD, class TileShape, class ClusterShape, class MainSchedule, class EpiSchedule,
+          class Scheduler = void>
 struct Config {
   using LayoutA = cutlass::layout::RowMajor;     // activations [M, K], K contiguous
   using LayoutB = cutlass::layout::ColumnMajor;  // weights [N, K], K contiguous: the "TN" layout wgmma s8 needs
@@ -58,7 +59,7 @@ struct Config {
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
       MainSchedule>::CollectiveOp;
 
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue, Scheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
@@ -72,6 +73,20 @@ template <class ElementD>
 using SmallTile = Config<ElementD, Shape<_128, _128, _128>, Shape<_1, _2, _1>,
                          cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                          cutlass::epilogue::TmaWarpSpecializedCooperative>;
+
+// Candidates timed by bench/gemm_sweep (bf16 only); see bench/NOTES.md.
+template <class ElementD>
+using X2 = Config<ElementD, Shape<_256, _128, _128>, Shape<_1, _2, _1>, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                  cutlass::epilogue::TmaWarpSpecializedCooperative>;
+template <class ElementD>
+using X3 = Config<ElementD, Shape<_128, _256, _128>, Shape<_1, _1, _1>, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                  cutlass::epilogue::TmaWarpSpecializedCooperative>;
+template <class ElementD>
+using X4 = Config<ElementD, Shape<_128, _256, _128>, Shape<_2, _1, _1>, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                  cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler>;
+template <class ElementD>
+using X5 = Config<ElementD, Shape<_128, _128, _128>, Shape<_2, _1, _1>, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                  cutlass::epilogue::TmaWarpSpecialized>;
 
 inline int sm_count(int device) {
   static int cached[64] = {0};
@@ -143,7 +158,17 @@ void dispatch(const int8_t* a, const float* as, const int8_t* w, const float* ws
   }                                                                                                              \
   }
 
+#define CONVROT_SM90_ENTRY_X(NAME, ELEMENT, CFG)                                                                 \
+  namespace convrot {                                                                                            \
+  void NAME(const int8_t* a, const float* as, const int8_t* w, const float* ws, const float* bias, void* out,     \
+            int M, int N, int K, int, cudaStream_t stream, const at::Device& dev) {                              \
+    sm90::run<sm90::CFG<ELEMENT>, ELEMENT>(a, as, w, ws, bias, out, M, N, K, stream, dev);                       \
+  }                                                                                                              \
+  }
+
 #else  // !CONVROT_SM90
+
+#define CONVROT_SM90_ENTRY_X(NAME, ELEMENT, CFG) CONVROT_SM90_ENTRY(NAME, ELEMENT)
 
 #define CONVROT_SM90_ENTRY(NAME, ELEMENT)                                                                        \
   namespace convrot {                                                                                            \

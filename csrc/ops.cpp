@@ -27,6 +27,12 @@ at::Tensor gemm_i8_sm90(const at::Tensor& a, const at::Tensor& a_scale, const at
   auto* wp = w.data_ptr<int8_t>();
   auto* as = a_scale.data_ptr<float>();
   auto* ws = w_scale.data_ptr<float>();
+  if (config >= 2) {
+    TORCH_CHECK(out_dtype == at::kBFloat16 && config <= 5, "convrot.gemm_i8_sm90: configs 2-5 are bf16-only experiments");
+    auto* fn = config == 2 ? gemm_i8_sm90_x2 : config == 3 ? gemm_i8_sm90_x3 : config == 4 ? gemm_i8_sm90_x4 : gemm_i8_sm90_x5;
+    fn(ap, as, wp, ws, bp, out.data_ptr(), M, N, K, 0, stream, a.device());
+    return out;
+  }
   switch (out_dtype) {
     case at::kBFloat16: gemm_i8_sm90_bf16(ap, as, wp, ws, bp, out.data_ptr(), M, N, K, small_m, stream, a.device()); break;
     case at::kHalf: gemm_i8_sm90_f16(ap, as, wp, ws, bp, out.data_ptr(), M, N, K, small_m, stream, a.device()); break;

@@ -13,6 +13,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+
 namespace convrot {
 namespace {
 
@@ -70,125 +72,140 @@ __host__ __device__ constexpr int swap_digit_bits(int e) {
 
 // CPT chunks per thread, strided by the number of active threads so each chunk sweep is one coalesced pass
 // and the G/16 threads sharing a group are consecutive lanes of one warp.
+// Blocks are persistent over rows and load row i+1 into registers before working on row i: v1 (one block per
+// row) left each block's loads idle through its reduction and stores and reached only 41% of copy bandwidth.
 template <typename T, int G, int CPT, bool kPacked>
-__global__ void __launch_bounds__(CPT == 1 ? 1024 : 512) rotate_quantize_kernel(const T* __restrict__ x, int8_t* __restrict__ out,
-                                                               float* __restrict__ scale, int K, int active) {
+__global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
+    rotate_quantize_kernel(const T* __restrict__ x, int8_t* __restrict__ out, float* __restrict__ scale, int64_t M,
+                           int K, int active) {
   constexpr int kLanesPerGroup = G / kChunk;  // 1, 4 or 16
   using L = Loader<T>;
   const int t = threadIdx.x;
   const bool live = t < active;
-  const int64_t row = blockIdx.x;
-  const T* xr = x + row * K;
-
-  // Issue every load before the first use: the kernel is bandwidth-bound and this is all the work in flight.
-  uint4 raw[CPT][L::kVec];
-#pragma unroll
-  for (int j = 0; j < CPT; ++j) {
-    const uint4* src = reinterpret_cast<const uint4*>(xr + (int64_t)(j * active + t) * kChunk);
-#pragma unroll
-    for (int q = 0; q < L::kVec; ++q) raw[j][q] = live ? __ldg(src + q) : make_uint4(0, 0, 0, 0);
-  }
-
   const int q = t % kLanesPerGroup;  // which 16-element piece of the group this thread holds
   // Sign of the upper (thread-level) digits; the lower two digits are compile-time per element.
   float tsign = 1.f;
   if (kLanesPerGroup >= 4) tsign *= ((q & 3) == 3) ? -1.f : 1.f;
   if (kLanesPerGroup >= 16) tsign *= (((q >> 2) & 3) == 3) ? -1.f : 1.f;
+  const int qdst = swap_digit_bits(q);
+  __shared__ float red[2][32];
 
-  float v[CPT][kChunk];
-  float amax = 0.f;
+  auto load_row = [&](int64_t row, uint4 (&raw)[CPT][L::kVec]) {
+    const T* xr = x + row * K;
 #pragma unroll
-  for (int j = 0; j < CPT; ++j) {
-    L::cvt(raw[j], v[j]);
+    for (int j = 0; j < CPT; ++j) {
+      const uint4* src = reinterpret_cast<const uint4*>(xr + (int64_t)(j * active + t) * kChunk);
 #pragma unroll
-    for (int e = 0; e < kChunk; ++e) v[j][e] *= digit3_sign(e) * tsign;
+      for (int v = 0; v < L::kVec; ++v) raw[j][v] = (live && row < M) ? __ldg(src + v) : make_uint4(0, 0, 0, 0);
+    }
+  };
+
+  uint4 raw[CPT][L::kVec];
+  int64_t row = blockIdx.x;
+  load_row(row, raw);
+  for (int it = 0; row < M; row += gridDim.x, ++it) {
+    uint4 nxt[CPT][L::kVec];
+    load_row(row + gridDim.x, nxt);  // in flight while this row is reduced and stored
+
+    float v[CPT][kChunk];
+    float amax = 0.f;
 #pragma unroll
-    for (int h = 1; h < kChunk; h <<= 1) {
+    for (int j = 0; j < CPT; ++j) {
+      L::cvt(raw[j], v[j]);
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) v[j][e] *= digit3_sign(e) * tsign;
+#pragma unroll
+      for (int h = 1; h < kChunk; h <<= 1) {
+#pragma unroll
+        for (int e = 0; e < kChunk; ++e) {
+          if ((e & h) == 0) {
+            float a = v[j][e], b = v[j][e + h];
+            v[j][e] = a + b;
+            v[j][e + h] = a - b;
+          }
+        }
+      }
+#pragma unroll
+      for (int h = 1; h < kLanesPerGroup; h <<= 1) {
+        const bool upper = (q & h) != 0;
+#pragma unroll
+        for (int e = 0; e < kChunk; ++e) {
+          float other = __shfl_xor_sync(0xffffffffu, v[j][e], h);
+          v[j][e] = upper ? other - v[j][e] : v[j][e] + other;
+        }
+      }
+      // 1/sqrt(G) is a power of two (1/4, 1/8, 1/16): the product is exact, as in the reference's matmul.
+      constexpr float kNorm = G == 16 ? 0.25f : (G == 64 ? 0.125f : 0.0625f);
 #pragma unroll
       for (int e = 0; e < kChunk; ++e) {
-        if ((e & h) == 0) {
-          float a = v[j][e], b = v[j][e + h];
-          v[j][e] = a + b;
-          v[j][e + h] = a - b;
+        v[j][e] *= digit3_sign(e) * tsign * kNorm;
+        amax = fmaxf(amax, fabsf(v[j][e]));
+      }
+    }
+
+    // Row absmax: warp shuffle, then one slot per warp. Two buffers alternate between rows: a thread can
+    // only reach row i+2's writes after every thread passed row i+1's first barrier, i.e. read row i's result.
+    float* rb = red[it & 1];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if ((t & 31) == 0) rb[t >> 5] = amax;
+    __syncthreads();
+    if (t < 32) {
+      float m = t < (int)(blockDim.x >> 5) ? rb[t] : 0.f;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      if (t == 0) rb[0] = m;
+    }
+    __syncthreads();
+    // Same expression as the reference: clamp, then an IEEE division by 7, then an IEEE division per element.
+    const float s = __fdiv_rn(fmaxf(rb[0], 1e-10f), 7.f);
+    if (t == 0) scale[row] = s;
+
+    if (live) {
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const int64_t chunk = (int64_t)(j * active + t) - q + qdst;
+        int c[kChunk];
+#pragma unroll
+        for (int e = 0; e < kChunk; ++e) {
+          float r = rintf(__fdiv_rn(v[j][e], s));
+          r = fminf(fmaxf(r, -7.f), 7.f);
+          c[swap_digit_bits(e)] = (int)r;
+        }
+        if constexpr (kPacked) {
+          uint32_t w[2];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            uint32_t acc = 0;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc |= (uint32_t)(c[h * 8 + i] & 0xF) << (4 * i);
+            w[h] = acc;
+          }
+          reinterpret_cast<uint2*>(out + row * (K / 2))[chunk] = make_uint2(w[0], w[1]);
+        } else {
+          uint32_t w[4];
+#pragma unroll
+          for (int h = 0; h < 4; ++h) {
+            uint32_t acc = 0;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc |= (uint32_t)(c[h * 4 + i] & 0xFF) << (8 * i);
+            w[h] = acc;
+          }
+          reinterpret_cast<uint4*>(out + row * K)[chunk] = make_uint4(w[0], w[1], w[2], w[3]);
         }
       }
     }
 #pragma unroll
-    for (int h = 1; h < kLanesPerGroup; h <<= 1) {
-      const bool upper = (q & h) != 0;
+    for (int j = 0; j < CPT; ++j)
 #pragma unroll
-      for (int e = 0; e < kChunk; ++e) {
-        float other = __shfl_xor_sync(0xffffffffu, v[j][e], h);
-        v[j][e] = upper ? other - v[j][e] : v[j][e] + other;
-      }
-    }
-    // 1/sqrt(G) is a power of two (1/4, 1/8, 1/16): the product is exact, as in the reference's matmul.
-    constexpr float kNorm = G == 16 ? 0.25f : (G == 64 ? 0.125f : 0.0625f);
-#pragma unroll
-    for (int e = 0; e < kChunk; ++e) {
-      v[j][e] *= digit3_sign(e) * tsign * kNorm;
-      amax = fmaxf(amax, fabsf(v[j][e]));
-    }
-  }
-
-  // Row absmax: warp shuffle, then one slot per warp.
-  __shared__ float red[32];
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  if ((t & 31) == 0) red[t >> 5] = amax;
-  __syncthreads();
-  if (t < 32) {
-    float m = t < (int)(blockDim.x >> 5) ? red[t] : 0.f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    if (t == 0) red[0] = m;
-  }
-  __syncthreads();
-  // Same expression as the reference: clamp, then an IEEE division by 7, then an IEEE division per element.
-  const float s = __fdiv_rn(fmaxf(red[0], 1e-10f), 7.f);
-  if (t == 0) scale[row] = s;
-  if (!live) return;
-
-  const int qdst = swap_digit_bits(q);
-#pragma unroll
-  for (int j = 0; j < CPT; ++j) {
-    const int64_t chunk = (int64_t)(j * active + t) - q + qdst;
-    int c[kChunk];
-#pragma unroll
-    for (int e = 0; e < kChunk; ++e) {
-      float r = rintf(__fdiv_rn(v[j][e], s));
-      r = fminf(fmaxf(r, -7.f), 7.f);
-      c[swap_digit_bits(e)] = (int)r;
-    }
-    if constexpr (kPacked) {
-      uint32_t w[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        uint32_t acc = 0;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc |= (uint32_t)(c[h * 8 + i] & 0xF) << (4 * i);
-        w[h] = acc;
-      }
-      reinterpret_cast<uint2*>(out + row * (K / 2))[chunk] = make_uint2(w[0], w[1]);
-    } else {
-      uint32_t w[4];
-#pragma unroll
-      for (int h = 0; h < 4; ++h) {
-        uint32_t acc = 0;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc |= (uint32_t)(c[h * 4 + i] & 0xFF) << (8 * i);
-        w[h] = acc;
-      }
-      reinterpret_cast<uint4*>(out + row * K)[chunk] = make_uint4(w[0], w[1], w[2], w[3]);
-    }
+      for (int vv = 0; vv < L::kVec; ++vv) raw[j][vv] = nxt[j][vv];
   }
 }
 
-// Packed int4 -> int8 codes, 32 codes per thread: 16-byte load, two 16-byte stores.
-__global__ void unpack_int4_kernel(const uint4* __restrict__ in, uint4* __restrict__ out, int64_t n16) {
-  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n16) return;
-  const uint4 p = __ldg(in + i);
+// Packed int4 -> int8 codes. Each thread issues kUnroll independent 16-byte loads before converting:
+// v1 (one load per thread) reached ~71% of copy bandwidth.
+constexpr int kUnroll = 4;
+__device__ __forceinline__ void expand16(const uint4 p, uint4& o0, uint4& o1) {
   const uint32_t pw[4] = {p.x, p.y, p.z, p.w};
   uint32_t o[8];
 #pragma unroll
@@ -199,8 +216,23 @@ __global__ void unpack_int4_kernel(const uint4* __restrict__ in, uint4* __restri
     o[2 * h] = __byte_perm(lo, hi, 0x5140);      // lo0 hi0 lo1 hi1: even k in the lower byte
     o[2 * h + 1] = __byte_perm(lo, hi, 0x7362);  // lo2 hi2 lo3 hi3
   }
-  out[2 * i] = make_uint4(o[0], o[1], o[2], o[3]);
-  out[2 * i + 1] = make_uint4(o[4], o[5], o[6], o[7]);
+  o0 = make_uint4(o[0], o[1], o[2], o[3]);
+  o1 = make_uint4(o[4], o[5], o[6], o[7]);
+}
+
+__global__ void unpack_int4_kernel(const uint4* __restrict__ in, uint4* __restrict__ out, int64_t n16) {
+  const int64_t base = (int64_t)blockIdx.x * blockDim.x * kUnroll + threadIdx.x;
+  uint4 p[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t i = base + (int64_t)u * blockDim.x;
+    p[u] = i < n16 ? __ldg(in + i) : make_uint4(0, 0, 0, 0);
+  }
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t i = base + (int64_t)u * blockDim.x;
+    if (i < n16) expand16(p[u], out[2 * i], out[2 * i + 1]);
+  }
 }
 
 template <typename T, int G, bool kPacked>
@@ -212,7 +244,7 @@ void launch_rq(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, cudaStre
   // Fewest chunks per thread that fit one block, keeping the group's lanes together.
   int cpt = 1;
   // Blocks of more than one chunk per thread stop at 512 threads so the registers fit without spilling.
-  auto fits = [&](int c) { return chunks % c == 0 && (chunks / c) % lanes == 0 && chunks / c <= (c == 1 ? 1024 : 512); };
+  auto fits = [&](int c) { return chunks % c == 0 && (chunks / c) % lanes == 0 && chunks / c <= (c <= 2 ? 1024 : 512); };
   while (cpt <= 8 && !fits(cpt)) cpt *= 2;
   TORCH_CHECK(cpt <= 8, "convrot: K=", K, " too large or not divisible for the rotate-quantize kernel");
   const int active = chunks / cpt;
@@ -220,13 +252,16 @@ void launch_rq(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, cudaStre
   auto* xp = reinterpret_cast<const T*>(x.data_ptr());
   auto* op = out.data_ptr<int8_t>();
   auto* sp = scale.data_ptr<float>();
-  const dim3 grid((unsigned)M);
-  switch (cpt) {
-    case 1: rotate_quantize_kernel<T, G, 1, kPacked><<<grid, threads, 0, stream>>>(xp, op, sp, K, active); break;
-    case 2: rotate_quantize_kernel<T, G, 2, kPacked><<<grid, threads, 0, stream>>>(xp, op, sp, K, active); break;
-    case 4: rotate_quantize_kernel<T, G, 4, kPacked><<<grid, threads, 0, stream>>>(xp, op, sp, K, active); break;
-    default: rotate_quantize_kernel<T, G, 8, kPacked><<<grid, threads, 0, stream>>>(xp, op, sp, K, active); break;
-  }
+  auto kernel = cpt == 1   ? rotate_quantize_kernel<T, G, 1, kPacked>
+                : cpt == 2 ? rotate_quantize_kernel<T, G, 2, kPacked>
+                : cpt == 4 ? rotate_quantize_kernel<T, G, 4, kPacked>
+                           : rotate_quantize_kernel<T, G, 8, kPacked>;
+  // As many resident blocks as fit, each looping over rows.
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  const int64_t slots = (int64_t)std::max(per_sm, 1) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t grid = std::min<int64_t>(M, slots);
+  kernel<<<(unsigned)grid, threads, 0, stream>>>(xp, op, sp, M, K, active);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -288,7 +323,7 @@ at::Tensor unpack_int4(const at::Tensor& packed) {
   const int64_t n16 = packed.numel() / 16;
   if (n16 == 0) return out;
   const int threads = 256;
-  const int64_t blocks = (n16 + threads - 1) / threads;
+  const int64_t blocks = (n16 + threads * kUnroll - 1) / (threads * kUnroll);
   unpack_int4_kernel<<<(unsigned)blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const uint4*>(packed.data_ptr()), reinterpret_cast<uint4*>(out.data_ptr()), n16);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

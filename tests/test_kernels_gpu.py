@@ -189,15 +189,25 @@ def test_linear_vs_reference(K_, dtype, G, m):
     poison(m * n * 2, byte=0xFF)
     out = K_.w4a4_linear(x, w_q, w_s, bias, G)
     assert out.dtype == dtype and out.shape == (m, n) and torch.isfinite(out).all()
-    ref = reference.convrot_linear(x, w_q, w_s, bias, G)
-    # Rounding ties may move a few activation codes by one step; everything else is the same arithmetic.
-    rel = float((out.float() - ref.float()).norm() / ref.float().norm())
-    assert rel < 5e-3, rel
+    # Split the comparison where the arithmetic splits. (1) Activation codes: ties of the fp32 rotation may move
+    # a few codes by one step, and with outlier channels most codes are near 0, so one flipped code can move a
+    # whole output row by a few percent: compare codes, not outputs.
+    a_q, a_s = K_.rotate_quantize(x, G)
+    a_q_ref, a_s_ref = reference.rotate_quantize(x, G)
+    torch.testing.assert_close(a_s, a_s_ref, rtol=1e-5, atol=0)
+    assert_codes_close(a_q, a_q_ref)
+    # (2) Given the codes, the output is the reference's GEMM and epilogue up to one rounding of the output type.
+    ref = reference.quantized_gemm(a_q, a_s, w_q, w_s, bias, torch.float32)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.float(), ref.to(dtype).float(), rtol=eps, atol=eps * float(ref.abs().max()) * 1e-3)
+    # (3) Sanity against the whole reference op.
+    full = reference.convrot_linear(x, w_q, w_s, bias, G)
+    rel = float((out.float() - full.float()).norm() / full.float().norm())
+    assert rel < 5e-2, rel
     # The opt-in int8 weight cache computes the same thing bit for bit.
     out2 = K_.w4a4_linear(x, K_.prepare_weight(w_q), w_s, bias, G)
     assert torch.equal(out, out2)
     # And so does the linear built from the public pieces.
-    a_q, a_s = K_.rotate_quantize(x, G)
     out3 = K_.w4a4_gemm(a_q, a_s, w_q, w_s, bias, dtype)
     assert torch.equal(out, out3)
 
