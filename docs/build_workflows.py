@@ -208,11 +208,11 @@ def text_to_image(model_file: str, t5: str, steps: int, guidance: float | None, 
     dec = g.add("VAEDecode", (860, 350), (320, 50))
     g.link(ks, "LATENT", dec, "samples")
     g.link(vae, "VAE", dec, "vae")
-    save = g.add("SaveImage", (1220, 40), (560, 620), [prefix])
+    save = g.add("SaveImage", (1220, 40), (440, 520), [prefix])
     g.link(dec, "IMAGE", save, "images")
     g.group("Models", -20, -30, 400, y + 280)
     g.group("Prompt and size", 380, -30, 460, 610)
-    g.group("Sample and save", 840, -30, 960, 710)
+    g.group("Sample and save", 840, -30, 840, 610)
     return g
 
 
@@ -284,10 +284,10 @@ def kontext():
     clip = g.add("DualCLIPLoader", (0, 300), (360, 130),
                  ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"])
     vae = g.add("VAELoader", (0, 470), (360, 60), ["ae.safetensors"])
-    img = g.add("LoadImage", (0, 570), (360, 360), ["example.png", "image"], color=GREEN)
-    scale = g.add("FluxKontextImageScale", (400, 570), (280, 30))
+    img = g.add("LoadImage", (0, 640), (360, 360), ["example.png", "image"], color=GREEN)
+    scale = g.add("FluxKontextImageScale", (400, 640), (280, 30))
     g.link(img, "IMAGE", scale, "image")
-    enc = g.add("VAEEncode", (400, 650), (280, 50))
+    enc = g.add("VAEEncode", (400, 720), (280, 50))
     g.link(scale, "IMAGE", enc, "pixels")
     g.link(vae, "VAE", enc, "vae")
     pos = g.add("CLIPTextEncode", (400, 40), (420, 200),
@@ -309,12 +309,12 @@ def kontext():
     dec = g.add("VAEDecode", (860, 350), (320, 50))
     g.link(ks, "LATENT", dec, "samples")
     g.link(vae, "VAE", dec, "vae")
-    save = g.add("SaveImage", (1220, 40), (560, 620), ["ConvRot/flux1-kontext"])
+    save = g.add("SaveImage", (1220, 40), (440, 520), ["ConvRot/flux1-kontext"])
     g.link(dec, "IMAGE", save, "images")
-    g.group("Models", -20, -30, 400, 580)
-    g.group("Image to edit", -20, 555, 720, 390)
+    g.group("Models", -20, -30, 400, 570)
+    g.group("Image to edit", -20, 580, 720, 440)
     g.group("Prompt and reference", 380, -30, 460, 570)
-    g.group("Sample and save", 840, -30, 960, 710)
+    g.group("Sample and save", 840, -30, 840, 610)
     return g
 
 
