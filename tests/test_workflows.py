@@ -127,8 +127,15 @@ def test_help_pages_quote_derived_memory():
 
 
 def test_help_pages_exist():
+    """The frontend fetches /extensions/<pack>/docs/<NodeName>.md, i.e. WEB_DIRECTORY/docs/<NodeName>.md."""
+    web = "web"
+    init = os.path.join(REPO, "__init__.py")
+    if os.path.isfile(init):
+        m = re.search(r"""^WEB_DIRECTORY\s*=\s*["']([^"']+)["']""", open(init).read(), re.M)
+        assert m, "__init__.py sets no WEB_DIRECTORY: ComfyUI would not serve web/docs"
+        web = os.path.normpath(m.group(1))
     for node in OUR_NODES:
-        path = os.path.join(REPO, "web", "docs", node + ".md")
+        path = os.path.join(REPO, web, "docs", node + ".md")
         assert os.path.isfile(path), path
         text = open(path).read()
         assert text.startswith("# "), f"{path}: start with a title"
