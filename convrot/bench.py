@@ -28,7 +28,9 @@ SHAPES = [
 class Timer:
     def __init__(self, iters: int, warmup: int):
         self.iters, self.warmup = iters, warmup
-        self.flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+        self.flush = torch.ones(256 * 1024 * 1024 // 4, dtype=torch.float32, device="cuda")
+        self.flush_view = self.flush.view(-1, 4096)
+        self.flush_out = torch.empty(4096, dtype=torch.float32, device="cuda")
 
     def __call__(self, fn) -> float:
         """Median microseconds of fn() over self.iters calls, each after an L2 flush."""
@@ -37,7 +39,9 @@ class Timer:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.iters)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.iters)]
         for i in range(self.iters):
-            self.flush.zero_()
+            # Flush by reading, not writing: a zero_() flush leaves up to 50 MB of dirty lines in L2 that the
+            # timed kernel then pays to write back (v1/v2 numbers of memory-bound kernels were inflated by it).
+            torch.amax(self.flush_view, dim=0, out=self.flush_out)
             starts[i].record()
             fn()
             ends[i].record()
@@ -73,7 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--shapes", default=None, help="M,K,N;M,K,N;... (default: FLUX.1 linears at 1024^2)")
     p.add_argument("--no-kitchen", action="store_true", help="skip comfy-kitchen's convrot_w4a4_linear")
-    p.add_argument("--sweep", action="store_true", help="also time the experimental GEMM tile configs 2-5 (bf16)")
+    p.add_argument("--act-sweep", action="store_true", help="also time the act kernel with one row per block")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args(argv)
 
@@ -115,7 +119,7 @@ def main(argv=None) -> int:
         r["ours_prepW_us"] = timer(lambda: kernels.w4a4_linear(x, w8, w_s, bias, G))
         if sm90:
             a8, a_s = ops.rotate_quantize_i8(x, G)
-            for cfg in (0, 1) + ((2, 3, 4, 5) if args.sweep and dtype == torch.bfloat16 else ()):
+            for cfg in (0, 1, 2):
                 try:
                     r[f"gemm_cfg{cfg}_us"] = timer(lambda: ops.gemm_i8_sm90(a8, a_s, w8, w_s, bias32, dtype, cfg))
                 except RuntimeError as e:  # experimental configs exist only in some builds
@@ -127,6 +131,14 @@ def main(argv=None) -> int:
             a4, a_s = ops.rotate_quantize(x, G)
             r["gemm_us"] = timer(lambda: ops.gemm_s4_mma(a4, a_s, w_q, w_s, bias32, dtype))
         r["act_us"] = timer(lambda: ops.rotate_quantize(x, G))
+        if args.act_sweep:
+            import os
+
+            for label, val in (("rowblock", "-1"), ("auto", "0")):
+                os.environ["CONVROT_ACT_GRID"] = val
+                r[f"act_i8_{label}_us"] = timer(lambda: ops.rotate_quantize_i8(x, G))
+                r[f"act_{label}_us"] = timer(lambda: ops.rotate_quantize(x, G))
+            os.environ.pop("CONVROT_ACT_GRID")
         esz = x.element_size()
         r["act_GBs"] = (M * K * esz + M * K // 2 + 4 * M) / r["act_us"] / 1e3
         if "act_i8_us" in r:
@@ -167,11 +179,14 @@ def main(argv=None) -> int:
     if sm90:
         print("# act kernel writing int8 codes (fused path): " + ", ".join(
             f"{r['M']}x{r['K']}: {r['act_i8_us']:.1f} us {100 * r['act_i8_GBs'] / bw:.0f}%" for r in rows))
-        print("# GEMM tile configs (us; 0=128x256 c2x1, 1=128x128 c1x2, 2=256x128 c1x2, 3=128x256 c1x1, "
-              "4=128x256 c2x1 stream-K, 5=128x128 pingpong c2x1):")
+        print("# GEMM tile configs (us; 0 = 256x128 c1x2, 1 = 128x128 ping-pong c2x1, 2 = 128x256 c2x1 stream-K):")
         for r in rows:
             print(f"#   {r['M']}x{r['K']}x{r['N']}: " + "  ".join(
-                f"{c}:{r[f'gemm_cfg{c}_us']:.1f}" for c in range(6) if f"gemm_cfg{c}_us" in r))
+                f"{c}:{r[f'gemm_cfg{c}_us']:.1f}" for c in range(3) if f"gemm_cfg{c}_us" in r))
+        if args.act_sweep:
+            print("# act kernel schedule (us, int8 / packed): " + ", ".join(
+                f"{r['M']}x{r['K']}: one row per block {r['act_i8_rowblock_us']:.1f}/{r['act_rowblock_us']:.1f}, "
+                f"persistent {r['act_i8_auto_us']:.1f}/{r['act_auto_us']:.1f}" for r in rows))
         print("# weight int4->int8 expansion (us): " + ", ".join(f"{r['N']}x{r['K']}: {r['unpackW_us']:.1f}" for r in rows))
     print(f"# weight quantization: 12288x3072 in {wq_us:.1f} us -> 12B parameters in ~{proj_s:.2f} s of GPU time")
     if args.json:

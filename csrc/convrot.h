@@ -21,22 +21,19 @@ at::Tensor gemm_s4_mma(const at::Tensor& a, const at::Tensor& a_scale, const at:
                        const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype);
 
 
-// Per-output-dtype instantiations of the sm_90 GEMM, one translation unit each (they compile slowly).
+// One translation unit per (output type, tile config) instantiation of the sm_90 GEMM (each compiles slowly).
 // bias may be null; out is [M, N] contiguous.
-void gemm_i8_sm90_bf16(const int8_t* a, const float* as, const int8_t* w, const float* ws, const float* bias, void* out,
-                       int M, int N, int K, int small_m, cudaStream_t stream, const at::Device& dev);
-void gemm_i8_sm90_f16(const int8_t* a, const float* as, const int8_t* w, const float* ws, const float* bias, void* out,
-                      int M, int N, int K, int small_m, cudaStream_t stream, const at::Device& dev);
-void gemm_i8_sm90_f32(const int8_t* a, const float* as, const int8_t* w, const float* ws, const float* bias, void* out,
-                      int M, int N, int K, int small_m, cudaStream_t stream, const at::Device& dev);
-
-// Experimental tile configurations 2-5 (bf16 output only).
 #define CONVROT_DECL_X(NAME)                                                                                   \
   void NAME(const int8_t* a, const float* as, const int8_t* w, const float* ws, const float* bias, void* out, \
-            int M, int N, int K, int small_m, cudaStream_t stream, const at::Device& dev);
-CONVROT_DECL_X(gemm_i8_sm90_x2)
-CONVROT_DECL_X(gemm_i8_sm90_x3)
-CONVROT_DECL_X(gemm_i8_sm90_x4)
-CONVROT_DECL_X(gemm_i8_sm90_x5)
+            int M, int N, int K, int unused, cudaStream_t stream, const at::Device& dev);
+CONVROT_DECL_X(gemm_i8_sm90_bf16_big)
+CONVROT_DECL_X(gemm_i8_sm90_bf16_sk)
+CONVROT_DECL_X(gemm_i8_sm90_bf16_small)
+CONVROT_DECL_X(gemm_i8_sm90_f16_big)
+CONVROT_DECL_X(gemm_i8_sm90_f16_sk)
+CONVROT_DECL_X(gemm_i8_sm90_f16_small)
+CONVROT_DECL_X(gemm_i8_sm90_f32_big)
+CONVROT_DECL_X(gemm_i8_sm90_f32_sk)
+CONVROT_DECL_X(gemm_i8_sm90_f32_small)
 
 }  // namespace convrot

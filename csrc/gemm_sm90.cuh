@@ -3,7 +3,7 @@
 // int4 codes are sign-extended to int8 before this kernel: wgmma has no 4-bit operand, and s4 mma.sync is
 // emulated on sm_90 (KERNEL_FACTS.md: 18x slower).
 //
-// Included by one small .cu per output type so the slow CUTLASS instantiations compile in parallel.
+// Included by one small .cu per (output type, tile config) so the slow CUTLASS instantiations compile in parallel.
 // Without CONVROT_SM90 (a build for another architecture) the TU compiles to a stub that is never called.
 #pragma once
 
@@ -63,30 +63,20 @@ struct Config {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
-// Large M: 128x256 tiles, 2-CTA clusters sharing the weight tile through TMA multicast.
+// Three tile configurations, picked from a sweep of six on the H100 (bench/NOTES.md, v2):
+// Big: 256x128 tiles, 2-CTA clusters along N sharing the activation tile through TMA multicast.
 template <class ElementD>
-using BigTile = Config<ElementD, Shape<_128, _256, _128>, Shape<_2, _1, _1>,
-                       cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                       cutlass::epilogue::TmaWarpSpecializedCooperative>;
-// Small M (txt stream, M ~ 512): 128x128 tiles so N/128 x M/128 tiles fill the 132 SMs.
+using Big = Config<ElementD, Shape<_256, _128, _128>, Shape<_1, _2, _1>, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                   cutlass::epilogue::TmaWarpSpecializedCooperative>;
+// StreamK: 128x256 tiles split along K across CTAs when whole tiles leave the last wave mostly empty
+// (4608x15360x3072: 432 tiles = 3.27 waves; 307 -> 267 us).
 template <class ElementD>
-using SmallTile = Config<ElementD, Shape<_128, _128, _128>, Shape<_1, _2, _1>,
-                         cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                         cutlass::epilogue::TmaWarpSpecializedCooperative>;
-
-// Candidates timed by bench/gemm_sweep (bf16 only); see bench/NOTES.md.
+using StreamK = Config<ElementD, Shape<_128, _256, _128>, Shape<_2, _1, _1>, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                       cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler>;
+// Small: M ~ 512 (txt stream): 128x128 tiles, ping-pong warpgroups overlap one tile's epilogue with the next's MMAs.
 template <class ElementD>
-using X2 = Config<ElementD, Shape<_256, _128, _128>, Shape<_1, _2, _1>, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                  cutlass::epilogue::TmaWarpSpecializedCooperative>;
-template <class ElementD>
-using X3 = Config<ElementD, Shape<_128, _256, _128>, Shape<_1, _1, _1>, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                  cutlass::epilogue::TmaWarpSpecializedCooperative>;
-template <class ElementD>
-using X4 = Config<ElementD, Shape<_128, _256, _128>, Shape<_2, _1, _1>, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                  cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler>;
-template <class ElementD>
-using X5 = Config<ElementD, Shape<_128, _128, _128>, Shape<_2, _1, _1>, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
-                  cutlass::epilogue::TmaWarpSpecialized>;
+using Small = Config<ElementD, Shape<_128, _128, _128>, Shape<_2, _1, _1>, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                     cutlass::epilogue::TmaWarpSpecialized>;
 
 inline int sm_count(int device) {
   static int cached[64] = {0};
@@ -140,23 +130,8 @@ void run(const int8_t* a, const float* as, const int8_t* w, const float* ws, con
               cudaGetErrorString(cudaGetLastError()));
 }
 
-template <class ElementD>
-void dispatch(const int8_t* a, const float* as, const int8_t* w, const float* ws, const float* bias, void* out, int M,
-              int N, int K, int small_m, cudaStream_t stream, const at::Device& dev) {
-  if (small_m) run<SmallTile<ElementD>, ElementD>(a, as, w, ws, bias, out, M, N, K, stream, dev);
-  else run<BigTile<ElementD>, ElementD>(a, as, w, ws, bias, out, M, N, K, stream, dev);
-}
-
 }  // namespace sm90
 }  // namespace convrot
-
-#define CONVROT_SM90_ENTRY(NAME, ELEMENT)                                                                        \
-  namespace convrot {                                                                                            \
-  void NAME(const int8_t* a, const float* as, const int8_t* w, const float* ws, const float* bias, void* out,     \
-            int M, int N, int K, int small_m, cudaStream_t stream, const at::Device& dev) {                      \
-    sm90::dispatch<ELEMENT>(a, as, w, ws, bias, out, M, N, K, small_m, stream, dev);                             \
-  }                                                                                                              \
-  }
 
 #define CONVROT_SM90_ENTRY_X(NAME, ELEMENT, CFG)                                                                 \
   namespace convrot {                                                                                            \
@@ -168,7 +143,13 @@ void dispatch(const int8_t* a, const float* as, const int8_t* w, const float* ws
 
 #else  // !CONVROT_SM90
 
-#define CONVROT_SM90_ENTRY_X(NAME, ELEMENT, CFG) CONVROT_SM90_ENTRY(NAME, ELEMENT)
+#define CONVROT_SM90_ENTRY_X(NAME, ELEMENT, CFG)                                                                 \
+  namespace convrot {                                                                                            \
+  void NAME(const int8_t*, const float*, const int8_t*, const float*, const float*, void*, int, int, int, int,   \
+            cudaStream_t, const at::Device&) {                                                                   \
+    TORCH_CHECK(false, "convrot: this build has no sm_90 GEMM");                                                 \
+  }                                                                                                              \
+  }
 
 #define CONVROT_SM90_ENTRY(NAME, ELEMENT)                                                                        \
   namespace convrot {                                                                                            \

@@ -9,35 +9,41 @@
 namespace convrot {
 namespace {
 
-// config: -1 picks by shape, 0 = 128x256 tiles, 1 = 128x128 tiles (tests and the bench force each).
+using GemmFn = void (*)(const int8_t*, const float*, const int8_t*, const float*, const float*, void*, int, int, int,
+                        int, cudaStream_t, const at::Device&);
+
+// config: 0 = Big (256x128), 1 = Small (128x128 ping-pong), 2 = StreamK (128x256); -1 picks by shape:
+// Small for M <= 1024; StreamK when Big's tiles fill fewer than 8 waves and leave the last one under half full;
+// else Big. Tests and the bench force each.
+int pick_config(int M, int N, int sms) {
+  if (M <= 1024) return 1;
+  const double waves = (double)((M + 255) / 256) * ((N + 127) / 128) / sms;
+  const double frac = waves - (int)waves;
+  if (waves < 8 && frac > 0 && frac < 0.5) return 2;
+  return 0;
+}
+
 at::Tensor gemm_i8_sm90(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w, const at::Tensor& w_scale,
                         const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype, int64_t config) {
 #ifndef CONVROT_SM90
   TORCH_CHECK(false, "convrot.gemm_i8_sm90: this build of the extension has no sm_90 GEMM");
 #endif
   check_gemm_inputs("convrot.gemm_i8_sm90", a, a_scale, w, w_scale, bias, out_dtype, a.size(1));
+  TORCH_CHECK(config >= -1 && config <= 2, "convrot.gemm_i8_sm90: config must be -1, 0, 1 or 2");
   c10::cuda::CUDAGuard guard(a.device());
   const int M = (int)a.size(0), N = (int)w.size(0), K = (int)a.size(1);
   auto out = at::empty({M, N}, a.options().dtype(out_dtype));
   if (M == 0) return out;
-  const int small_m = config < 0 ? (M <= 1024) : (config == 1);
+  const int cfg = config >= 0 ? (int)config : pick_config(M, N, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  static const GemmFn table[3][3] = {
+      {gemm_i8_sm90_bf16_big, gemm_i8_sm90_bf16_small, gemm_i8_sm90_bf16_sk},
+      {gemm_i8_sm90_f16_big, gemm_i8_sm90_f16_small, gemm_i8_sm90_f16_sk},
+      {gemm_i8_sm90_f32_big, gemm_i8_sm90_f32_small, gemm_i8_sm90_f32_sk},
+  };
+  const int dt = out_dtype == at::kBFloat16 ? 0 : out_dtype == at::kHalf ? 1 : 2;
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  auto* ap = a.data_ptr<int8_t>();
-  auto* wp = w.data_ptr<int8_t>();
-  auto* as = a_scale.data_ptr<float>();
-  auto* ws = w_scale.data_ptr<float>();
-  if (config >= 2) {
-    TORCH_CHECK(out_dtype == at::kBFloat16 && config <= 5, "convrot.gemm_i8_sm90: configs 2-5 are bf16-only experiments");
-    auto* fn = config == 2 ? gemm_i8_sm90_x2 : config == 3 ? gemm_i8_sm90_x3 : config == 4 ? gemm_i8_sm90_x4 : gemm_i8_sm90_x5;
-    fn(ap, as, wp, ws, bp, out.data_ptr(), M, N, K, 0, stream, a.device());
-    return out;
-  }
-  switch (out_dtype) {
-    case at::kBFloat16: gemm_i8_sm90_bf16(ap, as, wp, ws, bp, out.data_ptr(), M, N, K, small_m, stream, a.device()); break;
-    case at::kHalf: gemm_i8_sm90_f16(ap, as, wp, ws, bp, out.data_ptr(), M, N, K, small_m, stream, a.device()); break;
-    default: gemm_i8_sm90_f32(ap, as, wp, ws, bp, out.data_ptr(), M, N, K, small_m, stream, a.device()); break;
-  }
+  table[dt][cfg](a.data_ptr<int8_t>(), a_scale.data_ptr<float>(), w.data_ptr<int8_t>(), w_scale.data_ptr<float>(), bp,
+                 out.data_ptr(), M, N, K, 0, at::cuda::getCurrentCUDAStream(), a.device());
   return out;
 }
 

@@ -14,6 +14,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 namespace convrot {
 namespace {
@@ -260,7 +261,13 @@ void launch_rq(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, cudaStre
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
   const int64_t slots = (int64_t)std::max(per_sm, 1) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t grid = std::min<int64_t>(M, slots);
+  int64_t grid = std::min<int64_t>(M, slots);
+  // Experiment hook (bench --act-sweep): CONVROT_ACT_GRID=-1 gives one row per block (the v1 schedule), N > 0 caps it.
+  if (const char* e = std::getenv("CONVROT_ACT_GRID")) {
+    const long g = std::atol(e);
+    if (g < 0) grid = M;
+    else if (g > 0) grid = std::min<int64_t>(M, g);
+  }
   kernel<<<(unsigned)grid, threads, 0, stream>>>(xp, op, sp, M, K, active);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

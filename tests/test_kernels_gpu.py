@@ -124,7 +124,7 @@ def _rand_packed(rows, k, seed):
 def _routes(K_):
     r = ["s4"]
     if torch.cuda.get_device_capability() == (9, 0):
-        r += ["sm90:0", "sm90:1"]
+        r += ["sm90:0", "sm90:1", "sm90:2"]
     return r
 
 

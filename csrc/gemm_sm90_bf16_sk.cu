@@ -1,0 +1,4 @@
+// sm_90 GEMM instantiation: output bf16, tile config StreamK (see gemm_sm90.cuh).
+#include "gemm_sm90.cuh"
+
+CONVROT_SM90_ENTRY_X(gemm_i8_sm90_bf16_sk, cutlass::bfloat16_t, StreamK)
