@@ -34,6 +34,7 @@ from torch import nn
 from . import reference
 from .flux import Flux, FluxConfig, example_inputs, random_flux
 from .policy import BF16, W4A4, W8A8, LayerPolicy, count_blocks, strip_prefix
+from .linear import ConvRotLinear
 from .quantizer import quantize_model
 
 PRESET_ORDER = ("mixed", "w4a4", "compact", "w8a8")
@@ -144,14 +145,22 @@ def layer_errors(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, run) -> dict[str, torch.Tensor]:
-    """Run `run()` with a forward hook on every nn.Linear; return each layer's inputs as [rows, in_features]."""
+def capture_inputs(model: nn.Module, run, rows_per_call: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Run `run()` with a forward hook on every nn.Linear; return each layer's inputs as [rows, in_features] on CPU.
+
+    rows_per_call > 0 keeps a seeded random sample of that many token rows from each call (bounds the memory on
+    full-size models); calls with fewer rows (modulation: one row per image) are kept whole."""
     store: dict[str, list[torch.Tensor]] = {}
     hooks = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
             def hook(m, args, _out, name=name):
-                store.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).cpu())
+                x = args[0].detach().reshape(-1, args[0].shape[-1])
+                if rows_per_call and x.shape[0] > rows_per_call:
+                    calls = len(store.get(name, ()))
+                    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()) + calls)
+                    x = x[torch.randperm(x.shape[0], generator=gen)[:rows_per_call].to(x.device)]
+                store.setdefault(name, []).append(x.cpu())
             hooks.append(mod.register_forward_hook(hook))
     try:
         run()
@@ -177,6 +186,7 @@ def per_layer_report(model: nn.Module, inputs: dict[str, torch.Tensor], group_si
             x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))[:max_rows]]
         if outliers is not None:
             x = inject_outliers(x, outliers, zlib.crc32(name.encode()))
+        x = x.to(mod.weight.device)
         errs = layer_errors(x, mod.weight.data, mod.bias.data if mod.bias is not None else None, group_size)
         row = {"layer": name, "type": block_type(name), "rows": x.shape[0], "in": mod.in_features,
                "out": mod.out_features, "bf16": errs["bf16"], "w4a4_norot": errs["w4a4_norot"],
@@ -221,6 +231,53 @@ def denoise(model: Flux, inputs: dict, noise: torch.Tensor, steps: int) -> torch
         v = model(x, inputs["img_ids"], inputs["txt"], inputs["txt_ids"], t, inputs["y"], inputs["guidance"])
         x = (x.float() + (sig[i + 1] - sig[i]) * v.float()).to(x.dtype)
     return x
+
+
+class CachedCodesLinear(nn.Module):
+    """CPU stand-in for a ConvRotLinear that unpacks its weight codes once instead of on every call.
+
+    Same arithmetic, same order, as ConvRotLinear.forward on the reference path (rotate in fp32, per-row codes,
+    exact integer GEMM in fp32 or fp64 by the same bound, acc * a_scale * w_scale + bias, cast): outputs are
+    bit-identical (tests/test_quality.py checks it). It only saves the per-call int4 unpack of the weight, which
+    dominates the reference path's time on CPU.
+    """
+
+    def __init__(self, q: ConvRotLinear):
+        super().__init__()
+        self.group_size, self.bits, self.out_features = q.group_size, q.bits, q.out_features
+        codes = reference.codes_of(q.weight, q.bits)
+        self.w_amax = int(codes.abs().max().clamp_min(1)) if codes.numel() else 0
+        self.w32 = codes.to(torch.float32)
+        self.w64 = None
+        self.w_scale = q.weight_scale.to(torch.float32)
+        self.bias = q.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, x.shape[-1])
+        a, a_scale = reference.quantize_rows(reference.rotate(x2d, self.group_size), self.bits)
+        bound = int(a.abs().max().clamp_min(1)) * self.w_amax * a.shape[-1] if a.numel() else 0
+        if bound < 2**24:
+            acc = (a.to(torch.float32) @ self.w32.t()).to(torch.float32)
+        else:
+            if self.w64 is None:
+                self.w64 = self.w32.to(torch.float64)
+            acc = (a.to(torch.float64) @ self.w64.t()).to(torch.float32)
+        out = acc * a_scale.to(torch.float32).unsqueeze(-1) * self.w_scale
+        if self.bias is not None:
+            out = out + self.bias.to(torch.float32)
+        return out.to(x.dtype).reshape(*lead, self.out_features)
+
+
+def use_cached_codes(model: nn.Module) -> int:
+    """Swap every CPU ConvRotLinear of `model` for a CachedCodesLinear, in place; returns how many."""
+    n = 0
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, ConvRotLinear) and mod.weight.device.type == "cpu":
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, CachedCodesLinear(mod))
+            n += 1
+    return n
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -321,11 +378,14 @@ def run_quality(model: Flux, *, steps: int = 4, height: int = 32, width: int = 3
     say = progress or (lambda msg: None)
     cfg = model.cfg
     model = model.eval()
-    inputs = example_inputs(cfg, height=height, width=width, txt_len=txt_len, seed=seed)
+    device = next(model.parameters()).device
+    inputs = example_inputs(cfg, height=height, width=width, txt_len=txt_len, seed=seed, device=device)
     noise = inputs["img"]
     t0 = time.perf_counter()
     latents = {}
-    captured = capture_inputs(model, lambda: latents.__setitem__("bf16", denoise(model, inputs, noise, steps)))
+    per_call = -(-max_rows // steps) if max_rows else 0
+    captured = capture_inputs(model, lambda: latents.__setitem__("bf16", denoise(model, inputs, noise, steps)),
+                              per_call, seed)
     say(f"bf16: {steps} steps, inputs of {len(captured)} linear layers captured ({time.perf_counter() - t0:.1f}s)")
     t1 = time.perf_counter()
     rows = per_layer_report(model, captured, group_size, outliers, presets, max_rows)
@@ -339,6 +399,7 @@ def run_quality(model: Flux, *, steps: int = 4, height: int = 32, width: int = 3
         qm = copy.deepcopy(model)
         names = [f"{n}.weight" for n, m in qm.named_modules() if isinstance(m, nn.Linear)]
         plan = quantize_model(qm, group_size, LayerPolicy.for_names(names, p))
+        use_cached_codes(qm)  # CPU only; on CUDA the ConvRotLinear layers (and their kernels) run as they are
         out = denoise(qm, inputs, noise, steps)
         del qm
         acts = list(plan.values())
@@ -485,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--per-layer", action="store_true", help="also print every layer's row")
     ap.add_argument("--json", metavar="PATH", help="write the full report as JSON ('-' = stdout, instead of markdown)")
     ap.add_argument("--png", metavar="PATH", help="bar chart of per-layer error (needs matplotlib)")
+    ap.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, ...); default cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     return ap
@@ -516,7 +578,7 @@ def main(argv=None) -> int:
                 print(f"quality: no such file: {path}", file=sys.stderr)
                 return 2
             say(f"loading {path}")
-            model = load_flux_file(path)
+            model = load_flux_file(path).to(args.device)
             desc = f"{Path(path).name} (weights from file)"
             trained = True
         else:
@@ -524,7 +586,8 @@ def main(argv=None) -> int:
                 print(f"quality: --hidden must be a multiple of 128 and of the group size {args.group_size}",
                       file=sys.stderr)
                 return 2
-            model = random_flux(FluxConfig.tiny(hidden=args.hidden, depth=args.double, single=args.single), args.seed)
+            model = random_flux(FluxConfig.tiny(hidden=args.hidden, depth=args.double, single=args.single), args.seed,
+                                device=args.device)
             desc = f"seeded random FLUX-architecture model (seed {args.seed})"
             trained = False
     except (ValueError, OSError) as e:

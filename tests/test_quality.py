@@ -171,6 +171,19 @@ def test_embedders_stay_bf16_in_every_preset(tiny_report):
             assert set(r["actions"].values()) == {"bf16"}, r["layer"]
 
 
+def test_cached_codes_linear_is_bit_identical_to_convrot_linear():
+    """The report's CPU speed-up for end-to-end runs must not change a single output bit."""
+    from convrot.linear import ConvRotLinear
+    from convrot.quality import CachedCodesLinear
+    gen = torch.Generator().manual_seed(7)
+    for bits, k in ((4, 512), (8, 512), (8, 2048)):      # 8 bit at K=2048 takes the fp64 accumulation branch
+        w = (torch.randn(384, k, generator=gen) / k**0.5).to(torch.bfloat16)
+        b = (0.02 * torch.randn(384, generator=gen)).to(torch.bfloat16)
+        q = ConvRotLinear.from_float(w, b, 256, bits)
+        x = dit_like_activations(96, k, seed=bits + k).reshape(2, 48, k)
+        assert torch.equal(CachedCodesLinear(q)(x), q(x)), (bits, k)
+
+
 # ---- (4) the command end to end
 
 SMALL = ["--seeded", "--hidden", "256", "--double", "1", "--single", "1", "--steps", "2", "--size", "16",
