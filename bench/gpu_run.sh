@@ -22,6 +22,6 @@ if [ $what = bench ] || [ $what = all ]; then
   python3 -c "import sys; from convrot.bench import main; sys.exit(main(sys.argv[1:]))" $BENCH_ARGS --json $OUT/bench.json 2>&1 | tee $OUT/bench.txt
 fi
 if [ $what = sanitize ]; then
-  compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x tests/test_kernels_gpu.py -p no:cacheprovider \
+  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x tests/test_kernels_gpu.py -p no:cacheprovider \
     -k "not compile and not 15360 and not 20480" 2>&1 | tee $OUT/sanitize.txt | tail -30
 fi

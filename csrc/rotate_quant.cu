@@ -108,13 +108,18 @@ __global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
     uint4 nxt[CPT][L::kVec];
     load_row(row + gridDim.x, nxt);  // in flight while this row is reduced and stored
 
+    // v3 spent ~37 instructions per element and was issue-bound (45% of copy bandwidth). v4 trims it to ~18:
+    // input signs folded into the first butterfly, output signs and 1/sqrt(G) folded into the quantization
+    // multiplier, one FFMA per cross-lane butterfly, no division, no clamp, a float-magic rounding.
     float v[CPT][kChunk];
     float amax = 0.f;
+    const float lane_sign[4] = {(q & 1) ? -1.f : 1.f, (q & 2) ? -1.f : 1.f, (q & 4) ? -1.f : 1.f, (q & 8) ? -1.f : 1.f};
 #pragma unroll
     for (int j = 0; j < CPT; ++j) {
       L::cvt(raw[j], v[j]);
 #pragma unroll
-      for (int e = 0; e < kChunk; ++e) v[j][e] *= digit3_sign(e) * tsign;
+      for (int e = 0; e < kChunk; ++e)
+        if (digit3_sign(e) < 0.f) v[j][e] = -v[j][e];  // compile-time: becomes a negated operand of the next add
 #pragma unroll
       for (int h = 1; h < kChunk; h <<= 1) {
 #pragma unroll
@@ -126,22 +131,21 @@ __global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
           }
         }
       }
+      if (kLanesPerGroup > 1) {
+        // The thread-level input sign commutes with the in-thread butterflies, so it can come after them.
 #pragma unroll
-      for (int h = 1; h < kLanesPerGroup; h <<= 1) {
-        const bool upper = (q & h) != 0;
+        for (int e = 0; e < kChunk; ++e) v[j][e] *= tsign;
+      }
+#pragma unroll
+      for (int l = 0; (1 << l) < kLanesPerGroup; ++l) {
 #pragma unroll
         for (int e = 0; e < kChunk; ++e) {
-          float other = __shfl_xor_sync(0xffffffffu, v[j][e], h);
-          v[j][e] = upper ? other - v[j][e] : v[j][e] + other;
+          const float other = __shfl_xor_sync(0xffffffffu, v[j][e], 1 << l);
+          v[j][e] = fmaf(v[j][e], lane_sign[l], other);  // lower lane: v + other; upper lane: other - v
         }
       }
-      // 1/sqrt(G) is a power of two (1/4, 1/8, 1/16): the product is exact, as in the reference's matmul.
-      constexpr float kNorm = G == 16 ? 0.25f : (G == 64 ? 0.125f : 0.0625f);
 #pragma unroll
-      for (int e = 0; e < kChunk; ++e) {
-        v[j][e] *= digit3_sign(e) * tsign * kNorm;
-        amax = fmaxf(amax, fabsf(v[j][e]));
-      }
+      for (int e = 0; e < kChunk; ++e) amax = fmaxf(amax, fabsf(v[j][e]));
     }
 
     // Row absmax: warp shuffle, then one slot per warp. Two buffers alternate between rows: a thread can
@@ -158,40 +162,41 @@ __global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
       if (t == 0) rb[0] = m;
     }
     __syncthreads();
-    // Same expression as the reference: clamp, then an IEEE division by 7, then an IEEE division per element.
-    const float s = __fdiv_rn(fmaxf(rb[0], 1e-10f), 7.f);
+    // 1/sqrt(G) is a power of two, so |r| = |v| * kNorm exactly and amax matches the reference's bit for bit;
+    // then the reference's clamp and IEEE division by 7.
+    constexpr float kNorm = G == 16 ? 0.25f : (G == 64 ? 0.125f : 0.0625f);
+    const float s = __fdiv_rn(fmaxf(rb[0] * kNorm, 1e-10f), 7.f);
     if (t == 0) scale[row] = s;
+    // code = round_half_even(r / s) with r = sign * kNorm * v. r * (1/s) differs from r / s by about an ulp, which
+    // changes a code only when r / s is within ~2^-21 of a half-integer. |r| <= amax makes |r / s| <= 7 (+ulps),
+    // which still rounds to 7: the reference's clamp never acts. fma(v, m, 1.5 * 2^23) rounds to an integer held in
+    // the low mantissa bits, so the code is the low byte of the float's bit pattern.
+    const float mpos = tsign * kNorm * __frcp_rn(s);
+    constexpr float kMagic = 12582912.f;
 
     if (live) {
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
         const int64_t chunk = (int64_t)(j * active + t) - q + qdst;
-        int c[kChunk];
+        uint32_t y[kChunk];
 #pragma unroll
-        for (int e = 0; e < kChunk; ++e) {
-          float r = rintf(__fdiv_rn(v[j][e], s));
-          r = fminf(fmaxf(r, -7.f), 7.f);
-          c[swap_digit_bits(e)] = (int)r;
-        }
+        for (int e = 0; e < kChunk; ++e)
+          y[swap_digit_bits(e)] = __float_as_uint(__fmaf_rn(v[j][e], digit3_sign(e) < 0.f ? -mpos : mpos, kMagic));
+        uint32_t w[4];  // int8 codes, even k in the lower byte
+#pragma unroll
+        for (int h = 0; h < 4; ++h)
+          w[h] = __byte_perm(__byte_perm(y[4 * h], y[4 * h + 1], 0x0040), __byte_perm(y[4 * h + 2], y[4 * h + 3], 0x0040),
+                             0x5410);
         if constexpr (kPacked) {
-          uint32_t w[2];
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            uint32_t acc = 0;
-#pragma unroll
-            for (int i = 0; i < 8; ++i) acc |= (uint32_t)(c[h * 8 + i] & 0xF) << (4 * i);
-            w[h] = acc;
-          }
-          reinterpret_cast<uint2*>(out + row * (K / 2))[chunk] = make_uint2(w[0], w[1]);
-        } else {
-          uint32_t w[4];
+          uint32_t n[4];
 #pragma unroll
           for (int h = 0; h < 4; ++h) {
-            uint32_t acc = 0;
-#pragma unroll
-            for (int i = 0; i < 4; ++i) acc |= (uint32_t)(c[h * 4 + i] & 0xFF) << (8 * i);
-            w[h] = acc;
+            const uint32_t m = w[h] & 0x0F0F0F0Fu;
+            n[h] = m | (m >> 4);  // byte 0 = c0 | c1 << 4, byte 2 = c2 | c3 << 4
           }
+          reinterpret_cast<uint2*>(out + row * (K / 2))[chunk] =
+              make_uint2(__byte_perm(n[0], n[1], 0x6420), __byte_perm(n[2], n[3], 0x6420));
+        } else {
           reinterpret_cast<uint4*>(out + row * K)[chunk] = make_uint4(w[0], w[1], w[2], w[3]);
         }
       }
@@ -203,36 +208,36 @@ __global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
   }
 }
 
-// Packed int4 -> int8 codes. Each thread issues kUnroll independent 16-byte loads before converting:
-// v1 (one load per thread) reached ~71% of copy bandwidth.
-constexpr int kUnroll = 4;
-__device__ __forceinline__ void expand16(const uint4 p, uint4& o0, uint4& o1) {
-  const uint32_t pw[4] = {p.x, p.y, p.z, p.w};
-  uint32_t o[8];
+// Packed int4 -> int8 codes: 8 bytes in, 16 bytes out per item, so consecutive lanes read and write consecutive
+// addresses (v3 read 16 and wrote 2x16 strided by 32 bytes: 55% of copy bandwidth). kUnroll independent loads
+// per thread keep enough bytes in flight.
+constexpr int kUnroll = 8;
+__device__ __forceinline__ uint4 expand8(const uint2 p) {
+  const uint32_t pw[2] = {p.x, p.y};
+  uint32_t o[4];
 #pragma unroll
-  for (int h = 0; h < 4; ++h) {
+  for (int h = 0; h < 2; ++h) {
     // Sign-extend each nibble to a byte with SIMD byte arithmetic: (n ^ 8) - 8, no borrow across bytes.
     const uint32_t lo = __vsub4((pw[h] & 0x0F0F0F0Fu) ^ 0x08080808u, 0x08080808u);
     const uint32_t hi = __vsub4(((pw[h] >> 4) & 0x0F0F0F0Fu) ^ 0x08080808u, 0x08080808u);
     o[2 * h] = __byte_perm(lo, hi, 0x5140);      // lo0 hi0 lo1 hi1: even k in the lower byte
     o[2 * h + 1] = __byte_perm(lo, hi, 0x7362);  // lo2 hi2 lo3 hi3
   }
-  o0 = make_uint4(o[0], o[1], o[2], o[3]);
-  o1 = make_uint4(o[4], o[5], o[6], o[7]);
+  return make_uint4(o[0], o[1], o[2], o[3]);
 }
 
-__global__ void unpack_int4_kernel(const uint4* __restrict__ in, uint4* __restrict__ out, int64_t n16) {
+__global__ void unpack_int4_kernel(const uint2* __restrict__ in, uint4* __restrict__ out, int64_t n8) {
   const int64_t base = (int64_t)blockIdx.x * blockDim.x * kUnroll + threadIdx.x;
-  uint4 p[kUnroll];
+  uint2 p[kUnroll];
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     const int64_t i = base + (int64_t)u * blockDim.x;
-    p[u] = i < n16 ? __ldg(in + i) : make_uint4(0, 0, 0, 0);
+    p[u] = i < n8 ? __ldg(in + i) : make_uint2(0, 0);
   }
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     const int64_t i = base + (int64_t)u * blockDim.x;
-    if (i < n16) expand16(p[u], out[2 * i], out[2 * i + 1]);
+    if (i < n8) out[i] = expand8(p[u]);
   }
 }
 
@@ -261,7 +266,9 @@ void launch_rq(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, cudaStre
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
   const int64_t slots = (int64_t)std::max(per_sm, 1) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int64_t grid = std::min<int64_t>(M, slots);
+  // Short rows (<= 256 threads): one row per block, many small blocks per SM overlap their phases well (v3 sweep:
+  // 25.2 vs 27.9 us at K = 3072). Long rows: persistent blocks with the next row prefetched (155 vs 191 us at 15360).
+  int64_t grid = threads <= 256 ? M : std::min<int64_t>(M, slots);
   // Experiment hook (bench --act-sweep): CONVROT_ACT_GRID=-1 gives one row per block (the v1 schedule), N > 0 caps it.
   if (const char* e = std::getenv("CONVROT_ACT_GRID")) {
     const long g = std::atol(e);
@@ -324,15 +331,15 @@ std::tuple<at::Tensor, at::Tensor> rotate_quantize_int8(const at::Tensor& x, int
 at::Tensor unpack_int4(const at::Tensor& packed) {
   TORCH_CHECK(packed.is_cuda() && packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kChar,
               "convrot.unpack_int4: expected a contiguous 2-D int8 CUDA tensor");
-  TORCH_CHECK(packed.size(1) % 16 == 0, "convrot.unpack_int4: packed row length must be a multiple of 16 bytes");
+  TORCH_CHECK(packed.size(1) % 8 == 0, "convrot.unpack_int4: packed row length must be a multiple of 8 bytes");
   c10::cuda::CUDAGuard guard(packed.device());
   auto out = at::empty({packed.size(0), packed.size(1) * 2}, packed.options());
-  const int64_t n16 = packed.numel() / 16;
-  if (n16 == 0) return out;
+  const int64_t n8 = packed.numel() / 8;
+  if (n8 == 0) return out;
   const int threads = 256;
-  const int64_t blocks = (n16 + threads * kUnroll - 1) / (threads * kUnroll);
+  const int64_t blocks = (n8 + threads * kUnroll - 1) / (threads * kUnroll);
   unpack_int4_kernel<<<(unsigned)blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const uint4*>(packed.data_ptr()), reinterpret_cast<uint4*>(out.data_ptr()), n16);
+      reinterpret_cast<const uint2*>(packed.data_ptr()), reinterpret_cast<uint4*>(out.data_ptr()), n8);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
