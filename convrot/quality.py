@@ -510,8 +510,8 @@ def save_png(rep: dict, path: str) -> None:
     ax.set_xticklabels([r["layer"].replace("double_blocks.", "d").replace("single_blocks.", "s") for r in rows],
                        rotation=90, fontsize=6)
     mode = "DiT-like outliers injected" if rep["outliers"] != "none" else "activations as captured"
-    ax.set_title(f"ConvRot per-layer error, G={rep['group_size']} ({rep['model']}; {mode})", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_title(f"ConvRot per-layer error, G={rep['group_size']} ({rep['model']}; {mode})", fontsize=9, loc="left")
+    ax.legend(fontsize=8, ncol=5, loc="lower right", bbox_to_anchor=(1.0, 1.06), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
