@@ -71,8 +71,29 @@ def linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torc
         out = _w8a8_cuda(x2d, w_q, w_scale, bias, group_size)
     else:
         a_q, a_scale = reference.rotate_quantize(x2d, group_size, bits)
-        out = reference.quantized_gemm(a_q, a_scale, w_q, w_scale, bias, x.dtype, bits)
+        if torch.compiler.is_compiling():
+            out = _quantized_gemm_static(a_q, a_scale, w_q, w_scale, bias, x.dtype, bits)
+        else:
+            out = reference.quantized_gemm(a_q, a_scale, w_q, w_scale, bias, x.dtype, bits)
     return out.reshape(*lead, w_scale.shape[0])
+
+
+def _quantized_gemm_static(a_q, a_scale, w_q, w_scale, bias, out_dtype, bits):
+    """reference.quantized_gemm for torch.compile: the fp32/fp64 choice from the shape alone.
+
+    reference.int_matmul bounds the accumulator with the codes' actual max (`int(tensor)`: a dynamo graph break per
+    call, and per-layer recompiles of the frames around it). Codes never exceed 8 (a nibble) or 128 in magnitude,
+    so qmax² · K bounds the sums just as well; either choice accumulates integers exactly, so results are identical.
+    Integer codes up to 2^11 are exact in TF32 as well, so the CUDA TF32 setting does not matter here.
+    """
+    a, w = reference.codes_of(a_q, bits), reference.codes_of(w_q, bits)
+    q = 8 if bits == 4 else 128
+    dt = torch.float32 if q * q * a.shape[-1] < 2**24 else torch.float64
+    acc = (a.to(dt) @ w.to(dt).t()).to(torch.float32)
+    out = acc * a_scale.to(torch.float32).unsqueeze(-1) * w_scale.to(torch.float32)
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype)
 
 
 def _w8a8_cuda(x2d, w_q, w_scale, bias, group_size):
