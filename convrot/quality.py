@@ -537,10 +537,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--outliers", choices=("auto", "dit", "none"), default="auto",
                     help="per-layer table: inject DiT-like outliers into captured activations (dit) or not (none); "
                          "auto = dit for the seeded model, none for a file of trained weights")
-    ap.add_argument("--channel-frac", type=float, default=OutlierSpec.channel_frac)
-    ap.add_argument("--channel-gain", type=float, default=OutlierSpec.channel_gain)
-    ap.add_argument("--row-frac", type=float, default=OutlierSpec.row_frac)
-    ap.add_argument("--row-offset", type=float, default=OutlierSpec.row_offset)
+    ap.add_argument("--channel-frac", type=float, default=OutlierSpec.channel_frac,
+                    help="dit mode: fraction of channels made outliers (default %(default)s)")
+    ap.add_argument("--channel-gain", type=float, default=OutlierSpec.channel_gain,
+                    help="dit mode: factor on those channels (default %(default)s)")
+    ap.add_argument("--row-frac", type=float, default=OutlierSpec.row_frac,
+                    help="dit mode: fraction of token rows given a common offset (default %(default)s)")
+    ap.add_argument("--row-offset", type=float, default=OutlierSpec.row_offset,
+                    help="dit mode: that offset, in multiples of the activation RMS (default %(default)s)")
     ap.add_argument("--max-rows", type=int, default=512,
                     help="captured token rows per layer used for the per-layer table (0 = all)")
     ap.add_argument("--per-layer", action="store_true", help="also print every layer's row")

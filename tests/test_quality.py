@@ -271,3 +271,11 @@ def test_quality_on_real_shared_weights(capsys):
                     "../shared/README.md says it may appear later)")
     assert main([str(found[0]), "--steps", "1", "--size", "16", "--txt-len", "16", "--max-rows", "64", "-q"]) == 0
     assert "| double attn |" in capsys.readouterr().out
+
+
+@pytest.mark.xfail(reason="convrot/cli.py forwards `quality` through argparse.REMAINDER, which rejects options that "
+                          "come before any positional (e.g. `quality --seeded`); reported to the lead", strict=False)
+def test_quality_through_the_convrot_cli(capsys):
+    from convrot import cli
+    assert cli.main(["quality"] + SMALL) == 0
+    assert "| block type |" in capsys.readouterr().out
