@@ -12,7 +12,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from convrot import reference
 from convrot.flux import random_flux, FluxConfig, example_inputs
