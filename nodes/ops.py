@@ -148,8 +148,11 @@ class ConvRotLinearOp(comfy.ops.manual_cast.Linear):
             if src.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 src = src.to(torch.float32)
             q, s = cr_ops.quantize_weight(src, g, bits)
-        except torch.OutOfMemoryError:
-            log.warning("ConvRot: out of memory quantizing %s on %s; using the CPU", where, qdev)
+        except Exception as e:  # GPU out of memory or a kernel that refuses this input: the CPU always works
+            if torch.device(qdev).type == "cpu":
+                raise
+            log.warning("ConvRot: quantizing %s on %s failed (%s: %s); using the CPU", where, qdev,
+                        type(e).__name__, e)
             q, s = cr_ops.quantize_weight(w.to("cpu", torch.float32), g, bits)
         self._become_quantized(q, s, bits, g, device, where)
 
