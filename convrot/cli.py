@@ -61,12 +61,9 @@ def cmd_demo(a) -> int:
     return run_demo(a.preset, a.group_size, a.hidden, a.depth, a.single, a.seed)
 
 
-def cmd_passthrough(module: str):
-    def run(a) -> int:
-        import importlib
-        mod = importlib.import_module(f".{module}", __package__)
-        return mod.main(a.rest) or 0
-    return run
+# subcommands whose modules parse their own arguments (argparse.REMAINDER would reject leading options)
+PASSTHROUGH = {"bench": "per-linear GPU timings against bf16 cuBLAS",
+               "quality": "per-layer and end-to-end error of each preset"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,20 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file")
     i.set_defaults(func=cmd_inspect)
 
-    for name, module, text in (("bench", "bench", "per-linear GPU timings against bf16 cuBLAS"),
-                               ("quality", "quality", "per-layer and end-to-end error of each preset")):
-        s = sub.add_parser(name, help=text, add_help=False)
-        s.add_argument("rest", nargs=argparse.REMAINDER)
-        s.set_defaults(func=cmd_passthrough(module))
+    for name, text in PASSTHROUGH.items():  # listed for --help; main() hands their arguments over untouched
+        sub.add_parser(name, help=text, add_help=False)
     return p
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv or ["demo"])
     from .checkpoint import CheckpointError
     try:
+        if argv and argv[0] in PASSTHROUGH:
+            import importlib
+            return importlib.import_module(f".{argv[0]}", __package__).main(argv[1:]) or 0
+        args = build_parser().parse_args(argv or ["demo"])
         return args.func(args)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

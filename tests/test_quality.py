@@ -272,8 +272,6 @@ def test_quality_on_real_shared_weights(capsys):
     assert "| double attn |" in capsys.readouterr().out
 
 
-@pytest.mark.xfail(reason="convrot/cli.py forwards `quality` through argparse.REMAINDER, which rejects options that "
-                          "come before any positional (e.g. `quality --seeded`); reported to the lead", strict=False)
 def test_quality_through_the_convrot_cli(capsys):
     from convrot import cli
     assert cli.main(["quality"] + SMALL) == 0
