@@ -21,6 +21,15 @@ fi
 if [ $what = bench ] || [ $what = all ]; then
   python3 -c "import sys; from convrot.bench import main; sys.exit(main(sys.argv[1:]))" $BENCH_ARGS --json $OUT/bench.json 2>&1 | tee $OUT/bench.txt
 fi
+if [ $what = ncu ]; then
+  # 4608x3072 then 4608x15360: int8 and packed variants, third call of each
+  timeout 200 ncu --clock-control none -k regex:rotate_quantize_kernel --launch-skip 4 --launch-count 2 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+    python3 bench/ncu_act.py > $OUT/ncu.txt 2>&1
+  timeout 200 ncu --clock-control none -k regex:rotate_quantize_kernel --launch-skip 10 --launch-count 2 \
+    --section SpeedOfLight --section Occupancy --section WarpStateStats \
+    python3 bench/ncu_act.py > $OUT/ncu_k15360.txt 2>&1
+fi
 if [ $what = sanitize ]; then
   timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x tests/test_kernels_gpu.py -p no:cacheprovider \
     -k "not compile and not 15360 and not 20480" 2>&1 | tee $OUT/sanitize.txt | tail -30

@@ -112,7 +112,6 @@ def main(argv=None) -> int:
         bias = torch.randn(N, device="cuda", dtype=dtype)
         w_q, w_s = kernels.rotate_quantize(w, G)
         w8 = kernels.prepare_weight(w_q)
-        bias32 = bias.float()
         r = {"M": M, "K": K, "N": N}
         r["bf16_us"] = timer(lambda: F.linear(x, w, bias))
         r["ours_us"] = timer(lambda: kernels.w4a4_linear(x, w_q, w_s, bias, G))
@@ -121,16 +120,21 @@ def main(argv=None) -> int:
             a8, a_s = ops.rotate_quantize_i8(x, G)
             for cfg in (0, 1, 2):
                 try:
-                    r[f"gemm_cfg{cfg}_us"] = timer(lambda: ops.gemm_i8_sm90(a8, a_s, w8, w_s, bias32, dtype, cfg))
+                    r[f"gemm_cfg{cfg}_us"] = timer(lambda: ops.gemm_i8_sm90(a8, a_s, w8, w_s, bias, dtype, cfg))
                 except RuntimeError as e:  # experimental configs exist only in some builds
                     print(f"# config {cfg}: {str(e).splitlines()[0][:200]}")
-            r["gemm_us"] = timer(lambda: ops.gemm_i8_sm90(a8, a_s, w8, w_s, bias32, dtype, -1))
+            r["gemm_us"] = timer(lambda: ops.gemm_i8_sm90(a8, a_s, w8, w_s, bias, dtype, -1))
             r["unpackW_us"] = timer(lambda: ops.unpack_int4(w_q))
             r["act_i8_us"] = timer(lambda: ops.rotate_quantize_i8(x, G))
         else:
             a4, a_s = ops.rotate_quantize(x, G)
-            r["gemm_us"] = timer(lambda: ops.gemm_s4_mma(a4, a_s, w_q, w_s, bias32, dtype))
+            r["gemm_us"] = timer(lambda: ops.gemm_s4_mma(a4, a_s, w_q, w_s, bias, dtype))
+        esz = x.element_size()
         r["act_us"] = timer(lambda: ops.rotate_quantize(x, G))
+        # The same bytes as a plain copy at this size (reading x, writing x): what "% of copy" can reach here.
+        r["clone_GBs"] = 2 * M * K * esz / timer(lambda: x.clone()) / 1e3
+        if sm90:
+            r["act_unpack_us"] = timer(lambda: ops.rotate_quantize_i8_unpack(x, G, w_q))
         if args.act_sweep:
             import os
 
@@ -139,7 +143,6 @@ def main(argv=None) -> int:
                 r[f"act_i8_{label}_us"] = timer(lambda: ops.rotate_quantize_i8(x, G))
                 r[f"act_{label}_us"] = timer(lambda: ops.rotate_quantize(x, G))
             os.environ.pop("CONVROT_ACT_GRID")
-        esz = x.element_size()
         r["act_GBs"] = (M * K * esz + M * K // 2 + 4 * M) / r["act_us"] / 1e3
         if "act_i8_us" in r:
             r["act_i8_GBs"] = (M * K * esz + M * K + 4 * M) / r["act_i8_us"] / 1e3
@@ -187,7 +190,10 @@ def main(argv=None) -> int:
             print("# act kernel schedule (us, int8 / packed): " + ", ".join(
                 f"{r['M']}x{r['K']}: one row per block {r['act_i8_rowblock_us']:.1f}/{r['act_rowblock_us']:.1f}, "
                 f"persistent {r['act_i8_auto_us']:.1f}/{r['act_auto_us']:.1f}" for r in rows))
+        print("# act int8 + weight expansion fused in one launch (us): " + ", ".join(
+            f"{r['M']}x{r['K']}x{r['N']}: {r['act_unpack_us']:.1f} (separate {r['act_i8_us'] + r['unpackW_us']:.1f})" for r in rows))
         print("# weight int4->int8 expansion (us): " + ", ".join(f"{r['N']}x{r['K']}: {r['unpackW_us']:.1f}" for r in rows))
+    print("# same-size copy (x.clone) GB/s: " + ", ".join(f"{r['M']}x{r['K']}: {r['clone_GBs']:.0f}" for r in rows))
     print(f"# weight quantization: 12288x3072 in {wq_us:.1f} us -> 12B parameters in ~{proj_s:.2f} s of GPU time")
     if args.json:
         with open(args.json, "w") as f:

@@ -11,6 +11,9 @@ void check_rq_input(const at::Tensor& x, int64_t group_size);
 std::tuple<at::Tensor, at::Tensor> rotate_quantize_packed(const at::Tensor& x, int64_t group_size);
 std::tuple<at::Tensor, at::Tensor> rotate_quantize_int8(const at::Tensor& x, int64_t group_size);
 at::Tensor unpack_int4(const at::Tensor& packed);
+// rotate_quantize_int8 and unpack_int4(w_packed) in one launch (the per-call weight path of the sm_90 linear).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_quantize_int8_unpack(const at::Tensor& x, int64_t group_size,
+                                                                           const at::Tensor& w_packed);
 
 void check_gemm_inputs(const char* name, const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
                        const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype,
@@ -22,9 +25,9 @@ at::Tensor gemm_s4_mma(const at::Tensor& a, const at::Tensor& a_scale, const at:
 
 
 // One translation unit per (output type, tile config) instantiation of the sm_90 GEMM (each compiles slowly).
-// bias may be null; out is [M, N] contiguous.
+// bias (in the output type) may be null; out is [M, N] contiguous.
 #define CONVROT_DECL_X(NAME)                                                                                   \
-  void NAME(const int8_t* a, const float* as, const int8_t* w, const float* ws, const float* bias, void* out, \
+  void NAME(const int8_t* a, const float* as, const int8_t* w, const float* ws, const void* bias, void* out,  \
             int M, int N, int K, int unused, cudaStream_t stream, const at::Device& dev);
 CONVROT_DECL_X(gemm_i8_sm90_bf16_big)
 CONVROT_DECL_X(gemm_i8_sm90_bf16_sk)

@@ -36,6 +36,10 @@ __device__ __forceinline__ void mma_s4(int (&d)[4], const uint32_t (&a)[4], cons
 #endif
 }
 
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(float v) { return v; }
+
 template <typename OutT>
 __device__ __forceinline__ void store2(OutT* p, float x, float y);
 template <>
@@ -54,7 +58,7 @@ __device__ __forceinline__ void store2<float>(float* p, float x, float y) {
 template <typename OutT>
 __global__ void __launch_bounds__(kThreads) gemm_s4_kernel(const uint8_t* __restrict__ A, const float* __restrict__ as,
                                                            const uint8_t* __restrict__ B, const float* __restrict__ ws,
-                                                           const float* __restrict__ bias, OutT* __restrict__ D,
+                                                           const OutT* __restrict__ bias, OutT* __restrict__ D,
                                                            int M, int N, int K) {
   __shared__ __align__(16) uint8_t sA[2][BM * kRow];
   __shared__ __align__(16) uint8_t sB[2][BN * kRow];
@@ -132,7 +136,7 @@ __global__ void __launch_bounds__(kThreads) gemm_s4_kernel(const uint8_t* __rest
     const int n = n0 + wn * 32 + nt * 8 + tig * 2;
     if (n >= N) continue;  // N % 8 == 0, so n + 1 < N too
     const float w0 = ws[n], w1 = ws[n + 1];
-    const float b0 = bias ? bias[n] : 0.f, b1 = bias ? bias[n + 1] : 0.f;
+    const float b0 = bias ? to_f(bias[n]) : 0.f, b1 = bias ? to_f(bias[n + 1]) : 0.f;
 #pragma unroll
     for (int mt = 0; mt < 4; ++mt) {
 #pragma unroll
@@ -165,9 +169,9 @@ void check_gemm_inputs(const char* name, const at::Tensor& a, const at::Tensor& 
               name, ": scales must be contiguous float32");
   TORCH_CHECK(a_scale.numel() == a.size(0) && w_scale.numel() == w.size(0), name, ": scale sizes must be [M] and [N]");
   if (bias.has_value()) {
-    TORCH_CHECK(bias->is_cuda() && bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+    TORCH_CHECK(bias->is_cuda() && bias->scalar_type() == out_dtype && bias->is_contiguous() &&
                     bias->numel() == w.size(0),
-                name, ": bias must be a contiguous float32 [N] CUDA tensor (the Python wrapper casts it)");
+                name, ": bias must be a contiguous [N] CUDA tensor of the output dtype (the Python wrapper casts it)");
   }
   TORCH_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kHalf || out_dtype == at::kFloat, name,
               ": out_dtype must be bfloat16, float16 or float32");
@@ -184,22 +188,23 @@ at::Tensor gemm_s4_mma(const at::Tensor& a, const at::Tensor& a_scale, const at:
   auto stream = at::cuda::getCurrentCUDAStream();
   auto* ap = reinterpret_cast<const uint8_t*>(a.data_ptr());
   auto* wp = reinterpret_cast<const uint8_t*>(w.data_ptr());
-  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const void* bp = bias.has_value() ? bias->data_ptr() : nullptr;
   switch (out_dtype) {
     case at::kBFloat16:
       gemm_s4_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(ap, a_scale.data_ptr<float>(), wp,
-                                                                  w_scale.data_ptr<float>(), bp,
+                                                                  w_scale.data_ptr<float>(),
+                                                                  static_cast<const __nv_bfloat16*>(bp),
                                                                   reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), M,
                                                                   N, K);
       break;
     case at::kHalf:
       gemm_s4_kernel<__half><<<grid, kThreads, 0, stream>>>(ap, a_scale.data_ptr<float>(), wp,
-                                                           w_scale.data_ptr<float>(), bp,
+                                                           w_scale.data_ptr<float>(), static_cast<const __half*>(bp),
                                                            reinterpret_cast<__half*>(out.data_ptr()), M, N, K);
       break;
     default:
       gemm_s4_kernel<float><<<grid, kThreads, 0, stream>>>(ap, a_scale.data_ptr<float>(), wp,
-                                                          w_scale.data_ptr<float>(), bp, out.data_ptr<float>(), M, N,
+                                                          w_scale.data_ptr<float>(), static_cast<const float*>(bp), out.data_ptr<float>(), M, N,
                                                           K);
       break;
   }

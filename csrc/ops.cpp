@@ -9,7 +9,7 @@
 namespace convrot {
 namespace {
 
-using GemmFn = void (*)(const int8_t*, const float*, const int8_t*, const float*, const float*, void*, int, int, int,
+using GemmFn = void (*)(const int8_t*, const float*, const int8_t*, const float*, const void*, void*, int, int, int,
                         int, cudaStream_t, const at::Device&);
 
 // config: 0 = Big (256x128), 1 = Small (128x128 ping-pong), 2 = StreamK (128x256); -1 picks by shape:
@@ -41,7 +41,7 @@ at::Tensor gemm_i8_sm90(const at::Tensor& a, const at::Tensor& a_scale, const at
       {gemm_i8_sm90_f32_big, gemm_i8_sm90_f32_small, gemm_i8_sm90_f32_sk},
   };
   const int dt = out_dtype == at::kBFloat16 ? 0 : out_dtype == at::kHalf ? 1 : 2;
-  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const void* bp = bias.has_value() ? bias->data_ptr() : nullptr;
   table[dt][cfg](a.data_ptr<int8_t>(), a_scale.data_ptr<float>(), w.data_ptr<int8_t>(), w_scale.data_ptr<float>(), bp,
                  out.data_ptr(), M, N, K, 0, at::cuda::getCurrentCUDAStream(), a.device());
   return out;
@@ -54,6 +54,7 @@ TORCH_LIBRARY(convrot, m) {
   m.def("rotate_quantize(Tensor x, int group_size) -> (Tensor, Tensor)");
   m.def("rotate_quantize_i8(Tensor x, int group_size) -> (Tensor, Tensor)");
   m.def("unpack_int4(Tensor packed) -> Tensor");
+  m.def("rotate_quantize_i8_unpack(Tensor x, int group_size, Tensor w_packed) -> (Tensor, Tensor, Tensor)");
   m.def(
       "gemm_s4_mma(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
   m.def(
@@ -65,6 +66,7 @@ TORCH_LIBRARY_IMPL(convrot, CUDA, m) {
   m.impl("rotate_quantize", &convrot::rotate_quantize_packed);
   m.impl("rotate_quantize_i8", &convrot::rotate_quantize_int8);
   m.impl("unpack_int4", &convrot::unpack_int4);
+  m.impl("rotate_quantize_i8_unpack", &convrot::rotate_quantize_int8_unpack);
   m.impl("gemm_s4_mma", &convrot::gemm_s4_mma);
   m.impl("gemm_i8_sm90", &convrot::gemm_i8_sm90);
 }

@@ -71,6 +71,39 @@ __host__ __device__ constexpr int swap_digit_bits(int e) {
   return ((e & 0x55555555) << 1) | ((e >> 1) & 0x55555555);
 }
 
+// Packed int4 -> int8 codes: 8 bytes in, 16 bytes out per item, so consecutive lanes read and write consecutive
+// addresses (v3 read 16 and wrote 2x16 strided by 32 bytes: 55% of copy bandwidth). kUnroll independent loads
+// per thread keep enough bytes in flight.
+constexpr int kUnroll = 8;
+__device__ __forceinline__ uint4 expand8(const uint2 p) {
+  const uint32_t pw[2] = {p.x, p.y};
+  uint32_t o[4];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    // Sign-extend each nibble to a byte with SIMD byte arithmetic: (n ^ 8) - 8, no borrow across bytes.
+    const uint32_t lo = __vsub4((pw[h] & 0x0F0F0F0Fu) ^ 0x08080808u, 0x08080808u);
+    const uint32_t hi = __vsub4(((pw[h] >> 4) & 0x0F0F0F0Fu) ^ 0x08080808u, 0x08080808u);
+    o[2 * h] = __byte_perm(lo, hi, 0x5140);      // lo0 hi0 lo1 hi1: even k in the lower byte
+    o[2 * h + 1] = __byte_perm(lo, hi, 0x7362);  // lo2 hi2 lo3 hi3
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+__global__ void unpack_int4_kernel(const uint2* __restrict__ in, uint4* __restrict__ out, int64_t n8) {
+  const int64_t base = (int64_t)blockIdx.x * blockDim.x * kUnroll + threadIdx.x;
+  uint2 p[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t i = base + (int64_t)u * blockDim.x;
+    p[u] = i < n8 ? __ldg(in + i) : make_uint2(0, 0);
+  }
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t i = base + (int64_t)u * blockDim.x;
+    if (i < n8) out[i] = expand8(p[u]);
+  }
+}
+
 // CPT chunks per thread, strided by the number of active threads so each chunk sweep is one coalesced pass
 // and the G/16 threads sharing a group are consecutive lanes of one warp.
 // Blocks are persistent over rows and load row i+1 into registers before working on row i: v1 (one block per
@@ -78,7 +111,26 @@ __host__ __device__ constexpr int swap_digit_bits(int e) {
 template <typename T, int G, int CPT, bool kPacked>
 __global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
     rotate_quantize_kernel(const T* __restrict__ x, int8_t* __restrict__ out, float* __restrict__ scale, int64_t M,
-                           int K, int active) {
+                           int K, int active, int act_grid, const uint2* __restrict__ wp, uint4* __restrict__ wout,
+                           int64_t wn8) {
+  // Blocks past act_grid sign-extend a packed weight instead (the fused per-call path of w4a4_linear): one launch
+  // instead of two, and the weight's bandwidth-bound blocks fill the SMs while short activation rows wait on
+  // their reductions.
+  if ((int)blockIdx.x >= act_grid) {
+    const int64_t base = (int64_t)(blockIdx.x - act_grid) * blockDim.x * kUnroll + threadIdx.x;
+    uint2 p[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + (int64_t)u * blockDim.x;
+      p[u] = i < wn8 ? __ldg(wp + i) : make_uint2(0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + (int64_t)u * blockDim.x;
+      if (i < wn8) wout[i] = expand8(p[u]);
+    }
+    return;
+  }
   constexpr int kLanesPerGroup = G / kChunk;  // 1, 4 or 16
   using L = Loader<T>;
   const int t = threadIdx.x;
@@ -104,9 +156,9 @@ __global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
   uint4 raw[CPT][L::kVec];
   int64_t row = blockIdx.x;
   load_row(row, raw);
-  for (int it = 0; row < M; row += gridDim.x, ++it) {
+  for (int it = 0; row < M; row += act_grid, ++it) {
     uint4 nxt[CPT][L::kVec];
-    load_row(row + gridDim.x, nxt);  // in flight while this row is reduced and stored
+    load_row(row + act_grid, nxt);  // in flight while this row is reduced and stored
 
     // v3 spent ~37 instructions per element and was issue-bound (45% of copy bandwidth). v4 trims it to ~18:
     // input signs folded into the first butterfly, output signs and 1/sqrt(G) folded into the quantization
@@ -208,41 +260,9 @@ __global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
   }
 }
 
-// Packed int4 -> int8 codes: 8 bytes in, 16 bytes out per item, so consecutive lanes read and write consecutive
-// addresses (v3 read 16 and wrote 2x16 strided by 32 bytes: 55% of copy bandwidth). kUnroll independent loads
-// per thread keep enough bytes in flight.
-constexpr int kUnroll = 8;
-__device__ __forceinline__ uint4 expand8(const uint2 p) {
-  const uint32_t pw[2] = {p.x, p.y};
-  uint32_t o[4];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    // Sign-extend each nibble to a byte with SIMD byte arithmetic: (n ^ 8) - 8, no borrow across bytes.
-    const uint32_t lo = __vsub4((pw[h] & 0x0F0F0F0Fu) ^ 0x08080808u, 0x08080808u);
-    const uint32_t hi = __vsub4(((pw[h] >> 4) & 0x0F0F0F0Fu) ^ 0x08080808u, 0x08080808u);
-    o[2 * h] = __byte_perm(lo, hi, 0x5140);      // lo0 hi0 lo1 hi1: even k in the lower byte
-    o[2 * h + 1] = __byte_perm(lo, hi, 0x7362);  // lo2 hi2 lo3 hi3
-  }
-  return make_uint4(o[0], o[1], o[2], o[3]);
-}
-
-__global__ void unpack_int4_kernel(const uint2* __restrict__ in, uint4* __restrict__ out, int64_t n8) {
-  const int64_t base = (int64_t)blockIdx.x * blockDim.x * kUnroll + threadIdx.x;
-  uint2 p[kUnroll];
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    const int64_t i = base + (int64_t)u * blockDim.x;
-    p[u] = i < n8 ? __ldg(in + i) : make_uint2(0, 0);
-  }
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    const int64_t i = base + (int64_t)u * blockDim.x;
-    if (i < n8) out[i] = expand8(p[u]);
-  }
-}
-
 template <typename T, int G, bool kPacked>
-void launch_rq(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, cudaStream_t stream) {
+void launch_rq(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, const at::Tensor* w_packed, at::Tensor* w_out,
+               cudaStream_t stream) {
   const int64_t M = x.size(0);
   const int K = (int)x.size(1);
   const int chunks = K / kChunk;
@@ -275,30 +295,44 @@ void launch_rq(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, cudaStre
     if (g < 0) grid = M;
     else if (g > 0) grid = std::min<int64_t>(M, g);
   }
-  kernel<<<(unsigned)grid, threads, 0, stream>>>(xp, op, sp, M, K, active);
+  int64_t wn8 = 0, wblocks = 0;
+  const uint2* wp = nullptr;
+  uint4* wo = nullptr;
+  if (w_packed != nullptr) {
+    wn8 = w_packed->numel() / 8;
+    wblocks = (wn8 + (int64_t)threads * kUnroll - 1) / ((int64_t)threads * kUnroll);
+    wp = reinterpret_cast<const uint2*>(w_packed->data_ptr());
+    wo = reinterpret_cast<uint4*>(w_out->data_ptr());
+  }
+  kernel<<<(unsigned)(grid + wblocks), threads, 0, stream>>>(xp, op, sp, M, K, active, (int)grid, wp, wo, wn8);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, bool kPacked>
-void dispatch_g(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, int64_t G, cudaStream_t s) {
-  if (G == 16) launch_rq<T, 16, kPacked>(x, out, scale, s);
-  else if (G == 64) launch_rq<T, 64, kPacked>(x, out, scale, s);
-  else launch_rq<T, 256, kPacked>(x, out, scale, s);
+void dispatch_g(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, int64_t G, const at::Tensor* wp, at::Tensor* wo,
+                cudaStream_t s) {
+  if (G == 16) launch_rq<T, 16, kPacked>(x, out, scale, wp, wo, s);
+  else if (G == 64) launch_rq<T, 64, kPacked>(x, out, scale, wp, wo, s);
+  else launch_rq<T, 256, kPacked>(x, out, scale, wp, wo, s);
 }
 
 template <bool kPacked>
-std::tuple<at::Tensor, at::Tensor> rotate_quantize_impl(const at::Tensor& x, int64_t group_size) {
+std::tuple<at::Tensor, at::Tensor> rotate_quantize_impl(const at::Tensor& x, int64_t group_size, const at::Tensor* wp,
+                                                        at::Tensor* wo) {
   check_rq_input(x, group_size);
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1);
   auto out = at::empty({M, kPacked ? K / 2 : K}, x.options().dtype(at::kChar));
   auto scale = at::empty({M}, x.options().dtype(at::kFloat));
-  if (M == 0) return {out, scale};
+  if (M == 0) {
+    if (wp != nullptr) *wo = unpack_int4(*wp);
+    return {out, scale};
+  }
   auto stream = at::cuda::getCurrentCUDAStream();
   switch (x.scalar_type()) {
-    case at::kBFloat16: dispatch_g<__nv_bfloat16, kPacked>(x, out, scale, group_size, stream); break;
-    case at::kHalf: dispatch_g<__half, kPacked>(x, out, scale, group_size, stream); break;
-    default: dispatch_g<float, kPacked>(x, out, scale, group_size, stream); break;
+    case at::kBFloat16: dispatch_g<__nv_bfloat16, kPacked>(x, out, scale, group_size, wp, wo, stream); break;
+    case at::kHalf: dispatch_g<__half, kPacked>(x, out, scale, group_size, wp, wo, stream); break;
+    default: dispatch_g<float, kPacked>(x, out, scale, group_size, wp, wo, stream); break;
   }
   return {out, scale};
 }
@@ -321,11 +355,22 @@ void check_rq_input(const at::Tensor& x, int64_t group_size) {
 }
 
 std::tuple<at::Tensor, at::Tensor> rotate_quantize_packed(const at::Tensor& x, int64_t group_size) {
-  return rotate_quantize_impl<true>(x, group_size);
+  return rotate_quantize_impl<true>(x, group_size, nullptr, nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor> rotate_quantize_int8(const at::Tensor& x, int64_t group_size) {
-  return rotate_quantize_impl<false>(x, group_size);
+  return rotate_quantize_impl<false>(x, group_size, nullptr, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_quantize_int8_unpack(const at::Tensor& x, int64_t group_size,
+                                                                           const at::Tensor& w_packed) {
+  TORCH_CHECK(w_packed.is_cuda() && w_packed.dim() == 2 && w_packed.is_contiguous() &&
+                  w_packed.scalar_type() == at::kChar && w_packed.device() == x.device(),
+              "convrot.rotate_quantize_i8_unpack: weight must be a contiguous 2-D int8 tensor on x's device");
+  TORCH_CHECK(w_packed.size(1) % 8 == 0, "convrot.rotate_quantize_i8_unpack: packed row length must be a multiple of 8");
+  at::Tensor w_out = at::empty({w_packed.size(0), w_packed.size(1) * 2}, w_packed.options());
+  auto [a, s] = rotate_quantize_impl<false>(x, group_size, &w_packed, &w_out);
+  return {a, s, w_out};
 }
 
 at::Tensor unpack_int4(const at::Tensor& packed) {

@@ -108,6 +108,18 @@ def test_zero_and_constant_rows(K_):
 
 
 @cuda
+@pytest.mark.parametrize("m,k,n", [(1, 256, 8), (513, 3072, 264), (64, 15360, 520)])
+def test_fused_act_and_weight_unpack(K_, m, k, n):
+    x = make_act(m, k, torch.bfloat16, seed=m + k)
+    w = _rand_packed(n, k, seed=n)
+    poison(m * k, n * k)
+    a8, s8, w8 = torch.ops.convrot.rotate_quantize_i8_unpack(x, 256, w)
+    a_ref, s_ref = K_.rotate_quantize_int8_codes(x, 256)
+    assert torch.equal(a8, a_ref) and torch.equal(s8, s_ref)
+    assert torch.equal(w8, reference.unpack_int4(w))
+
+
+@cuda
 def test_unpack_int4(K_):
     g = _gen(3)
     p = torch.randint(-128, 128, (257, 3072 // 2), device="cuda", generator=g, dtype=torch.int8)

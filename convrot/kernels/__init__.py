@@ -105,6 +105,10 @@ def _register_fakes() -> None:
     def unpack_fake(p):
         return p.new_empty((p.shape[0], p.shape[1] * 2), dtype=torch.int8)
 
+    def rq8u_fake(x, group_size, w):
+        a, s = rq8_fake(x, group_size)
+        return a, s, unpack_fake(w)
+
     def gemm_s4_fake(a, a_scale, w, w_scale, bias, out_dtype):
         return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
 
@@ -112,6 +116,7 @@ def _register_fakes() -> None:
         return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
 
     for name, fn in (("rotate_quantize", rq_fake), ("rotate_quantize_i8", rq8_fake), ("unpack_int4", unpack_fake),
+                     ("rotate_quantize_i8_unpack", rq8u_fake),
                      ("gemm_s4_mma", gemm_s4_fake), ("gemm_i8_sm90", gemm_i8_fake)):
         try:
             torch.library.register_fake(f"convrot::{name}")(fn)
@@ -220,8 +225,9 @@ def _is_sm90() -> bool:
     return _state["cc"] == (9, 0)
 
 
-def _bias_f32(bias):
-    return None if bias is None else bias.to(torch.float32).contiguous()
+def _bias_as(bias, dtype):
+    """The kernels read the bias in the output dtype; a layer's bias normally already is (then no copy)."""
+    return None if bias is None else bias.to(dtype).contiguous()
 
 
 def rotate_quantize(x2d: torch.Tensor, group_size: int):
@@ -287,14 +293,14 @@ def w4a4_gemm(a_packed, a_scale, w_packed, w_scale, bias, out_dtype, config: int
     w_scale = w_scale.to(torch.float32).contiguous()
     if _is_sm90():
         return ops.gemm_i8_sm90(unpack_int4(a_packed.contiguous()), a_scale, _weight_int8(w_packed, k), w_scale,
-                                _bias_f32(bias), out_dtype, config)
-    return ops.gemm_s4_mma(a_packed.contiguous(), a_scale, w_packed, w_scale, _bias_f32(bias), out_dtype)
+                                _bias_as(bias, out_dtype), out_dtype, config)
+    return ops.gemm_s4_mma(a_packed.contiguous(), a_scale, w_packed, w_scale, _bias_as(bias, out_dtype), out_dtype)
 
 
 def gemm_s4_mma(a_packed, a_scale, w_packed, w_scale, bias, out_dtype):
     """The mma.sync s4 GEMM on any sm_80+ GPU (emulated, slow on sm_90): for tests."""
     return _ops().gemm_s4_mma(a_packed.contiguous(), a_scale.float().contiguous(), w_packed,
-                              w_scale.float().contiguous(), _bias_f32(bias), out_dtype)
+                              w_scale.float().contiguous(), _bias_as(bias, out_dtype), out_dtype)
 
 
 def gemm_int32(a_packed: torch.Tensor, w_packed: torch.Tensor, route: str | None = None, config: int = -1):
@@ -325,10 +331,18 @@ def w4a4_linear(x2d: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor
     _check_w(w_packed, w_scale, bias)
     k = x2d.shape[1]
     w_scale = w_scale.to(torch.float32).contiguous()
+    bias = _bias_as(bias, x2d.dtype)
     if _is_sm90():
-        a8, a_scale = ops.rotate_quantize_i8(x2d, group_size)
-        return ops.gemm_i8_sm90(a8, a_scale, _weight_int8(w_packed, k), w_scale, _bias_f32(bias), x2d.dtype, config)
+        if w_packed.shape[1] == k:  # prepared int8 weight
+            a8, a_scale = ops.rotate_quantize_i8(x2d, group_size)
+            w8 = w_packed
+        elif w_packed.shape[1] * 2 == k:
+            # One launch quantizes the activations and sign-extends the packed weight to an int8 scratch.
+            a8, a_scale, w8 = ops.rotate_quantize_i8_unpack(x2d, group_size, w_packed)
+        else:
+            raise ValueError(f"weight has {w_packed.shape[1]} bytes per row; expected {k // 2} (packed) or {k} (prepared)")
+        return ops.gemm_i8_sm90(a8, a_scale, w8, w_scale, bias, x2d.dtype, config)
     if w_packed.shape[1] * 2 != k:
         raise ValueError(f"weight has {w_packed.shape[1]} bytes per row; expected {k // 2}")
     a4, a_scale = ops.rotate_quantize(x2d, group_size)
-    return ops.gemm_s4_mma(a4, a_scale, w_packed, w_scale, _bias_f32(bias), x2d.dtype)
+    return ops.gemm_s4_mma(a4, a_scale, w_packed, w_scale, bias, x2d.dtype)
