@@ -137,13 +137,17 @@ class Graph:
 
 # ----------------------------------------------------------------------------- notes
 
-def note_text(diffusion_model: str, t5: str, extra: str = "", lora: bool = False, url: str = "") -> str:
+def note_text(diffusion_model: str, t5: str, extra: str = "", lora: bool = False, url: str = "",
+              saved: bool = False) -> str:
     lora_line = "│   ├── loras/\n│   │   └── your_flux_lora.safetensors\n" if lora else ""
     dm = f"[{diffusion_model}]({url})" if url else diffusion_model
+    what = ("written by the *flux1_dev_quantize_and_save* workflow" if saved else
+            "bf16, fp16 or fp8 FLUX.1 file, or a file saved by *ConvRot Save Quantized*")
+    tip = ("" if saved else "To skip quantizing at every start, run the *quantize once and save* workflow and load "
+           "the saved file instead.\n")
     return (
         "## Model files\n\n"
-        f"- **Diffusion model**: {dm} (bf16, fp16 or fp8 FLUX.1 file, or a file saved by *ConvRot Save "
-        "Quantized*)\n"
+        f"- **Diffusion model**: {dm} ({what})\n"
         "- **Text encoders**: clip_l.safetensors and "
         f"{t5} ([comfyanonymous/flux_text_encoders](https://huggingface.co/comfyanonymous/flux_text_encoders))\n"
         "- **VAE**: ae.safetensors (the FLUX.1 autoencoder)\n\n"
@@ -163,8 +167,7 @@ def note_text(diffusion_model: str, t5: str, extra: str = "", lora: bool = False
         "*ConvRot W4A4 Loader* replaces the stock *Load Diffusion Model* node: it quantizes the transformer to "
         "4-bit weights and activations while loading (no calibration). Preset `mixed` is the default; see the "
         "node's help page (the **?** in the node library) for the other presets and their memory.\n\n"
-        "To skip quantizing at every start, run the *quantize once and save* workflow and load the saved file "
-        "instead.\n"
+        + tip
         + (f"\n{extra}\n" if extra else "")
     )
 
@@ -267,7 +270,7 @@ def load_saved():
     note = ("This graph loads the file written by the **flux1_dev_quantize_and_save** workflow: "
             f"`models/diffusion_models/{SAVED_FILE}`. A ConvRot file loads as is; the loader's preset, group size "
             "and overrides apply only when it quantizes a bf16/fp16/fp8 file.")
-    text = note_text(SAVED_FILE, "t5xxl_fp16.safetensors", note)
+    text = note_text(SAVED_FILE, "t5xxl_fp16.safetensors", note, saved=True)
     return text_to_image(SAVED_FILE, "t5xxl_fp16.safetensors", 20, 3.5, PROMPT, text,
                          prefix="ConvRot/flux1-dev-saved")
 
