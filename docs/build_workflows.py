@@ -342,12 +342,13 @@ def main(argv) -> int:
     os.makedirs(OUT_DIR, exist_ok=True)
     if "--check" in argv:
         bad = [f for f, text in files.items()
-               if not os.path.exists(os.path.join(OUT_DIR, f)) or open(os.path.join(OUT_DIR, f)).read() != text]
+               if not os.path.exists(os.path.join(OUT_DIR, f))
+               or open(os.path.join(OUT_DIR, f), encoding="utf-8").read() != text]
         for f in bad:
             print(f"workflows/{f} differs from docs/build_workflows.py; rerun it")
         return 1 if bad else 0
     for f, text in files.items():
-        with open(os.path.join(OUT_DIR, f), "w") as fh:
+        with open(os.path.join(OUT_DIR, f), "w", encoding="utf-8", newline="\n") as fh:
             fh.write(text)
         print("wrote workflows/" + f)
     return 0

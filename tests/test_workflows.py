@@ -48,7 +48,7 @@ CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 
 
 def load(path):
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -63,7 +63,7 @@ def test_workflows_exist():
 def test_workflows_match_generator():
     want = build_workflows.render_all()
     for fname, text in want.items():
-        with open(os.path.join(WORKFLOW_DIR, fname)) as f:
+        with open(os.path.join(WORKFLOW_DIR, fname), encoding="utf-8") as f:  # any line ends
             assert f.read() == text, f"workflows/{fname} was edited by hand or is stale: run docs/build_workflows.py"
 
 
@@ -118,8 +118,8 @@ def test_help_pages_quote_derived_memory():
 
     sizes = preset_memory.preset_bytes()
     assert round(sizes["bf16"] / 1e9, 1) == 23.8  # FLUX.1-dev's 11.9B parameters in bf16
-    page = open(os.path.join(REPO, "web", "docs", "ConvRotW4A4Loader.md")).read()
-    readme = open(os.path.join(REPO, "docs", "README_workflows.md")).read()
+    page = open(os.path.join(REPO, "web", "docs", "ConvRotW4A4Loader.md"), encoding="utf-8").read()
+    readme = open(os.path.join(REPO, "docs", "README_workflows.md"), encoding="utf-8").read()
     for p in preset_memory.PRESET_ORDER:
         needle = preset_memory.gb(sizes[p])
         assert re.search(rf"`{p}`[^\n]*{re.escape(needle)}", page), f"help page: {p} should say {needle}"
@@ -131,13 +131,13 @@ def test_help_pages_exist():
     web = "web"
     init = os.path.join(REPO, "__init__.py")
     if os.path.isfile(init):
-        m = re.search(r"""^WEB_DIRECTORY\s*=\s*["']([^"']+)["']""", open(init).read(), re.M)
+        m = re.search(r"""^WEB_DIRECTORY\s*=\s*["']([^"']+)["']""", open(init, encoding="utf-8").read(), re.M)
         assert m, "__init__.py sets no WEB_DIRECTORY: ComfyUI would not serve web/docs"
         web = os.path.normpath(m.group(1))
     for node in OUR_NODES:
         path = os.path.join(REPO, web, "docs", node + ".md")
         assert os.path.isfile(path), path
-        text = open(path).read()
+        text = open(path, encoding="utf-8").read()
         assert text.startswith("# "), f"{path}: start with a title"
 
 
