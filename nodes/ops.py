@@ -170,6 +170,7 @@ class ConvRotLinearOp(comfy.ops.manual_cast.Linear):
         self.register_buffer("weight_scale", scale.reshape(self.out_features).to(device=device,
                                                                                   dtype=torch.float32))
         self.convrot_bits, self.convrot_group_size = bits, g
+        self.set_weight = self._convrot_set_weight
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -179,14 +180,13 @@ class ConvRotLinearOp(comfy.ops.manual_cast.Linear):
 
     # ------------------------------------------------------------------ ComfyUI patching hooks
 
-    def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
-        """Called by ModelPatcher.patch_weight_to_device for `<layer>.weight` (e.g. a dynamic-VRAM force load)."""
-        if self.convrot_bits is None:
-            w = weight.to(self.weight.dtype)
-            if return_weight:
-                return w
-            self.weight = torch.nn.Parameter(w, requires_grad=False)
-            return None
+    def _convrot_set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+        """`set_weight` of a quantized layer, which ModelPatcher.patch_weight_to_device calls for `<layer>.weight`.
+
+        Only quantized layers get it (as an instance attribute, in _become_quantized): floating point layers keep
+        ComfyUI's default patching exactly. A plain device move of the codes (dynamic VRAM's force load of a tiny
+        module) is accepted; merged patches cannot be (they arrive as branches, see nodes/lora.py).
+        """
         if weight.dtype != torch.int8 or weight.shape != self.weight.shape:
             raise RuntimeError(
                 f"ConvRot: ComfyUI tried to merge weight patches into the quantized layer {self._layer_name}; "
