@@ -133,6 +133,16 @@ def test_group_size_and_overrides(comfy, tiny, loader, pack):
     assert torch.isfinite(y).all()
 
 
+def test_dynamic_core_model_patcher_on_cpu(comfy, tiny, base, loader, monkeypatch):
+    """ComfyUI's main.py makes CoreModelPatcher the dynamic-VRAM ModelPatcherDynamic when comfy-aimdo works; for a
+    CPU load device it reroutes to the classic ModelPatcher. Our buffers survive that and sampling is unchanged."""
+    import comfy.model_patcher as mp
+    monkeypatch.setattr(mp, "CoreModelPatcher", mp.ModelPatcherDynamic)
+    m = load_ours(loader)
+    assert type(m) is mp.ModelPatcher
+    assert torch.equal(sample(comfy, m), base["y_ours"])
+
+
 # ---------------------------------------------------------------------------- save node
 
 
