@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--shapes", default=None, help="M,K,N;M,K,N;... (default: FLUX.1 linears at 1024^2)")
     p.add_argument("--no-kitchen", action="store_true", help="skip comfy-kitchen's convrot_w4a4_linear")
+    p.add_argument("--sched-sweep", action="store_true", help="also time GEMM tile swizzle / raster order choices")
     p.add_argument("--act-sweep", action="store_true", help="also time the act kernel with one row per block")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args(argv)
@@ -124,6 +125,17 @@ def main(argv=None) -> int:
                 except RuntimeError as e:  # experimental configs exist only in some builds
                     print(f"# config {cfg}: {str(e).splitlines()[0][:200]}")
             r["gemm_us"] = timer(lambda: ops.gemm_i8_sm90(a8, a_s, w8, w_s, bias, dtype, -1))
+            if args.sched_sweep:
+                import os
+
+                sweep = {}
+                for swz in (1, 2, 4, 8):
+                    for ras in (0, 1, 2):
+                        os.environ["CONVROT_GEMM_SWIZZLE"], os.environ["CONVROT_GEMM_RASTER"] = str(swz), str(ras)
+                        sweep[f"s{swz}r{ras}"] = timer(lambda: ops.gemm_i8_sm90(a8, a_s, w8, w_s, bias, dtype, -1))
+                os.environ.pop("CONVROT_GEMM_SWIZZLE")
+                os.environ.pop("CONVROT_GEMM_RASTER")
+                r["sched_sweep"] = sweep
             r["unpackW_us"] = timer(lambda: ops.unpack_int4(w_q))
             r["act_i8_us"] = timer(lambda: ops.rotate_quantize_i8(x, G))
         else:
@@ -186,6 +198,12 @@ def main(argv=None) -> int:
         for r in rows:
             print(f"#   {r['M']}x{r['K']}x{r['N']}: " + "  ".join(
                 f"{c}:{r[f'gemm_cfg{c}_us']:.1f}" for c in range(3) if f"gemm_cfg{c}_us" in r))
+        if args.sched_sweep:
+            print("# GEMM (auto config) by swizzle s and raster r (0 heuristic, 1 along M, 2 along N), us:")
+            for r in rows:
+                best = min(r["sched_sweep"], key=r["sched_sweep"].get)
+                print(f"#   {r['M']}x{r['K']}x{r['N']}: default {r['gemm_us']:.1f}, best {best} {r['sched_sweep'][best]:.1f}; "
+                      + " ".join(f"{k}:{v:.0f}" for k, v in r["sched_sweep"].items()))
         if args.act_sweep:
             print("# act kernel schedule (us, int8 / packed): " + ", ".join(
                 f"{r['M']}x{r['K']}: one row per block {r['act_i8_rowblock_us']:.1f}/{r['act_rowblock_us']:.1f}, "

@@ -11,6 +11,8 @@
 
 #include <ATen/cuda/CUDAContext.h>
 
+#include <cstdlib>
+
 #ifdef CONVROT_SM90
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
@@ -107,6 +109,14 @@ void run(const int8_t* a, const float* as, const int8_t* w, const float* ws, con
       {{}, nullptr, cutlass::make_cute_packed_stride(StrideC{}, make_shape(M, N, 1)),
        reinterpret_cast<ElementD*>(out), cutlass::make_cute_packed_stride(StrideD{}, make_shape(M, N, 1))},
       hw};
+  // Tile order: CUTLASS's heuristic and swizzle 1 unless the bench's sweep hooks ask otherwise
+  // (CONVROT_GEMM_SWIZZLE = 1/2/4/8, CONVROT_GEMM_RASTER = 1 along M, 2 along N).
+  using RO = decltype(args.scheduler.raster_order);
+  if (const char* e = std::getenv("CONVROT_GEMM_SWIZZLE")) args.scheduler.max_swizzle_size = std::atoi(e);
+  if (const char* e = std::getenv("CONVROT_GEMM_RASTER")) {
+    const int r = std::atoi(e);
+    args.scheduler.raster_order = r == 1 ? RO::AlongM : r == 2 ? RO::AlongN : RO::Heuristic;
+  }
   // EVT arguments nest as {child args..., op args}.
   args.epilogue.thread = {
       {

@@ -108,7 +108,7 @@ __global__ void unpack_int4_kernel(const uint2* __restrict__ in, uint4* __restri
 // and the G/16 threads sharing a group are consecutive lanes of one warp.
 // Blocks are persistent over rows and load row i+1 into registers before working on row i: v1 (one block per
 // row) left each block's loads idle through its reduction and stores and reached only 41% of copy bandwidth.
-template <typename T, int G, int CPT, bool kPacked>
+template <typename T, int G, int CPT, bool kPacked, bool kPrefetch>
 __global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
     rotate_quantize_kernel(const T* __restrict__ x, int8_t* __restrict__ out, float* __restrict__ scale, int64_t M,
                            int K, int active, int act_grid, const uint2* __restrict__ wp, uint4* __restrict__ wout,
@@ -157,8 +157,10 @@ __global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
   int64_t row = blockIdx.x;
   load_row(row, raw);
   for (int it = 0; row < M; row += act_grid, ++it) {
+    // Persistent blocks prefetch the next row; one-row blocks skip it and its 8+ registers (ncu, v5: 61-64
+    // registers held occupancy to 5 blocks of 192 threads = 47% at K = 3072).
     uint4 nxt[CPT][L::kVec];
-    load_row(row + act_grid, nxt);  // in flight while this row is reduced and stored
+    if (kPrefetch) load_row(row + act_grid, nxt);  // in flight while this row is reduced and stored
 
     // v3 spent ~37 instructions per element and was issue-bound (45% of copy bandwidth). v4 trims it to ~18:
     // input signs folded into the first butterfly, output signs and 1/sqrt(G) folded into the quantization
@@ -207,23 +209,27 @@ __global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     if ((t & 31) == 0) rb[t >> 5] = amax;
     __syncthreads();
+    // 1/sqrt(G) is a power of two, so |r| = |v| * kNorm exactly and amax matches the reference's bit for bit;
+    // then the reference's clamp and IEEE division by 7. One thread divides and shares s and 1/s (v5 had every
+    // thread repeat both divisions: ~2.5 instructions per element).
+    constexpr float kNorm = G == 16 ? 0.25f : (G == 64 ? 0.125f : 0.0625f);
     if (t < 32) {
       float m = t < (int)(blockDim.x >> 5) ? rb[t] : 0.f;
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-      if (t == 0) rb[0] = m;
+      if (t == 0) {
+        const float sc = __fdiv_rn(fmaxf(m * kNorm, 1e-10f), 7.f);
+        scale[row] = sc;
+        rb[0] = sc;
+        rb[1] = kNorm * __frcp_rn(sc);
+      }
     }
     __syncthreads();
-    // 1/sqrt(G) is a power of two, so |r| = |v| * kNorm exactly and amax matches the reference's bit for bit;
-    // then the reference's clamp and IEEE division by 7.
-    constexpr float kNorm = G == 16 ? 0.25f : (G == 64 ? 0.125f : 0.0625f);
-    const float s = __fdiv_rn(fmaxf(rb[0] * kNorm, 1e-10f), 7.f);
-    if (t == 0) scale[row] = s;
     // code = round_half_even(r / s) with r = sign * kNorm * v. r * (1/s) differs from r / s by about an ulp, which
     // changes a code only when r / s is within ~2^-21 of a half-integer. |r| <= amax makes |r / s| <= 7 (+ulps),
     // which still rounds to 7: the reference's clamp never acts. fma(v, m, 1.5 * 2^23) rounds to an integer held in
     // the low mantissa bits, so the code is the low byte of the float's bit pattern.
-    const float mpos = tsign * kNorm * __frcp_rn(s);
+    const float mpos = tsign * rb[1];
     constexpr float kMagic = 12582912.f;
 
     if (live) {
@@ -253,10 +259,14 @@ __global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
         }
       }
     }
+    if (kPrefetch) {
 #pragma unroll
-    for (int j = 0; j < CPT; ++j)
+      for (int j = 0; j < CPT; ++j)
 #pragma unroll
-      for (int vv = 0; vv < L::kVec; ++vv) raw[j][vv] = nxt[j][vv];
+        for (int vv = 0; vv < L::kVec; ++vv) raw[j][vv] = nxt[j][vv];
+    } else {
+      load_row(row + act_grid, raw);
+    }
   }
 }
 
@@ -278,17 +288,19 @@ void launch_rq(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, const at
   auto* xp = reinterpret_cast<const T*>(x.data_ptr());
   auto* op = out.data_ptr<int8_t>();
   auto* sp = scale.data_ptr<float>();
-  auto kernel = cpt == 1   ? rotate_quantize_kernel<T, G, 1, kPacked>
-                : cpt == 2 ? rotate_quantize_kernel<T, G, 2, kPacked>
-                : cpt == 4 ? rotate_quantize_kernel<T, G, 4, kPacked>
-                           : rotate_quantize_kernel<T, G, 8, kPacked>;
+  // Short rows (<= 256 threads): one row per block, many small blocks per SM overlap their phases well (v3 sweep:
+  // 25.2 vs 27.9 us at K = 3072). Long rows: persistent blocks with the next row prefetched (155 vs 191 us at 15360).
+  const bool short_rows = cpt == 1 && threads <= 256;
+  auto kernel = short_rows ? rotate_quantize_kernel<T, G, 1, kPacked, false>
+                : cpt == 1 ? rotate_quantize_kernel<T, G, 1, kPacked, true>
+                : cpt == 2 ? rotate_quantize_kernel<T, G, 2, kPacked, true>
+                : cpt == 4 ? rotate_quantize_kernel<T, G, 4, kPacked, true>
+                           : rotate_quantize_kernel<T, G, 8, kPacked, true>;
   // As many resident blocks as fit, each looping over rows.
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
   const int64_t slots = (int64_t)std::max(per_sm, 1) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  // Short rows (<= 256 threads): one row per block, many small blocks per SM overlap their phases well (v3 sweep:
-  // 25.2 vs 27.9 us at K = 3072). Long rows: persistent blocks with the next row prefetched (155 vs 191 us at 15360).
-  int64_t grid = threads <= 256 ? M : std::min<int64_t>(M, slots);
+  int64_t grid = short_rows ? M : std::min<int64_t>(M, slots);
   // Experiment hook (bench --act-sweep): CONVROT_ACT_GRID=-1 gives one row per block (the v1 schedule), N > 0 caps it.
   if (const char* e = std::getenv("CONVROT_ACT_GRID")) {
     const long g = std::atol(e);
