@@ -32,9 +32,10 @@ _warned: set[str] = set()
 CALLBACK_KEY = "convrot_lora"
 
 
-def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
+def _warn_once(key: str, msg: str) -> None:
+    """Log once per kind of slow path (not once per layer: a DoRA LoRA can touch hundreds of layers)."""
+    if key not in _warned:
+        _warned.add(key)
         log.warning("ConvRot: %s", msg)
 
 
@@ -132,8 +133,9 @@ class LayerPatches:
         if "weight" in kinds:
             import comfy.lora
             what = sorted({_describe(p) for p, k in zip(self.patches, kinds) if k == "weight"})
-            _warn_once(f"{name}: patches {what} depend on the weight; applying them as a dense bf16 delta computed "
-                       f"once from the dequantized weight (slow path: an extra full matmul per call)")
+            _warn_once(f"weight:{what}", f"patches {what} depend on the weight (first seen on {name}); they are "
+                       f"applied as a dense delta computed once from the dequantized weight (slow path: an extra "
+                       f"full matmul per call on each such layer)")
             w = layer.dequantized_weight(torch.float32).to(device)
             patched = comfy.lora.calculate_weight(self.patches, w.clone(), self.key, intermediate_dtype=torch.float32)
             if tuple(patched.shape) != (out_f, in_f):
@@ -164,7 +166,8 @@ class LayerPatches:
                 downs.append(down.to(device=device, dtype=torch.float32))
                 continue
             # additive dense patch: its delta does not depend on the weight
-            _warn_once(f"{name}: {_describe(p)} patch applied as a dense delta (an extra full matmul per call)")
+            _warn_once(f"dense:{_describe(p)}", f"{_describe(p)} patches (first seen on {name}) are applied as a dense "
+                       f"delta: an extra full matmul per call on each such layer")
             diff = _diff_tensor(v)
             if diff is not None:
                 delta = strength * diff.to(device=device, dtype=torch.float32)

@@ -202,6 +202,15 @@ def test_other_patch_types_take_the_dense_path(env, kind):
     assert dense is not None and dense.shape == (MLP, H)
 
 
+def test_patch_that_cannot_fit_is_refused_by_name(env):
+    c = env["comfy"]
+    m = env["ours"].clone()
+    m.add_patches({"diffusion_model.double_blocks.0.img_attn.qkv.weight": (torch.ones(10, 10),)}, 1.0)
+    with pytest.raises(RuntimeError, match=r"double_blocks\.0\.img_attn\.qkv"):
+        sample(c, m, steps=1)
+    assert torch.equal(sample(c, env["ours"]), env["y_ours"])  # and the model still works without it
+
+
 def test_lowvram_partial_load_uses_branches(env):
     """ComfyUI's lowvram mode hands offloaded layers their patches as LowVramPatch weight functions; the ConvRot
     layers skip that copy (their branch has the patches) and the result equals the fully loaded one."""
