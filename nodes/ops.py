@@ -14,7 +14,6 @@ are applied as branches next to the quantized GEMM.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -270,7 +269,3 @@ def make_ops(spec: LoadSpec | None) -> type:
 
 def quantized_layers(model: torch.nn.Module) -> list[tuple[str, ConvRotLinearOp]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ConvRotLinearOp) and m.convrot_bits]
-
-
-def describe_conf(conf) -> str:
-    return json.dumps(conf, sort_keys=True)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from comfy_env import (TINY_NAME, conditioning, node_output, rel, sample, tiny_state_dict, write_file)
+from comfy_env import TINY_NAME, node_output, rel, sample, tiny_state_dict, write_file
 
 # Relative L2 error of the final latent, ConvRot "mixed" vs the bf16 model, both through KSampler. On this random
 # tiny FLUX the measured value is ~0.03: 4-bit weights and activations with a 256-wide rotation give ~8-9% error per
@@ -109,14 +109,14 @@ def test_loader_quantizes_on_load_and_samples_close_to_bf16(comfy, tiny, base, p
 
 
 def test_loader_progress_bar_counts_layers(comfy, tiny, loader):
-    import comfy.utils
+    import comfy.utils as cu
     seen = []
-    old = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total)))
+    old = cu.PROGRESS_BAR_HOOK
+    cu.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total)))
     try:
         load_ours(loader, preset="w4a4")
     finally:
-        comfy.utils.set_progress_bar_global_hook(old)
+        cu.set_progress_bar_global_hook(old)
     n_linear = sum(1 for k, v in tiny[1].items() if k.endswith(".weight") and v.dim() == 2)
     assert seen and seen[-1] == (n_linear, n_linear)
 
@@ -177,6 +177,15 @@ def test_save_node_roundtrip_through_ours_and_stock(comfy, tiny, base, loader, p
     y_stock_q = sample(comfy, stock)
     assert rel(y_stock_q, base["y_ours"]) < 0.02  # same weights, only activation-quantization details differ
     assert rel(y_stock_q, base["y_stock"]) < MIXED_BOUND
+
+    # and back: ComfyUI's own state-dict code for its native convrot layers writes a file our loader adopts as is
+    import comfy.model_management as cmm
+    import comfy.utils as cu
+    cmm.load_models_gpu([stock])
+    stock_sd = {k: v for k, v in stock.model.diffusion_model.state_dict().items()}
+    assert stock_sd["double_blocks.0.img_attn.qkv.weight"].dtype == torch.int8
+    cu.save_torch_file(stock_sd, str(comfy.models_dir / "diffusion_models" / "stock_written.safetensors"))
+    assert torch.equal(sample(comfy, load_ours(loader, "stock_written.safetensors")), base["y_ours"])
 
 
 def test_save_refuses_models_it_cannot_write(comfy, base):
