@@ -2,8 +2,8 @@
 
 Skipped when nvcc or PyTorch's C++ headers are absent. Compiles run 2 at a time (the CI machine has 2 cores).
 What is compiled mirrors convrot.kernels.build_flags: the CUTLASS sm_90 GEMM TUs are real code only for
-sm_90a and stubs elsewhere; only the bf16 one is compiled by default (the fp16/fp32 TUs are the same template
-with another output type; CONVROT_BUILD_TEST_ALL=1 compiles them too).
+sm_90a and stubs elsewhere; only gemm_sm90_bf16_big.cu is compiled by default (the other eight are the same
+template with another output type or tile shape; CONVROT_BUILD_TEST_ALL=1 compiles them too).
 Measured on the 2-core CPU machine: about 4 minutes in all, most of it the CUTLASS TU (~95 s, ~5 GB RAM).
 sm_120 is compiled for information only: a failure there is reported as a skip, not an error.
 """
@@ -68,7 +68,10 @@ def _jobs():
 
     jobs = []
     cut = cutlass_include_dirs()
-    heavy = ["gemm_sm90_bf16.cu"] + (["gemm_sm90_f16.cu", "gemm_sm90_f32.cu"] if os.environ.get("CONVROT_BUILD_TEST_ALL") else [])
+    from convrot.kernels import SOURCES_SM90
+
+    # One CUTLASS TU by default: the nine share one template and differ in output type and tile shape only.
+    heavy = list(SOURCES_SM90) if os.environ.get("CONVROT_BUILD_TEST_ALL") else ["gemm_sm90_bf16_big.cu"]
     for cc in ARCHS:
         _, nvcc_flags, _ = build_flags(cc, cut)
         nvcc_flags = [f for f in nvcc_flags if not f.startswith("-std=")] + [_std_flag()]
@@ -78,7 +81,7 @@ def _jobs():
                 continue
             srcs = light + heavy
         elif cc == (8, 0):
-            srcs = light + ["gemm_sm90_bf16.cu"]  # the stub, once: it has no device code
+            srcs = light + ["gemm_sm90_bf16_big.cu"]  # the stub, once: it has no device code
         else:
             srcs = light
         for s in srcs:

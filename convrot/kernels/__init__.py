@@ -207,6 +207,12 @@ def _ops():
     return ops
 
 
+def supports_shape(k: int, n: int | None = None, group_size: int = 256) -> bool:
+    """Whether the kernels take this K (and N): K % 64 == 0, K % group_size == 0, K <= 65536, N % 8 == 0."""
+    ok = group_size in GROUP_SIZES and k % 64 == 0 and k % group_size == 0 and 0 < k <= MAX_K
+    return ok and (n is None or n % 8 == 0)
+
+
 def _check_act(x2d: torch.Tensor, group_size: int) -> None:
     if x2d.dim() != 2:
         raise ValueError(f"expected a 2-D [M, K] tensor, got shape {tuple(x2d.shape)}")
