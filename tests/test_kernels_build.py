@@ -4,7 +4,8 @@ Skipped when nvcc or PyTorch's C++ headers are absent. Compiles run 2 at a time 
 What is compiled mirrors convrot.kernels.build_flags: the CUTLASS sm_90 GEMM TUs are real code only for
 sm_90a and stubs elsewhere; only gemm_sm90_bf16_big.cu is compiled by default (the other eight are the same
 template with another output type or tile shape; CONVROT_BUILD_TEST_ALL=1 compiles them too).
-Measured on the 2-core CPU machine: about 4 minutes in all, most of it the CUTLASS TU (~95 s, ~5 GB RAM).
+Measured on the 2-core CPU machine: see the module's last run note in bench/NOTES.md (about 3-4 minutes;
+the CUTLASS TU alone takes ~70-95 s and ~5 GB of RAM).
 sm_120 is compiled for information only: a failure there is reported as a skip, not an error.
 """
 from __future__ import annotations
@@ -23,7 +24,6 @@ torch = pytest.importorskip("torch")
 
 REPO = Path(__file__).resolve().parents[1]
 CSRC = REPO / "csrc"
-ARCHS = [(8, 0), (8, 6), (8, 9), (9, 0), (12, 0)]
 
 
 def _nvcc():
@@ -63,31 +63,35 @@ def _std_flag():
     return "-std=c++20" if needs20 else "-std=c++17"
 
 
+def _gencode(cc):
+    arch = "90a" if cc == (9, 0) else f"{cc[0]}{cc[1]}"
+    return f"-gencode=arch=compute_{arch},code=sm_{arch}"
+
+
 def _jobs():
-    from convrot.kernels import build_flags, cutlass_include_dirs
+    """(label, source, flags) per nvcc call. One call covers several architectures of a source, so the heavy
+    host-side pass over PyTorch's headers runs once per source instead of once per architecture."""
+    from convrot.kernels import SOURCES_SM90, build_flags, cutlass_include_dirs
 
-    jobs = []
     cut = cutlass_include_dirs()
-    from convrot.kernels import SOURCES_SM90
+    std = _std_flag()
 
-    # One CUTLASS TU by default: the nine share one template and differ in output type and tile shape only.
-    heavy = list(SOURCES_SM90) if os.environ.get("CONVROT_BUILD_TEST_ALL") else ["gemm_sm90_bf16_big.cu"]
-    for cc in ARCHS:
-        _, nvcc_flags, _ = build_flags(cc, cut)
-        nvcc_flags = [f for f in nvcc_flags if not f.startswith("-std=")] + [_std_flag()]
-        light = ["rotate_quant.cu", "gemm_mma_s4.cu"]
-        if cc == (9, 0):
-            if cut is None:
-                continue
-            srcs = light + heavy
-        elif cc == (8, 0):
-            srcs = light + ["gemm_sm90_bf16_big.cu"]  # the stub, once: it has no device code
-        else:
-            srcs = light
-        for s in srcs:
-            jobs.append((cc, s, nvcc_flags))
-    # Longest first so the CUTLASS TU overlaps with the rest.
-    jobs.sort(key=lambda j: not j[1].startswith("gemm_sm90") or j[0] != (9, 0))
+    def flags(cc, cutlass):
+        _, f, _ = build_flags(cc, cutlass)
+        return [x for x in f if not x.startswith("-gencode") and not x.startswith("-std=")] + [std]
+
+    required = [(8, 0), (8, 6), (8, 9), (9, 0)]
+    jobs = []
+    # The CUTLASS TUs: real code only for sm_90a (the other eight are the same template with another output
+    # type or tile shape; CONVROT_BUILD_TEST_ALL=1 compiles them too), a stub on every other architecture.
+    if cut is not None:
+        heavy = list(SOURCES_SM90) if os.environ.get("CONVROT_BUILD_TEST_ALL") else ["gemm_sm90_bf16_big.cu"]
+        for src in heavy:
+            jobs.append(("sm_90a", src, flags((9, 0), cut) + [_gencode((9, 0))]))
+    jobs.append(("sm_80 (stub)", "gemm_sm90_bf16_big.cu", flags((8, 0), None) + [_gencode((8, 0))]))
+    for src in ("rotate_quant.cu", "gemm_mma_s4.cu"):
+        jobs.append(("sm_80/86/89/90a", src, flags((8, 0), None) + [_gencode(cc) for cc in required]))
+        jobs.append(("sm_120", src, flags((12, 0), None) + [_gencode((12, 0))]))
     return jobs
 
 
@@ -103,23 +107,23 @@ def test_compile_all_sources(tmp_path):
     from convrot.kernels import cutlass_include_dirs
 
     def run(job):
-        cc, src, flags = job
-        out = tmp_path / f"{src}.sm{cc[0]}{cc[1]}.o"
+        label, src, flags = job
+        out = tmp_path / f"{src}.{len(flags)}.{abs(hash(label))}.o"
         cmd = [nvcc, "-c", str(CSRC / src), "-o", str(out), *flags, *inc, "-Xptxas", "-warn-spills"]
         t0 = time.time()
         p = subprocess.run(cmd, capture_output=True, text=True)
-        return cc, src, p.returncode, time.time() - t0, p.stderr[-3000:]
+        return label, src, p.returncode, time.time() - t0, p.stderr[-3000:]
 
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=2) as ex:
         results = list(ex.map(run, jobs))
     total = time.time() - t0
     failures, sm120 = [], []
-    for cc, src, rc, dt, err in results:
-        print(f"sm_{cc[0]}{cc[1]} {src}: {'ok' if rc == 0 else 'FAILED'} in {dt:.0f} s")
+    for label, src, rc, dt, err in results:
+        print(f"{label} {src}: {'ok' if rc == 0 else 'FAILED'} in {dt:.0f} s")
         if rc != 0:
-            (sm120 if cc == (12, 0) else failures).append(f"sm_{cc[0]}{cc[1]} {src}:\n{err}")
-    print(f"total {total:.0f} s for {len(jobs)} compiles, 2 at a time")
+            (sm120 if label == "sm_120" else failures).append(f"{label} {src}:\n{err}")
+    print(f"total {total:.0f} s for {len(jobs)} nvcc calls, 2 at a time")
     assert not failures, "\n\n".join(failures)
     if cutlass_include_dirs() is None:
         pytest.skip("compiled everything except the sm_90 CUTLASS GEMM: pip install nvidia-cutlass==4.2.0.0")

@@ -68,7 +68,7 @@ def assert_codes_close(ours_packed, ref_packed):
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("G", [16, 64, 256])
-@pytest.mark.parametrize("m,k", [(1, 256), (7, 3072), (513, 1024), (64, 15360), (3, 20480)])
+@pytest.mark.parametrize("m,k", [(1, 256), (7, 3072), (513, 1024), (64, 15360), (3, 20480), (2, 40960)])
 def test_rotate_quantize(K_, dtype, G, m, k):
     x = make_act(m, k, dtype, seed=zlib.crc32(f'{dtype}{G}{m}{k}'.encode()) & 0xFFFF)
     poison(m * k // 2)
@@ -263,6 +263,20 @@ def test_cuda_graph_and_compile(K_):
     f = torch.compile(lambda a: K_.w4a4_linear(a, w_q, w_s, bias, G), fullgraph=True)
     assert torch.equal(f(x), eager)
 
+    # Every sm_90 tile configuration (stream-K initializes a workspace) must be capturable too.
+    if torch.cuda.get_device_capability() == (9, 0):
+        for cfg in (0, 1, 2):
+            ref = K_.w4a4_linear(x, w_q, w_s, bias, G, config=cfg)
+            with torch.cuda.stream(s):
+                K_.w4a4_linear(x, w_q, w_s, bias, G, config=cfg)
+            torch.cuda.current_stream().wait_stream(s)
+            g2 = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g2):
+                o2 = K_.w4a4_linear(x, w_q, w_s, bias, G, config=cfg)
+            g2.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(o2, ref), cfg
+
 
 @cuda
 def test_fake_kernels(K_):
@@ -274,6 +288,9 @@ def test_fake_kernels(K_):
         assert q.shape == (9, 256) and s.shape == (9,)
         q8, _ = torch.ops.convrot.rotate_quantize_i8(x, 64)
         assert q8.shape == (9, 512)
+        w4 = torch.empty(16, 256, device="cuda", dtype=torch.int8)
+        a8, s8, w8 = torch.ops.convrot.rotate_quantize_i8_unpack(x, 64, w4)
+        assert a8.shape == (9, 512) and s8.shape == (9,) and w8.shape == (16, 512)
         w = torch.empty(24, 256, device="cuda", dtype=torch.int8)
         out = torch.ops.convrot.gemm_s4_mma(q, s, w, torch.empty(24, device="cuda"), None, torch.float16)
         assert out.shape == (9, 24) and out.dtype == torch.float16
