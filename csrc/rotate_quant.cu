@@ -270,6 +270,18 @@ __global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
   }
 }
 
+// Launches the standalone weight expansion into `out` (allocated by the caller) on `stream`.
+at::Tensor unpack_int4_into(const at::Tensor& packed, at::Tensor out, cudaStream_t stream) {
+  const int64_t n8 = packed.numel() / 8;
+  if (n8 == 0) return out;
+  const int threads = 256;
+  const int64_t blocks = (n8 + threads * kUnroll - 1) / (threads * kUnroll);
+  unpack_int4_kernel<<<(unsigned)blocks, threads, 0, stream>>>(reinterpret_cast<const uint2*>(packed.data_ptr()),
+                                                               reinterpret_cast<uint4*>(out.data_ptr()), n8);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 template <typename T, int G, bool kPacked>
 void launch_rq(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, const at::Tensor* w_packed, at::Tensor* w_out,
                cudaStream_t stream) {
@@ -310,6 +322,13 @@ void launch_rq(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, const at
   int64_t wn8 = 0, wblocks = 0;
   const uint2* wp = nullptr;
   uint4* wo = nullptr;
+  // The weight rides in the same launch only behind one-row blocks. Behind persistent blocks, which hold
+  // every slot until the end, it gained nothing and once ran 134 us against 84 us for two launches
+  // (4096x12288x3072, bench v7), so long rows get a second launch.
+  if (w_packed != nullptr && !short_rows) {
+    *w_out = unpack_int4_into(*w_packed, *w_out, stream);
+    w_packed = nullptr;
+  }
   if (w_packed != nullptr) {
     wn8 = w_packed->numel() / 8;
     wblocks = (wn8 + (int64_t)threads * kUnroll - 1) / ((int64_t)threads * kUnroll);
@@ -391,14 +410,7 @@ at::Tensor unpack_int4(const at::Tensor& packed) {
   TORCH_CHECK(packed.size(1) % 8 == 0, "convrot.unpack_int4: packed row length must be a multiple of 8 bytes");
   c10::cuda::CUDAGuard guard(packed.device());
   auto out = at::empty({packed.size(0), packed.size(1) * 2}, packed.options());
-  const int64_t n8 = packed.numel() / 8;
-  if (n8 == 0) return out;
-  const int threads = 256;
-  const int64_t blocks = (n8 + threads * kUnroll - 1) / (threads * kUnroll);
-  unpack_int4_kernel<<<(unsigned)blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const uint2*>(packed.data_ptr()), reinterpret_cast<uint4*>(out.data_ptr()), n8);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return unpack_int4_into(packed, out, at::cuda::getCurrentCUDAStream());
 }
 
 }  // namespace convrot
