@@ -2,10 +2,24 @@
 #pragma once
 
 #include <ATen/ATen.h>
+// Not ATen/cuda/CUDAContext.h: it pulls in cuBLAS/cuSPARSE headers, which a CPU build of torch plus a bare
+// toolkit (the CI machine) does not have, and the kernels need only the stream and the SM count.
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 
 #include <tuple>
 
 namespace convrot {
+
+// Multiprocessors of the current device, asked once per device.
+inline int sm_count() {
+  static int cache[64] = {0};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64) dev = 0;
+  if (cache[dev] == 0) cudaDeviceGetAttribute(&cache[dev], cudaDevAttrMultiProcessorCount, dev);
+  return cache[dev];
+}
 
 void check_rq_input(const at::Tensor& x, int64_t group_size);
 std::tuple<at::Tensor, at::Tensor> rotate_quantize_packed(const at::Tensor& x, int64_t group_size);

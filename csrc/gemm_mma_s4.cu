@@ -4,7 +4,6 @@
 // On sm_90 the s4 instruction is emulated (KERNEL_FACTS.md: 71 TOPS); there this kernel only serves tests.
 #include "convrot.h"
 
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -185,7 +184,7 @@ at::Tensor gemm_s4_mma(const at::Tensor& a, const at::Tensor& a_scale, const at:
   auto out = at::empty({M, N}, a.options().dtype(out_dtype));
   if (M == 0) return out;
   const dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   auto* ap = reinterpret_cast<const uint8_t*>(a.data_ptr());
   auto* wp = reinterpret_cast<const uint8_t*>(w.data_ptr());
   const void* bp = bias.has_value() ? bias->data_ptr() : nullptr;

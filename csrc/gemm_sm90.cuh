@@ -9,7 +9,6 @@
 
 #include "convrot.h"
 
-#include <ATen/cuda/CUDAContext.h>
 
 #include <cstdlib>
 

@@ -1,6 +1,5 @@
 // Operator registration for the convrot CUDA extension (namespace `convrot`). Fake (meta) kernels live in
 // convrot/kernels/__init__.py so torch.compile can trace through the ops.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -34,7 +33,7 @@ at::Tensor gemm_i8_sm90(const at::Tensor& a, const at::Tensor& a_scale, const at
   const int M = (int)a.size(0), N = (int)w.size(0), K = (int)a.size(1);
   auto out = at::empty({M, N}, a.options().dtype(out_dtype));
   if (M == 0) return out;
-  const int cfg = config >= 0 ? (int)config : pick_config(M, N, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const int cfg = config >= 0 ? (int)config : pick_config(M, N, convrot::sm_count());
   static const GemmFn table[3][3] = {
       {gemm_i8_sm90_bf16_big, gemm_i8_sm90_bf16_small, gemm_i8_sm90_bf16_sk},
       {gemm_i8_sm90_f16_big, gemm_i8_sm90_f16_small, gemm_i8_sm90_f16_sk},
@@ -43,7 +42,7 @@ at::Tensor gemm_i8_sm90(const at::Tensor& a, const at::Tensor& a_scale, const at
   const int dt = out_dtype == at::kBFloat16 ? 0 : out_dtype == at::kHalf ? 1 : 2;
   const void* bp = bias.has_value() ? bias->data_ptr() : nullptr;
   table[dt][cfg](a.data_ptr<int8_t>(), a_scale.data_ptr<float>(), w.data_ptr<int8_t>(), w_scale.data_ptr<float>(), bp,
-                 out.data_ptr(), M, N, K, 0, at::cuda::getCurrentCUDAStream(), a.device());
+                 out.data_ptr(), M, N, K, 0, c10::cuda::getCurrentCUDAStream(), a.device());
   return out;
 }
 

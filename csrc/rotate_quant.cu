@@ -8,7 +8,6 @@
 // register permutation and the upper digits (which thread of the group) only change the store address.
 #include "convrot.h"
 
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -311,7 +310,7 @@ void launch_rq(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, const at
   // As many resident blocks as fit, each looping over rows.
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
-  const int64_t slots = (int64_t)std::max(per_sm, 1) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t slots = (int64_t)std::max(per_sm, 1) * convrot::sm_count();
   int64_t grid = short_rows ? M : std::min<int64_t>(M, slots);
   // Experiment hook (bench --act-sweep): CONVROT_ACT_GRID=-1 gives one row per block (the v1 schedule), N > 0 caps it.
   if (const char* e = std::getenv("CONVROT_ACT_GRID")) {
@@ -359,7 +358,7 @@ std::tuple<at::Tensor, at::Tensor> rotate_quantize_impl(const at::Tensor& x, int
     if (wp != nullptr) *wo = unpack_int4(*wp);
     return {out, scale};
   }
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   switch (x.scalar_type()) {
     case at::kBFloat16: dispatch_g<__nv_bfloat16, kPacked>(x, out, scale, group_size, wp, wo, stream); break;
     case at::kHalf: dispatch_g<__half, kPacked>(x, out, scale, group_size, wp, wo, stream); break;
@@ -410,7 +409,7 @@ at::Tensor unpack_int4(const at::Tensor& packed) {
   TORCH_CHECK(packed.size(1) % 8 == 0, "convrot.unpack_int4: packed row length must be a multiple of 8 bytes");
   c10::cuda::CUDAGuard guard(packed.device());
   auto out = at::empty({packed.size(0), packed.size(1) * 2}, packed.options());
-  return unpack_int4_into(packed, out, at::cuda::getCurrentCUDAStream());
+  return unpack_int4_into(packed, out, c10::cuda::getCurrentCUDAStream());
 }
 
 }  // namespace convrot

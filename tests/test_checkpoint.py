@@ -223,11 +223,14 @@ def test_cli_quantize_streams_with_low_peak_memory(tmp_path):
               "rc = main(sys.argv[1:])\n"
               "print('PEAK_KB', status('VmHWM:') - base)\n"
               "sys.exit(rc)\n")
+    # glibc raises its mmap threshold after each large free, after which freed temporaries stay in the heap and
+    # count as resident; a fixed threshold makes the high-water mark measure live memory, not allocator slack
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     r = subprocess.run([sys.executable, "-c", script, "quantize", str(src), str(dst), "--preset", "w4a4",
-                        "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                        "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr
     peak = int(r.stdout.split("PEAK_KB")[1].split()[0]) * 1024
-    assert peak < 0.3 * size, f"peak {peak / 1e6:.0f} MB for a {size / 1e6:.0f} MB file"
+    assert peak < 0.2 * size, f"peak {peak / 1e6:.0f} MB for a {size / 1e6:.0f} MB file"
     assert "smaller" in r.stdout and dst.stat().st_size < 0.5 * size
     i = run_cli("inspect", str(dst))
     assert i.returncode == 0 and "convrot_w4a4 (W4A4, G=256)" in i.stdout
