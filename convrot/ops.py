@@ -31,23 +31,31 @@ def _log_once(msg: str) -> None:
         log.warning("ConvRot: %s", msg)
 
 
-def _fast(t: torch.Tensor, bits: int):
-    if t.device.type != "cuda" or bits != 4:
+def _fast(t: torch.Tensor, group_size: int, n: int | None = None):
+    """The kernels module when it can take this CUDA tensor and shape (K, N, G), else None."""
+    if t.device.type != "cuda":
         return None
     k = _kernels()
     if k is None:
         return None
     try:
-        return k if k.available(t.device) else None
+        if not k.available(t.device):
+            return None
     except Exception as e:
         _log_once(f"CUDA kernels unavailable ({e}); using the PyTorch reference path")
         return None
+    if not k.supports_shape(t.shape[-1], n, group_size):
+        _log_once(f"shape K={t.shape[-1]}, N={n}, G={group_size} is outside the CUDA kernels' limits "
+                  f"(K % 64, N % 8); that layer uses the PyTorch path")
+        return None
+    return k
 
 
 def rotate_quantize(x2d: torch.Tensor, group_size: int, bits: int = 4):
-    k = _fast(x2d, bits)
+    k = _fast(x2d, group_size)
     if k is not None:
-        return k.rotate_quantize(x2d.contiguous(), group_size)
+        x2d = x2d.contiguous()
+        return k.rotate_quantize(x2d, group_size) if bits == 4 else k.rotate_quantize_q8(x2d, group_size)
     return reference.rotate_quantize(x2d, group_size, bits)
 
 
@@ -64,36 +72,16 @@ def linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torc
            group_size: int, bits: int = 4) -> torch.Tensor:
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    k = _fast(x2d, bits) if x.dtype in (torch.float16, torch.bfloat16) else None
+    k = _fast(x2d, group_size, w_scale.shape[0]) if x.dtype in (torch.float16, torch.bfloat16) else None
     if k is not None and x2d.shape[0] > 0:
-        out = k.w4a4_linear(x2d.contiguous(), w_q, w_scale, bias, group_size)
+        fn = k.w4a4_linear if bits == 4 else k.w8a8_linear
+        out = fn(x2d.contiguous(), w_q, w_scale, bias, group_size)
     elif bits == 8 and x.device.type == "cuda" and x2d.shape[0] > 0 and w_q.shape[0] % 8 == 0:
         out = _w8a8_cuda(x2d, w_q, w_scale, bias, group_size)
     else:
         a_q, a_scale = reference.rotate_quantize(x2d, group_size, bits)
-        if torch.compiler.is_compiling():
-            out = _quantized_gemm_static(a_q, a_scale, w_q, w_scale, bias, x.dtype, bits)
-        else:
-            out = reference.quantized_gemm(a_q, a_scale, w_q, w_scale, bias, x.dtype, bits)
+        out = reference.quantized_gemm(a_q, a_scale, w_q, w_scale, bias, x.dtype, bits)
     return out.reshape(*lead, w_scale.shape[0])
-
-
-def _quantized_gemm_static(a_q, a_scale, w_q, w_scale, bias, out_dtype, bits):
-    """reference.quantized_gemm for torch.compile: the fp32/fp64 choice from the shape alone.
-
-    reference.int_matmul bounds the accumulator with the codes' actual max (`int(tensor)`: a dynamo graph break per
-    call, and per-layer recompiles of the frames around it). Codes never exceed 8 (a nibble) or 128 in magnitude,
-    so qmax² · K bounds the sums just as well; either choice accumulates integers exactly, so results are identical.
-    Integer codes up to 2^11 are exact in TF32 as well, so the CUDA TF32 setting does not matter here.
-    """
-    a, w = reference.codes_of(a_q, bits), reference.codes_of(w_q, bits)
-    q = 8 if bits == 4 else 128
-    dt = torch.float32 if q * q * a.shape[-1] < 2**24 else torch.float64
-    acc = (a.to(dt) @ w.to(dt).t()).to(torch.float32)
-    out = acc * a_scale.to(torch.float32).unsqueeze(-1) * w_scale.to(torch.float32)
-    if bias is not None:
-        out = out + bias.to(torch.float32)
-    return out.to(out_dtype)
 
 
 def _w8a8_cuda(x2d, w_q, w_scale, bias, group_size):

@@ -68,21 +68,16 @@ def codes_of(q: torch.Tensor, bits: int) -> torch.Tensor:
     return unpack_int4(q) if bits == 4 else q
 
 
-def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact a[M,K] @ b[N,K]ᵀ for integer codes, returned as fp32.
+def int_matmul(a: torch.Tensor, b: torch.Tensor, qmax: int = 128) -> torch.Tensor:
+    """Exact a[M,K] @ b[N,K]ᵀ for integer codes of magnitude <= qmax, returned as fp32.
 
-    fp32 sums of integers are exact while every partial sum stays below 2^24: |acc| <= 7²·K (int4) or 127²·K
-    (int8) bounds them, so int4 is exact in fp32 up to K ~ 342k and int8 up to K ~ 1040; past that fp64 is used.
-    TF32 would round the inputs, so it is switched off for the call on CUDA.
+    Floating-point sums of integers are exact while every partial sum stays below 2^24 (fp32) or 2^53 (fp64), and
+    qmax² · K bounds them, so the dtype follows from the shape alone (no data-dependent branch, which keeps the op
+    traceable by torch.compile): int4 codes (qmax 8) stay in fp32 up to K = 262144; int8 codes use fp64 past
+    K = 1024. Codes up to 2^11 are exact in TF32 too, so the CUDA TF32 setting cannot change the result.
     """
-    bound = int(a.abs().max().clamp_min(1)) * int(b.abs().max().clamp_min(1)) * a.shape[-1] if a.numel() else 0
-    dtype = torch.float32 if bound < 2**24 else torch.float64
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        return (a.to(dtype) @ b.to(dtype).t()).to(torch.float32)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
+    dtype = torch.float32 if qmax * qmax * a.shape[-1] < 2**24 else torch.float64
+    return (a.to(dtype) @ b.to(dtype).t()).to(torch.float32)
 
 
 def quantized_gemm(
@@ -95,7 +90,7 @@ def quantized_gemm(
     bits: int = 4,
 ) -> torch.Tensor:
     """[M, K(/2)] x [N, K(/2)]ᵀ with exact integer accumulation and the scales/bias epilogue."""
-    acc = int_matmul(codes_of(a_q, bits), codes_of(w_q, bits))
+    acc = int_matmul(codes_of(a_q, bits), codes_of(w_q, bits), 8 if bits == 4 else 128)
     out = acc * a_scale.to(torch.float32).unsqueeze(-1) * w_scale.to(torch.float32)
     if bias is not None:
         out = out + bias.to(torch.float32)

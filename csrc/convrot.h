@@ -24,6 +24,7 @@ inline int sm_count() {
 void check_rq_input(const at::Tensor& x, int64_t group_size);
 std::tuple<at::Tensor, at::Tensor> rotate_quantize_packed(const at::Tensor& x, int64_t group_size);
 std::tuple<at::Tensor, at::Tensor> rotate_quantize_int8(const at::Tensor& x, int64_t group_size);
+std::tuple<at::Tensor, at::Tensor> rotate_quantize_q8(const at::Tensor& x, int64_t group_size);
 at::Tensor unpack_int4(const at::Tensor& packed);
 // rotate_quantize_int8 and unpack_int4(w_packed) in one launch (the per-call weight path of the sm_90 linear).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_quantize_int8_unpack(const at::Tensor& x, int64_t group_size,

@@ -52,6 +52,7 @@ at::Tensor gemm_i8_sm90(const at::Tensor& a, const at::Tensor& a_scale, const at
 TORCH_LIBRARY(convrot, m) {
   m.def("rotate_quantize(Tensor x, int group_size) -> (Tensor, Tensor)");
   m.def("rotate_quantize_i8(Tensor x, int group_size) -> (Tensor, Tensor)");
+  m.def("rotate_quantize_q8(Tensor x, int group_size) -> (Tensor, Tensor)");
   m.def("unpack_int4(Tensor packed) -> Tensor");
   m.def("rotate_quantize_i8_unpack(Tensor x, int group_size, Tensor w_packed) -> (Tensor, Tensor, Tensor)");
   m.def(
@@ -64,6 +65,7 @@ TORCH_LIBRARY(convrot, m) {
 TORCH_LIBRARY_IMPL(convrot, CUDA, m) {
   m.impl("rotate_quantize", &convrot::rotate_quantize_packed);
   m.impl("rotate_quantize_i8", &convrot::rotate_quantize_int8);
+  m.impl("rotate_quantize_q8", &convrot::rotate_quantize_q8);
   m.impl("unpack_int4", &convrot::unpack_int4);
   m.impl("rotate_quantize_i8_unpack", &convrot::rotate_quantize_int8_unpack);
   m.impl("gemm_s4_mma", &convrot::gemm_s4_mma);

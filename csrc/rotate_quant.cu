@@ -111,7 +111,7 @@ template <typename T, int G, int CPT, bool kPacked, bool kPrefetch>
 __global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
     rotate_quantize_kernel(const T* __restrict__ x, int8_t* __restrict__ out, float* __restrict__ scale, int64_t M,
                            int K, int active, int act_grid, const uint2* __restrict__ wp, uint4* __restrict__ wout,
-                           int64_t wn8) {
+                           int64_t wn8, float qmax) {
   // Blocks past act_grid sign-extend a packed weight instead (the fused per-call path of w4a4_linear): one launch
   // instead of two, and the weight's bandwidth-bound blocks fill the SMs while short activation rows wait on
   // their reductions.
@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
       if (t == 0) {
-        const float sc = __fdiv_rn(fmaxf(m * kNorm, 1e-10f), 7.f);
+        const float sc = __fdiv_rn(fmaxf(m * kNorm, 1e-10f), qmax);  // 7 (int4 codes) or 127 (W8A8)
         scale[row] = sc;
         rb[0] = sc;
         rb[1] = kNorm * __frcp_rn(sc);
@@ -283,7 +283,7 @@ at::Tensor unpack_int4_into(const at::Tensor& packed, at::Tensor out, cudaStream
 
 template <typename T, int G, bool kPacked>
 void launch_rq(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, const at::Tensor* w_packed, at::Tensor* w_out,
-               cudaStream_t stream) {
+               cudaStream_t stream, float qmax) {
   const int64_t M = x.size(0);
   const int K = (int)x.size(1);
   const int chunks = K / kChunk;
@@ -334,21 +334,21 @@ void launch_rq(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, const at
     wp = reinterpret_cast<const uint2*>(w_packed->data_ptr());
     wo = reinterpret_cast<uint4*>(w_out->data_ptr());
   }
-  kernel<<<(unsigned)(grid + wblocks), threads, 0, stream>>>(xp, op, sp, M, K, active, (int)grid, wp, wo, wn8);
+  kernel<<<(unsigned)(grid + wblocks), threads, 0, stream>>>(xp, op, sp, M, K, active, (int)grid, wp, wo, wn8, qmax);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, bool kPacked>
 void dispatch_g(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, int64_t G, const at::Tensor* wp, at::Tensor* wo,
-                cudaStream_t s) {
-  if (G == 16) launch_rq<T, 16, kPacked>(x, out, scale, wp, wo, s);
-  else if (G == 64) launch_rq<T, 64, kPacked>(x, out, scale, wp, wo, s);
-  else launch_rq<T, 256, kPacked>(x, out, scale, wp, wo, s);
+                cudaStream_t s, float qmax) {
+  if (G == 16) launch_rq<T, 16, kPacked>(x, out, scale, wp, wo, s, qmax);
+  else if (G == 64) launch_rq<T, 64, kPacked>(x, out, scale, wp, wo, s, qmax);
+  else launch_rq<T, 256, kPacked>(x, out, scale, wp, wo, s, qmax);
 }
 
 template <bool kPacked>
 std::tuple<at::Tensor, at::Tensor> rotate_quantize_impl(const at::Tensor& x, int64_t group_size, const at::Tensor* wp,
-                                                        at::Tensor* wo) {
+                                                        at::Tensor* wo, float qmax = 7.f) {
   check_rq_input(x, group_size);
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1);
@@ -360,9 +360,9 @@ std::tuple<at::Tensor, at::Tensor> rotate_quantize_impl(const at::Tensor& x, int
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
   switch (x.scalar_type()) {
-    case at::kBFloat16: dispatch_g<__nv_bfloat16, kPacked>(x, out, scale, group_size, wp, wo, stream); break;
-    case at::kHalf: dispatch_g<__half, kPacked>(x, out, scale, group_size, wp, wo, stream); break;
-    default: dispatch_g<float, kPacked>(x, out, scale, group_size, wp, wo, stream); break;
+    case at::kBFloat16: dispatch_g<__nv_bfloat16, kPacked>(x, out, scale, group_size, wp, wo, stream, qmax); break;
+    case at::kHalf: dispatch_g<__half, kPacked>(x, out, scale, group_size, wp, wo, stream, qmax); break;
+    default: dispatch_g<float, kPacked>(x, out, scale, group_size, wp, wo, stream, qmax); break;
   }
   return {out, scale};
 }
@@ -390,6 +390,11 @@ std::tuple<at::Tensor, at::Tensor> rotate_quantize_packed(const at::Tensor& x, i
 
 std::tuple<at::Tensor, at::Tensor> rotate_quantize_int8(const at::Tensor& x, int64_t group_size) {
   return rotate_quantize_impl<false>(x, group_size, nullptr, nullptr);
+}
+
+// W8A8: the same rotation with symmetric int8 codes in [-127, 127] (the fp32 multiply-round path holds them exactly).
+std::tuple<at::Tensor, at::Tensor> rotate_quantize_q8(const at::Tensor& x, int64_t group_size) {
+  return rotate_quantize_impl<false>(x, group_size, nullptr, nullptr, 127.f);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_quantize_int8_unpack(const at::Tensor& x, int64_t group_size,

@@ -294,3 +294,68 @@ def test_fake_kernels(K_):
         w = torch.empty(24, 256, device="cuda", dtype=torch.int8)
         out = torch.ops.convrot.gemm_s4_mma(q, s, w, torch.empty(24, device="cuda"), None, torch.float16)
         assert out.shape == (9, 24) and out.dtype == torch.float16
+
+
+def assert_int8_codes_close(ours, ref):
+    d = (ours.to(torch.int16) - ref.to(torch.int16)).abs()
+    assert int(d.max()) <= 1, f"code differs by {int(d.max())}"
+    bad = int((d != 0).sum())
+    assert bad <= max(2, int(1e-3 * d.numel())), f"{bad} of {d.numel()} codes differ by 1 (allowed: 0.1%)"
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("G", [16, 64, 256])
+@pytest.mark.parametrize("m,k", [(1, 256), (7, 3072), (513, 1024), (64, 15360)])
+def test_rotate_quantize_q8(K_, dtype, G, m, k):
+    """W8A8: the same rotation with int8 codes in [-127, 127]."""
+    x = make_act(m, k, dtype, seed=zlib.crc32(f'q8{dtype}{G}{m}{k}'.encode()) & 0xFFFF)
+    poison(m * k, byte=0x80)  # -128: never a valid code
+    poison_nan(m)
+    q, s = K_.rotate_quantize_q8(x, G)
+    q_ref, s_ref = reference.rotate_quantize(x, G, bits=8)
+    assert q.shape == (m, k) and q.dtype == torch.int8 and int(q.min()) >= -127
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)
+    assert_int8_codes_close(q, q_ref)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 7, 513])
+def test_w8a8_linear_vs_reference(K_, dtype, m):
+    n, k, G = 264, 3072, 256
+    x = make_act(m, k, dtype, seed=m * 17 + 3)
+    g = _gen(m + 99)
+    w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.float32).to(dtype) * 0.05
+    bias = torch.randn(n, device="cuda", generator=g, dtype=torch.float32).to(dtype)
+    w_q, w_s = K_.rotate_quantize_q8(w, G)
+    w_q_ref, w_s_ref = reference.rotate_quantize(w, G, bits=8)
+    torch.testing.assert_close(w_s, w_s_ref, rtol=1e-5, atol=0)
+    assert_int8_codes_close(w_q, w_q_ref)
+    poison(m * n * 2, byte=0xFF)
+    out = K_.w8a8_linear(x, w_q, w_s, bias, G)
+    assert out.dtype == dtype and out.shape == (m, n) and torch.isfinite(out).all()
+    a_q, a_s = K_.rotate_quantize_q8(x, G)
+    ref = reference.quantized_gemm(a_q, a_s, w_q, w_s, bias, torch.float32, bits=8)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.float(), ref.to(dtype).float(), rtol=eps, atol=eps * float(ref.abs().max()) * 1e-3)
+    full = reference.convrot_linear(x, w_q, w_s, bias, G, bits=8)
+    assert float((out.float() - full.float()).norm() / full.float().norm()) < 1e-2
+
+
+@cuda
+def test_dispatch_uses_kernels_and_falls_back_by_shape(K_):
+    """convrot.ops picks the kernels for supported shapes and the reference path (not an error) otherwise."""
+    from convrot import ops
+    for bits in (4, 8):
+        w = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16) * 0.05
+        w_q, w_s = ops.quantize_weight(w, 256, bits)
+        x = make_act(9, 1024, torch.bfloat16, seed=bits)
+        out = ops.linear(x, w_q, w_s, None, 256, bits)
+        full = reference.convrot_linear(x, w_q, w_s, None, 256, bits)
+        assert float((out.float() - full.float()).norm() / full.float().norm()) < 5e-2
+    w = torch.randn(12, 1024, device="cuda", dtype=torch.bfloat16)  # N = 12: outside the kernels (N % 8)
+    w_q, w_s = ops.quantize_weight(w, 256, 4)
+    x = make_act(5, 1024, torch.bfloat16, seed=7)
+    out = ops.linear(x, w_q, w_s, None, 256, 4)
+    assert torch.equal(out, reference.convrot_linear(x, w_q, w_s, None, 256))

@@ -115,7 +115,8 @@ def _register_fakes() -> None:
     def gemm_i8_fake(a, a_scale, w, w_scale, bias, out_dtype, config=-1):
         return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
 
-    for name, fn in (("rotate_quantize", rq_fake), ("rotate_quantize_i8", rq8_fake), ("unpack_int4", unpack_fake),
+    for name, fn in (("rotate_quantize", rq_fake), ("rotate_quantize_i8", rq8_fake), ("rotate_quantize_q8", rq8_fake),
+                     ("unpack_int4", unpack_fake),
                      ("rotate_quantize_i8_unpack", rq8u_fake),
                      ("gemm_s4_mma", gemm_s4_fake), ("gemm_i8_sm90", gemm_i8_fake)):
         try:
@@ -248,6 +249,12 @@ def rotate_quantize_int8_codes(x2d: torch.Tensor, group_size: int):
     return _ops().rotate_quantize_i8(x2d, group_size)
 
 
+def rotate_quantize_q8(x2d: torch.Tensor, group_size: int):
+    """(int8 codes [M, K] in [-127, 127], scale fp32 [M]) — the reference's rotate_quantize(x2d, G, bits=8)."""
+    _check_act(x2d, group_size)
+    return _ops().rotate_quantize_q8(x2d, group_size)
+
+
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """Packed int4 [N, K/2] -> int8 codes [N, K] on the GPU."""
     return _ops().unpack_int4(packed)
@@ -352,3 +359,31 @@ def w4a4_linear(x2d: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor
         raise ValueError(f"weight has {w_packed.shape[1]} bytes per row; expected {k // 2}")
     a4, a_scale = ops.rotate_quantize(x2d, group_size)
     return ops.gemm_s4_mma(a4, a_scale, w_packed, w_scale, bias, x2d.dtype)
+
+
+def w8a8_linear(x2d: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias, group_size: int,
+                config: int = -1) -> torch.Tensor:
+    """W8A8 ConvRot linear: the same rotation, int8 codes in [-127, 127] per token, the same 8-bit GEMM.
+
+    sm_90 runs the CUTLASS GEMM with its fused epilogue; sm_80/86/89 run cuBLAS int8 (torch._int_mm), which
+    wants M > 16, so tiny batches are padded with zero rows, and apply the scales after it.
+    """
+    ops = _ops()
+    _check_act(x2d, group_size)
+    if x2d.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"w8a8_linear returns x's dtype, which must be bfloat16 or float16, got {x2d.dtype}")
+    _check_w(w8, w_scale, bias)
+    k = x2d.shape[1]
+    if w8.shape[1] != k:
+        raise ValueError(f"W8A8 weight has {w8.shape[1]} codes per row; expected K={k}")
+    w_scale = w_scale.to(torch.float32).contiguous()
+    a8, a_scale = ops.rotate_quantize_q8(x2d, group_size)
+    if _is_sm90():
+        return ops.gemm_i8_sm90(a8, a_scale, w8, w_scale, _bias_as(bias, x2d.dtype), x2d.dtype, config)
+    m = a8.shape[0]
+    if m <= 16:
+        a8 = torch.cat((a8, a8.new_zeros(17 - m, k)))
+    out = torch._int_mm(a8, w8.t())[:m].to(torch.float32) * a_scale.unsqueeze(-1) * w_scale
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(x2d.dtype)
