@@ -207,7 +207,8 @@ class ConvRotLinearOp(comfy.ops.manual_cast.Linear):
     def _cast_bias(self, x: torch.Tensor):
         if self.bias is None:
             return None
-        bias = self.bias.to(device=x.device, dtype=x.dtype, copy=True)
+        # a copy only when patches will modify it; otherwise .to() is free for a bias already on x's device/dtype
+        bias = self.bias.to(device=x.device, dtype=x.dtype, copy=bool(self.bias_function))
         for f in self.bias_function:
             bias = f(bias)
         lowvram_fn = getattr(self, "bias_lowvram_function", None)

@@ -185,6 +185,9 @@ def unavailable_reason() -> str | None:
     return _state["reason"]
 
 
+_device_ok: dict[int, bool] = {}
+
+
 def available(device=None) -> bool:
     """True when the kernels can run on `device` (a torch.device, index or tensor device); never raises."""
     try:
@@ -195,7 +198,12 @@ def available(device=None) -> bool:
             return False
         if load() is None:
             return False
-        return torch.cuda.get_device_capability(device) == _state["cc"]
+        # asked once per device: this runs on every quantized linear call, hundreds per sampling step
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        ok = _device_ok.get(index)
+        if ok is None:
+            ok = _device_ok[index] = torch.cuda.get_device_capability(index) == _state["cc"]
+        return ok
     except Exception as e:
         log.warning("ConvRot CUDA kernels not available: %s", e)
         return False
