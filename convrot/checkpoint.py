@@ -68,7 +68,10 @@ def convrot_params(conf: dict, where: str) -> tuple[int, int] | None:
     """
     fmt = conf.get("format")
     params = conf.get("params") if isinstance(conf.get("params"), dict) else {}
-    g = int(conf.get("convrot_groupsize", params.get("convrot_groupsize", 256)))
+    try:
+        g = int(conf.get("convrot_groupsize", params.get("convrot_groupsize", 256)))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: unreadable convrot_groupsize in its comfy_quant ({e})") from e
     if fmt == FORMAT_W4A4:
         return 4, check_layer_group(g, where)
     if fmt == FORMAT_INT8 and conf.get("convrot", params.get("convrot", False)):
@@ -136,6 +139,8 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         try:
             dt = _ST_DTYPES[v["dtype"]]
             b, e = int(v["data_offsets"][0]), int(v["data_offsets"][1])
+            if any(int(d) < 0 for d in v["shape"]) or b < 0 or e < b:
+                raise CheckpointError(f"{name}: tensor {k!r} has a negative size or offset: {v}")
             infos[k] = TensorInfo(dt, tuple(v["shape"]), 8 + n + b)
             if e - b != nbytes(infos[k]):
                 raise CheckpointError(f"{name}: tensor {k!r} has {e - b} bytes for shape {v['shape']} {v['dtype']}")
@@ -216,9 +221,10 @@ class StreamingWriter:
         self.pos += 1
 
     def close(self) -> None:
-        self.f.close()
         if self.pos != len(self.order):
+            self.abort()
             raise CheckpointError(f"internal: {len(self.order) - self.pos} tensors were never written")
+        self.f.close()
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:

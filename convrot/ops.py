@@ -13,6 +13,7 @@ from . import reference
 
 log = logging.getLogger("convrot")
 _fallback_logged: set[str] = set()
+_int_mm_ok = [True]
 
 
 def _kernels():
@@ -76,8 +77,13 @@ def linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torc
     if k is not None and x2d.shape[0] > 0:
         fn = k.w4a4_linear if bits == 4 else k.w8a8_linear
         out = fn(x2d.contiguous(), w_q, w_scale, bias, group_size)
-    elif bits == 8 and x.device.type == "cuda" and x2d.shape[0] > 0 and w_q.shape[0] % 8 == 0:
-        out = _w8a8_cuda(x2d, w_q, w_scale, bias, group_size)
+    elif bits == 8 and x.device.type == "cuda" and x2d.shape[0] > 0 and w_q.shape[0] % 8 == 0 and _int_mm_ok[0]:
+        try:
+            out = _w8a8_cuda(x2d, w_q, w_scale, bias, group_size)
+        except RuntimeError as e:  # cuBLAS int8 is missing on some GPUs/builds (pre-Ampere, some ROCm)
+            _int_mm_ok[0] = False
+            _log_once(f"torch._int_mm failed ({e}); W8A8 layers use the PyTorch reference path")
+            return linear(x, w_q, w_scale, bias, group_size, bits)
     else:
         a_q, a_scale = reference.rotate_quantize(x2d, group_size, bits)
         out = reference.quantized_gemm(a_q, a_scale, w_q, w_scale, bias, x.dtype, bits)

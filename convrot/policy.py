@@ -99,13 +99,13 @@ def parse_overrides(spec) -> list[tuple[str, str]]:
     if not spec:
         return []
     if isinstance(spec, (list, tuple)):
-        return [(str(p), str(a)) for p, a in spec]
+        return [(str(p), str(a).lower()) for p, a in spec]
     if isinstance(spec, dict):
-        return [(str(p), str(a)) for p, a in spec.items()]
+        return [(str(p), str(a).lower()) for p, a in spec.items()]
     text = str(spec).strip()
     if text.startswith("{"):
         try:
-            return [(str(p), str(a)) for p, a in json.loads(text).items()]
+            return [(str(p), str(a).lower()) for p, a in json.loads(text).items()]
         except json.JSONDecodeError as e:
             raise ValueError(f"layer overrides are not valid JSON: {e}") from e
     out = []

@@ -69,15 +69,20 @@ def codes_of(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def int_matmul(a: torch.Tensor, b: torch.Tensor, qmax: int = 128) -> torch.Tensor:
-    """Exact a[M,K] @ b[N,K]ᵀ for integer codes of magnitude <= qmax, returned as fp32.
+    """Exact a[M,K] @ b[N,K]ᵀ for integer codes of magnitude <= qmax, as int32 (the kernels' accumulator).
 
-    Floating-point sums of integers are exact while every partial sum stays below 2^24 (fp32) or 2^53 (fp64), and
-    qmax² · K bounds them, so the dtype follows from the shape alone (no data-dependent branch, which keeps the op
-    traceable by torch.compile): int4 codes (qmax 8) stay in fp32 up to K = 262144; int8 codes use fp64 past
-    K = 1024. Codes up to 2^11 are exact in TF32 too, so the CUDA TF32 setting cannot change the result.
+    fp32 sums of integers are exact while every partial sum stays below 2^24, and qmax² · K bounds them; so K is
+    cut into chunks short enough for that (all of K for int4 codes, 1024 for int8), each chunk's product is exact
+    in fp32 and the chunks are summed in int32. The split follows from the shape alone (no data-dependent branch,
+    so torch.compile traces it), needs no float64 (MPS has none), and codes up to 2^11 are exact in TF32 too.
     """
-    dtype = torch.float32 if qmax * qmax * a.shape[-1] < 2**24 else torch.float64
-    return (a.to(dtype) @ b.to(dtype).t()).to(torch.float32)
+    step = max(1, (2**24 - 1) // (qmax * qmax))
+    af, bf = a.to(torch.float32), b.to(torch.float32)
+    acc = None
+    for s in range(0, max(a.shape[-1], 1), step):
+        part = (af[:, s:s + step] @ bf[:, s:s + step].t()).to(torch.int32)
+        acc = part if acc is None else acc + part
+    return acc
 
 
 def quantized_gemm(
@@ -90,7 +95,7 @@ def quantized_gemm(
     bits: int = 4,
 ) -> torch.Tensor:
     """[M, K(/2)] x [N, K(/2)]ᵀ with exact integer accumulation and the scales/bias epilogue."""
-    acc = int_matmul(codes_of(a_q, bits), codes_of(w_q, bits), 8 if bits == 4 else 128)
+    acc = int_matmul(codes_of(a_q, bits), codes_of(w_q, bits), 8 if bits == 4 else 128).to(torch.float32)
     out = acc * a_scale.to(torch.float32).unsqueeze(-1) * w_scale.to(torch.float32)
     if bias is not None:
         out = out + bias.to(torch.float32)

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+import comfy.model_management
 import comfy.sd
 import comfy.utils
 import folder_paths
@@ -23,6 +24,12 @@ log = logging.getLogger("convrot")
 
 PRESET_CHOICES = ["mixed", "w4a4", "compact", "w8a8"]
 GROUP_CHOICES = [str(g) for g in sorted(SUPPORTED_GROUP_SIZES, reverse=True)]  # "256", "64", "16"
+
+
+def _quant_device():
+    """Quantize on the GPU ComfyUI computes on (not under --cpu, and not a different card than it uses)."""
+    dev = comfy.model_management.get_torch_device()
+    return dev if dev.type == "cuda" else None
 
 
 def load_convrot_model(path: str, preset: str = "mixed", group_size: int | str = 256, overrides: str = "",
@@ -49,7 +56,7 @@ def load_convrot_model(path: str, preset: str = "mixed", group_size: int | str =
     pbar = comfy.utils.ProgressBar(n_layers) if progress else None
     spec = LoadSpec.from_plan(
         name, g, plan.actions, confs,
-        quant_device=torch.device("cuda") if torch.cuda.is_available() else None,
+        quant_device=_quant_device(),
         progress=(lambda layer: pbar.update(1)) if pbar is not None else None)
     try:
         patcher = comfy.sd.load_diffusion_model(path, model_options={"custom_operations": make_ops(spec)})

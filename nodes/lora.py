@@ -112,7 +112,7 @@ class LayerPatches:
         if prep is None:
             with torch.no_grad():
                 prep = self._prepare(layer, x.device, x.dtype)
-            self._cache[ck] = prep
+            self._cache = {ck: prep}  # only the current device/dtype: an offloaded copy would pin memory
         branches, dense = prep
         for (start, length), down, up in branches:
             h = F.linear(F.linear(x, down), up)

@@ -15,6 +15,7 @@ are applied as branches next to the quantized GEMM.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,6 +28,19 @@ from ..convrot import ops as cr_ops
 from ..convrot.checkpoint import CheckpointError, convrot_params, decode_conf, encode_conf, layer_conf
 from ..convrot.policy import BF16, W4A4, W8A8, strip_prefix
 from .lora import LayerPatches
+
+
+class _WeakSetWeight:
+    """A quantized layer's `set_weight`, holding the layer weakly: a bound method stored on the instance would make
+    a layer -> method -> layer cycle that only the cyclic GC frees, keeping the layer's GPU buffers alive longer."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, layer):
+        self.ref = weakref.ref(layer)
+
+    def __call__(self, *args, **kwargs):
+        return self.ref()._convrot_set_weight(*args, **kwargs)
 
 log = logging.getLogger("convrot")
 
@@ -163,13 +177,16 @@ class ConvRotLinearOp(comfy.ops.manual_cast.Linear):
                                   f"[{self.out_features} x {self.in_features}]")
         if scale.numel() != self.out_features:
             raise CheckpointError(f"{where}: weight_scale has {scale.numel()} values, expected {self.out_features}")
+        if self.in_features % g:
+            raise CheckpointError(f"{where}: in_features {self.in_features} is not a multiple of its ConvRot group "
+                                  f"size {g}")
         if "weight" in self._parameters:
             del self._parameters["weight"]
         self.register_buffer("weight", q.to(device=device, dtype=torch.int8))
         self.register_buffer("weight_scale", scale.reshape(self.out_features).to(device=device,
                                                                                   dtype=torch.float32))
         self.convrot_bits, self.convrot_group_size = bits, g
-        self.set_weight = self._convrot_set_weight
+        self.set_weight = _WeakSetWeight(self)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

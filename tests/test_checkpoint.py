@@ -249,3 +249,40 @@ def test_demo_runs_and_reports():
     assert "final output relative error" in r.stdout and "smaller" in r.stdout
     err = float(r.stdout.split("final output relative error vs bf16:")[1].split()[0])
     assert 0 < err < 0.2
+
+
+def test_unreadable_group_size_names_the_layer(tmp_path):
+    src, dst = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    sd = dict(random_flux(FluxConfig.tiny(), seed=1).state_dict())
+    sd["single_blocks.1.linear2.comfy_quant"] = encode_conf({"format": "convrot_w4a4", "convrot_groupsize": "abc"})
+    save_file(sd, str(src))
+    with pytest.raises(CheckpointError, match="single_blocks.1.linear2.*convrot_groupsize"):
+        quantize_file(str(src), str(dst), 256, device="cpu")
+    assert_nothing_written(dst)
+
+
+def test_negative_shape_in_header_is_refused(tmp_path):
+    import struct
+    src = tmp_path / "neg.safetensors"
+    header = json.dumps({"x.weight": {"dtype": "I8", "shape": [-1, -4], "data_offsets": [0, 4]}}).encode()
+    src.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    with pytest.raises(CheckpointError, match="neg.safetensors.*negative"):
+        read_header(str(src))
+
+
+def test_writer_that_misses_tensors_leaves_no_part_file(tmp_path):
+    from convrot.checkpoint import StreamingWriter, TensorInfo
+    dst = tmp_path / "o.safetensors"
+    w = StreamingWriter(str(dst), {"a": TensorInfo(torch.float32, (2,)), "b": TensorInfo(torch.float32, (2,))})
+    w.write("a", torch.zeros(2))
+    with pytest.raises(CheckpointError, match="never written"):
+        w.close()
+    assert_nothing_written(dst)
+
+
+def test_override_actions_are_case_insensitive_in_every_form():
+    from convrot.policy import parse_overrides
+    want = [("double_blocks.*", "w8a8")]
+    assert parse_overrides('{"double_blocks.*": "W8A8"}') == want
+    assert parse_overrides("double_blocks.* = W8A8") == want
+    assert parse_overrides({"double_blocks.*": "W8A8"}) == want

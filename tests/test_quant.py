@@ -75,7 +75,7 @@ def test_linear_matches_dequantized_math(g, dtype):
 def test_w4a4_is_close_to_float_and_rotation_helps_outliers():
     k, n = 1024, 256
     x = outlier_input(64, k, dtype=torch.float32)
-    w = torch.randn(n, k) / k**0.5
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) / k**0.5  # seeded: independent of test order
     ref = x @ w.T
     wq, ws = rotate_quantize(w, 256)
     rel = lambda y: ((y.float() - ref).norm() / ref.norm()).item()  # noqa: E731
@@ -121,3 +121,14 @@ def test_module_refuses_bad_shapes():
         ConvRotLinear(100, 8, group_size=64)
     with pytest.raises(ValueError, match="group size"):
         ConvRotLinear(256, 8, group_size=32)
+
+
+def test_int_matmul_long_int8_rows_stay_exact_without_float64():
+    # K = 5000 int8 codes: partial sums exceed 2^24, so K is split into exact fp32 chunks summed in int32
+    a = torch.full((2, 5000), 127, dtype=torch.int8)
+    b = torch.full((3, 5000), -127, dtype=torch.int8)
+    b[0, ::7] = 1
+    b[1, 1] = 3  # a value no float32 holds exactly at this magnitude: the accumulator must be an integer type
+    got = int_matmul(a, b)
+    assert got.dtype == torch.int32
+    assert torch.equal(got.long(), a.long() @ b.long().T)
