@@ -52,23 +52,26 @@ def linear_bytes(model: nn.Module) -> tuple[int, int]:
     return stored, bf16
 
 
-def projected_bytes(cfg: FluxConfig, preset: str, group_size: int) -> tuple[int, int]:
-    """Linear-weight bytes of a full-size model under a preset, from shapes alone (nothing allocated)."""
+def projected_bytes(cfg: FluxConfig, preset: str, group_size: int = 256) -> tuple[int, int]:
+    """(bytes under the preset, bytes in bf16) of all transformer weights, from shapes alone (nothing allocated).
+
+    Per linear layer: bf16 2 bytes/weight; W4A4 0.5 byte/weight + a 4-byte scale per output channel; W8A8 1 byte +
+    4 bytes per channel. Biases, norms and every other tensor stay bf16.
+    """
     with torch.device("meta"):
         model = Flux(cfg)
-    names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    policy = LayerPolicy.for_names(names, preset)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    policy = LayerPolicy.for_names([f"{n}.weight" for n in linears], preset)
     stored = bf16 = 0
-    for n, m in model.named_modules():
-        if not isinstance(m, nn.Linear):
-            continue
-        act = policy.action(n)
-        w = m.in_features * m.out_features
-        bf16 += 2 * w
+    for name, p in model.named_parameters():
+        bf16 += 2 * p.numel()
+        layer = name.rsplit(".", 1)[0]
+        m = linears.get(layer)
+        act = policy.action(layer) if m is not None and name.endswith(".weight") else BF16
         if act == BF16 or m.in_features % group_size:
-            stored += 2 * w
+            stored += 2 * p.numel()
         else:
-            stored += (w // 2 if act == "w4a4" else w) + 4 * m.out_features
+            stored += (p.numel() // 2 if act == "w4a4" else p.numel()) + 4 * m.out_features
     return stored, bf16
 
 
@@ -113,7 +116,7 @@ def run_demo(preset: str, group_size: int, hidden: int, depth: int, single: int,
           f"mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}")
     print(f"final output relative error vs bf16: {out_err:.4f}")
     print(f"linear weights: {stored / 1e6:.2f} MB vs {bf16 / 1e6:.2f} MB bf16 -> {bf16 / stored:.2f}x smaller "
-          f"(this model); FLUX.1-dev size: {full_stored / 1e9:.2f} GB vs {full_bf16 / 1e9:.2f} GB -> "
+          f"(this model); FLUX.1-dev transformer: {full_stored / 1e9:.2f} GB vs {full_bf16 / 1e9:.2f} GB -> "
           f"{full_bf16 / full_stored:.2f}x smaller")
     print(f"time on this machine: quantize {t_quant:.2f}s, forward bf16 {t_ref:.2f}s, ConvRot {t_q:.2f}s "
           f"(CPU reference path; speed is measured on the GPU with `python -m convrot bench`)")

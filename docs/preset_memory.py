@@ -16,42 +16,19 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from convrot.flux import Flux, FluxConfig  # noqa: E402
-from convrot.policy import BF16, PRESETS, W4A4, W8A8, LayerPolicy  # noqa: E402
+from convrot.demo import projected_bytes  # noqa: E402
+from convrot.flux import FluxConfig  # noqa: E402
+from convrot.policy import PRESETS  # noqa: E402
 
 PRESET_ORDER = ("mixed", "w4a4", "compact", "w8a8")
-
-
-def weight_bytes(out_features: int, in_features: int, action: str) -> int:
-    n = out_features * in_features
-    if action == W4A4:
-        return n // 2 + 4 * out_features
-    if action == W8A8:
-        return n + 4 * out_features
-    return 2 * n
 
 
 def preset_bytes(cfg: FluxConfig | None = None) -> dict[str, int]:
     """Bytes of all transformer weights per preset, plus the bf16 baseline under the key "bf16"."""
     cfg = cfg or FluxConfig()
-    with torch.device("meta"):
-        model = Flux(cfg)
-    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    params = list(model.named_parameters())
-    out = {"bf16": sum(2 * p.numel() for _, p in params)}
+    out = {}
     for preset in PRESET_ORDER:
-        policy = LayerPolicy(preset, cfg.depth, cfg.depth_single_blocks)
-        total = 0
-        for name, p in params:
-            layer = name.rsplit(".", 1)[0]
-            if name.endswith(".weight") and layer in linears:
-                total += weight_bytes(p.shape[0], p.shape[1], policy.action(layer))
-            else:
-                total += 2 * p.numel()
-        out[preset] = total
+        out[preset], out["bf16"] = projected_bytes(cfg, preset)
     return out
 
 
