@@ -20,7 +20,7 @@ import torch
 
 from . import ops
 from .hadamard import check_group_size
-from .policy import BF16, W4A4, W8A8, LayerPolicy, strip_prefix
+from .policy import BF16, W4A4, W8A8
 
 FORMAT_W4A4 = "convrot_w4a4"
 FORMAT_INT8 = "int8_tensorwise"

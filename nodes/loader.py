@@ -5,7 +5,6 @@ import collections
 import logging
 import os
 
-import torch
 
 import comfy.model_management
 import comfy.sd

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import sys
-import types
 import uuid
 
 import pytest
@@ -144,56 +143,6 @@ def test_help_pages_exist():
 # ============================================================================ ComfyUI in-process
 
 
-def comfy_path():
-    for p in (os.environ.get("COMFYUI_PATH"), os.path.join(REPO, "..", "ComfyUI")):
-        if p and os.path.isfile(os.path.join(p, "nodes.py")) and os.path.isdir(os.path.join(p, "comfy")):
-            return os.path.abspath(p)
-    return None
-
-
-class _AnyStub:
-    def __init__(self, *a, **k):
-        pass
-
-    def __call__(self, *a, **k):
-        raise RuntimeError("torchaudio is stubbed in this test environment")
-
-
-class _StubModule(types.ModuleType):
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return type(name, (_AnyStub,), {})
-
-
-class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports `torchaudio` (and submodules) as inert stubs: ComfyUI imports it at module level, CPU CI lacks it."""
-
-    roots = ("torchaudio",)
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname.split(".")[0] in self.roots:
-            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        m = _StubModule(spec.name)
-        m.__path__ = []
-        m.__version__ = "0.0.0+stub"
-        return m
-
-    def exec_module(self, module):
-        pass
-
-
-def _install_stubs():
-    try:
-        import torchaudio  # noqa: F401
-    except ImportError:
-        if not any(isinstance(f, _StubFinder) for f in sys.meta_path):
-            sys.meta_path.insert(0, _StubFinder())
-
-
 class Comfy:
     """Handles on the in-process ComfyUI: node classes, and whether our pack loaded (or why not)."""
 
@@ -213,40 +162,21 @@ class Comfy:
 _COMFY = None
 
 
-def get_comfy(tmp_path_factory=None):
+def get_comfy(tmp_path_factory):
+    """The in-process ComfyUI of tests/comfy_env.py (stubs, CPU, the pack loaded) plus the stock extra nodes."""
     global _COMFY
     if _COMFY is not None:
         return _COMFY
-    path = comfy_path()
-    if path is None:
-        pytest.skip("ComfyUI not found: set COMFYUI_PATH or put ComfyUI beside the repo (../ComfyUI)")
-    try:
-        import comfy_env  # tests/comfy_env.py: the in-process ComfyUI shared by this test suite
-    except ImportError:
-        comfy_env = None
-    if comfy_env is not None and tmp_path_factory is not None:
-        try:
-            comfy_env.setup_comfy(tmp_path_factory.mktemp("comfy_shared") / "models")
-        except AssertionError:
-            pass  # the pack did not load: the checks below skip the ConvRot parts with the reason
-    _install_stubs()
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    try:
-        import comfy.cli_args
+    import comfy_env  # tests/comfy_env.py: the in-process ComfyUI shared by this test suite
 
-        comfy.cli_args.args.cpu = True  # CPU only, whatever the machine has
-        nodes = importlib.import_module("nodes")
-    except Exception as e:  # pragma: no cover - depends on the environment
-        pytest.skip(f"ComfyUI at {path} does not import here: {type(e).__name__}: {e}")
+    try:
+        env = comfy_env.setup_comfy(tmp_path_factory.mktemp("comfy_shared") / "models")
+    except AssertionError:
+        env = None  # the pack did not load: recorded as pack_error, and the ConvRot checks fail with it
+    nodes = importlib.import_module("nodes")
     if "FluxGuidance" not in nodes.NODE_CLASS_MAPPINGS:
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    if not all(n in nodes.NODE_CLASS_MAPPINGS for n in OUR_NODES) and os.path.isfile(os.path.join(REPO, "__init__.py")):
-        try:
-            asyncio.run(nodes.load_custom_node(REPO))
-        except Exception:
-            pass  # recorded as pack_error below
-    _COMFY = Comfy(path)
+    _COMFY = Comfy(env.path if env is not None else comfy_env.comfyui_path())
     return _COMFY
 
 
