@@ -33,6 +33,26 @@ _ST_DTYPES = {
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# a layer's keys besides weight/bias that quantizing it consumes (fp8 scales and configs fold into the new codes)
+LAYER_SIDE_KEYS = ("weight_scale", "input_scale", "scale_weight", "scale_input", "comfy_quant")
+
+
+def float_weight(get, has_float8_conf: bool = False) -> torch.Tensor:
+    """A layer's weight as a float tensor, folding in the scale of the fp8 formats: ComfyUI's old `scale_weight`,
+    or the `weight_scale` of an fp8 weight / a float8 comfy_quant layer. `get(sub)` returns the layer's tensor
+    `sub` ("weight", "scale_weight", ...) or None."""
+    w = get("weight")
+    scale = get("scale_weight")
+    if scale is None and (w.dtype in FP8_DTYPES or has_float8_conf):
+        scale = get("weight_scale")
+    if w.dtype in FP8_DTYPES or scale is not None:
+        w = w.to(torch.float32)
+        if scale is not None:
+            w = w * scale.to(torch.float32)
+    return w
+
+
 class CheckpointError(ValueError):
     """A file or layer that cannot be read or converted; the message names it."""
 

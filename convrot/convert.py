@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from .checkpoint import (
-    CheckpointError, StreamingWriter, TensorInfo, TensorReader, convrot_params, decode_conf, encode_conf, layer_conf, nbytes,
+    LAYER_SIDE_KEYS, CheckpointError, StreamingWriter, TensorInfo, TensorReader, float_weight, convrot_params, decode_conf, encode_conf, layer_conf, nbytes,
     quantize_layer, read_header)
 from .policy import BF16, W4A4, LayerPolicy, strip_prefix
 
@@ -53,7 +53,7 @@ class Plan:
 
 
 # source keys of a layer that a requantized layer replaces (fp8 scales and configs are folded into the new codes)
-_REPLACED = ("weight", "weight_scale", "input_scale", "scale_weight", "scale_input", "comfy_quant")
+_REPLACED = ("weight",) + LAYER_SIDE_KEYS
 
 
 def layer_confs(f, infos, meta, file_name: str) -> dict[str, dict]:
@@ -111,20 +111,6 @@ def plan_file(path: str, group_size: int, preset: str, overrides=None) -> tuple[
     return plan, infos, meta
 
 
-def float_weight(f, layer: str, infos) -> torch.Tensor:
-    """A layer's weight as a float tensor, folding in the scale of fp8 formats."""
-    w = f.get_tensor(f"{layer}.weight")
-    scale = None
-    if f"{layer}.scale_weight" in infos:
-        scale = f.get_tensor(f"{layer}.scale_weight")
-    elif w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and f"{layer}.weight_scale" in infos:
-        scale = f.get_tensor(f"{layer}.weight_scale")
-    w = w.to(torch.float32) if w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else w
-    if scale is not None:
-        w = w.to(torch.float32) * scale.to(torch.float32)
-    return w
-
-
 def quantize_file(src: str, dst: str, group_size: int = 256, preset: str = "mixed", overrides=None,
                   device: str | None = None, progress: Callable[[int, int, str], None] | None = None) -> Plan:
     """Quantize a FLUX safetensors file into the native ConvRot format, holding one layer in memory at a time."""
@@ -147,7 +133,8 @@ def quantize_file(src: str, dst: str, group_size: int = 256, preset: str = "mixe
                     continue
                 if not k.endswith(".weight"):
                     continue  # written together with the weight below
-                weight = float_weight(f, layer, infos).to(device)
+                weight = float_weight(lambda sub: f.get_tensor(f"{layer}.{sub}") if f"{layer}.{sub}" in infos
+                                      else None, layer in confs).to(device)
                 entries = quantize_layer(weight, None, act, group_size, f"{name}: {layer}")
                 for sub in ("weight", "weight_scale", "comfy_quant"):
                     w.write(f"{layer}.{sub}", entries[sub])

@@ -91,16 +91,20 @@ def linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torc
 
 
 def _w8a8_cuda(x2d, w_q, w_scale, bias, group_size):
-    """W8A8 on CUDA: reference rotate+quantize (torch ops), then cuBLAS int8 GEMM through torch._int_mm.
+    """W8A8 on CUDA without the extension: reference rotate+quantize (torch ops), then cuBLAS int8."""
+    a_q, a_scale = reference.rotate_quantize(x2d, group_size, 8)
+    return int8_mm(a_q, a_scale, w_q, w_scale, bias, x2d.dtype)
+
+
+def int8_mm(a8, a_scale, w8, w_scale, bias, out_dtype):
+    """int8 codes [M, K] x [N, K]ᵀ through torch._int_mm (cuBLAS int8 on CUDA), then the scales and bias.
 
     _int_mm wants M > 16 and K, N multiples of 8, so tiny batches are padded with zero rows.
     """
-    a_q, a_scale = reference.rotate_quantize(x2d, group_size, 8)
-    m = a_q.shape[0]
+    m = a8.shape[0]
     if m <= 16:
-        a_q = torch.cat((a_q, a_q.new_zeros(17 - m, a_q.shape[1])))
-    acc = torch._int_mm(a_q, w_q.t())[:m]
-    out = acc.to(torch.float32) * a_scale.unsqueeze(-1) * w_scale
+        a8 = torch.cat((a8, a8.new_zeros(17 - m, a8.shape[1])))
+    out = torch._int_mm(a8, w8.t())[:m].to(torch.float32) * a_scale.unsqueeze(-1) * w_scale.to(torch.float32)
     if bias is not None:
         out = out + bias.to(torch.float32)
-    return out.to(x2d.dtype)
+    return out.to(out_dtype)

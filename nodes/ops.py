@@ -25,7 +25,8 @@ import comfy.model_management
 import comfy.ops
 
 from ..convrot import ops as cr_ops
-from ..convrot.checkpoint import CheckpointError, convrot_params, decode_conf, encode_conf, layer_conf
+from ..convrot.checkpoint import (
+    FP8_DTYPES, LAYER_SIDE_KEYS, CheckpointError, convrot_params, decode_conf, encode_conf, float_weight, layer_conf)
 from ..convrot.policy import BF16, W4A4, W8A8, strip_prefix
 from .lora import LayerPatches
 
@@ -44,9 +45,7 @@ class _WeakSetWeight:
 
 log = logging.getLogger("convrot")
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # per-layer keys a quantized layer consumes besides weight/bias (fp8 scales are folded into the new codes)
-_SIDE_KEYS = ("weight_scale", "input_scale", "scale_weight", "scale_input", "comfy_quant")
 
 
 @dataclass
@@ -63,14 +62,6 @@ class LoadSpec:
     def from_plan(cls, file_name, group_size, actions, confs, **kw) -> "LoadSpec":
         return cls(file_name, group_size, {strip_prefix(k): v for k, v in actions.items()},
                    {strip_prefix(k): v for k, v in confs.items()}, **kw)
-
-
-def _float_weight(w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    if w.dtype in FP8_DTYPES or scale is not None:
-        w = w.to(torch.float32)
-        if scale is not None:
-            w = w * scale.to(torch.float32)
-    return w
 
 
 class ConvRotLinearOp(comfy.ops.manual_cast.Linear):
@@ -120,22 +111,19 @@ class ConvRotLinearOp(comfy.ops.manual_cast.Linear):
             else:
                 if conf is not None and w.dtype not in FP8_DTYPES:
                     raise CheckpointError(f"{where}: float8 layer config on a {w.dtype} weight")
-                scale = get("scale_weight")
-                if scale is None and (w.dtype in FP8_DTYPES or conf is not None):
-                    scale = get("weight_scale")
+                fw = float_weight(get, conf is not None)
                 action = spec.actions.get(name, BF16) if spec else BF16
                 g = spec.group_size if spec else 256
                 if action != BF16 and self.in_features % g:
                     action = BF16
                 if action == BF16:
-                    fw = _float_weight(w, scale)
                     dtype = self._target_dtype if self._target_dtype not in (None,) + FP8_DTYPES else (
                         torch.bfloat16 if fw.dtype == torch.float32 and w.dtype in FP8_DTYPES else fw.dtype)
                     copy = not local_metadata.get("assign_to_params_buffers", False)
                     t = fw.to(device=device, dtype=dtype, copy=copy and fw is w)
                     self.weight = torch.nn.Parameter(t, requires_grad=False)
                 else:
-                    self._quantize_from_float(_float_weight(w, scale), action, g, device, where)
+                    self._quantize_from_float(fw, action, g, device, where)
 
         if self.bias is not None or b is not None:
             if b is None:
@@ -148,7 +136,7 @@ class ConvRotLinearOp(comfy.ops.manual_cast.Linear):
         for k in list(state_dict):
             if k.startswith(prefix):
                 sub = k[len(prefix):]
-                if sub not in ("weight", "bias") + _SIDE_KEYS:
+                if sub not in ("weight", "bias") + LAYER_SIDE_KEYS:
                     unexpected_keys.append(k)
         if spec is not None and spec.progress is not None:
             spec.progress(name)

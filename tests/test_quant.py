@@ -132,3 +132,17 @@ def test_int_matmul_long_int8_rows_stay_exact_without_float64():
     got = int_matmul(a, b)
     assert got.dtype == torch.int32
     assert torch.equal(got.long(), a.long() @ b.long().T)
+
+
+@pytest.mark.parametrize("m", [1, 16, 17, 40])
+def test_int8_mm_matches_the_reference_gemm(m):
+    """The cuBLAS-int8 route of W8A8 (torch._int_mm also runs on the CPU), tiny batches padded."""
+    from convrot.ops import int8_mm
+    g = torch.Generator().manual_seed(m)
+    a = torch.randint(-127, 128, (m, 512), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (24, 512), generator=g, dtype=torch.int8)
+    sa, sw, b = torch.rand(m, generator=g), torch.rand(24, generator=g), torch.randn(24, generator=g)
+    got = int8_mm(a, sa, w, sw, b, torch.float32)
+    want = quantized_gemm(a, sa, w, sw, b, torch.float32, bits=8)
+    assert got.shape == (m, 24)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-4)

@@ -388,10 +388,5 @@ def w8a8_linear(x2d: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias
     a8, a_scale = ops.rotate_quantize_q8(x2d, group_size)
     if _is_sm90():
         return ops.gemm_i8_sm90(a8, a_scale, w8, w_scale, _bias_as(bias, x2d.dtype), x2d.dtype, config)
-    m = a8.shape[0]
-    if m <= 16:
-        a8 = torch.cat((a8, a8.new_zeros(17 - m, k)))
-    out = torch._int_mm(a8, w8.t())[:m].to(torch.float32) * a_scale.unsqueeze(-1) * w_scale
-    if bias is not None:
-        out = out + bias.to(torch.float32)
-    return out.to(x2d.dtype)
+    from ..ops import int8_mm
+    return int8_mm(a8, a_scale, w8, w_scale, bias, x2d.dtype)
