@@ -7,6 +7,11 @@ be downloaded); conditioning tensors stand in for the text encoders. Each varian
 time and peak VRAM are its own: load (+quantize) time, median seconds per step (CUDA-synchronized wall time of each
 transformer call), peak VRAM, transformer weight bytes. `--profile` adds a torch-profiler breakdown of one step.
 Prints a markdown table and writes JSON lines to --out.
+
+The GPU machine has no internet: carry a ComfyUI source tree (its tokenizer data folders can be left out) and
+wheels of the ComfyUI requirements it lacks (torchsde, trampoline, alembic, mako, sqlalchemy, greenlet, comfy-aimdo,
+simpleeval, blake3, einops, pydantic-settings, python-dotenv, comfy-kitchen for the fp8 variant, nvidia-cutlass for
+the sm_90 build); `av` is stubbed when missing. `--tiny` runs the whole flow on a tiny model, CPU included.
 """
 from __future__ import annotations
 
