@@ -53,6 +53,11 @@ def float_weight(get, has_float8_conf: bool = False) -> torch.Tensor:
     return w
 
 
+def layer_getter(f, names, layer: str):
+    """`get(sub)` for float_weight over an open file `f` (anything with get_tensor) holding tensors `names`."""
+    return lambda sub: f.get_tensor(f"{layer}.{sub}") if f"{layer}.{sub}" in names else None
+
+
 class CheckpointError(ValueError):
     """A file or layer that cannot be read or converted; the message names it."""
 

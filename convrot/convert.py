@@ -9,7 +9,8 @@ from typing import Callable
 import torch
 
 from .checkpoint import (
-    LAYER_SIDE_KEYS, CheckpointError, StreamingWriter, TensorInfo, TensorReader, float_weight, convrot_params, decode_conf, encode_conf, layer_conf, nbytes,
+    LAYER_SIDE_KEYS, CheckpointError, StreamingWriter, TensorInfo, TensorReader, convrot_params, decode_conf,
+    encode_conf, float_weight, layer_conf, layer_getter, nbytes,
     quantize_layer, read_header)
 from .policy import BF16, W4A4, LayerPolicy, strip_prefix
 
@@ -133,8 +134,7 @@ def quantize_file(src: str, dst: str, group_size: int = 256, preset: str = "mixe
                     continue
                 if not k.endswith(".weight"):
                     continue  # written together with the weight below
-                weight = float_weight(lambda sub: f.get_tensor(f"{layer}.{sub}") if f"{layer}.{sub}" in infos
-                                      else None, layer in confs).to(device)
+                weight = float_weight(layer_getter(f, infos, layer), layer in confs).to(device)
                 entries = quantize_layer(weight, None, act, group_size, f"{name}: {layer}")
                 for sub in ("weight", "weight_scale", "comfy_quant"):
                     w.write(f"{layer}.{sub}", entries[sub])

@@ -330,7 +330,7 @@ def load_flux_file(path: str, dtype: torch.dtype = torch.bfloat16) -> Flux:
     """A FLUX.1 safetensors file in ComfyUI naming (any of the usual prefixes) as a convrot.flux.Flux in bf16."""
     from safetensors import safe_open
 
-    from .convert import float_weight, read_header
+    from .checkpoint import float_weight, layer_getter, read_header
 
     infos, _meta = read_header(path)
     if any(k.endswith(".comfy_quant") for k in infos):
@@ -347,7 +347,8 @@ def load_flux_file(path: str, dtype: torch.dtype = torch.bfloat16) -> Flux:
     with safe_open(path, framework="pt") as f:
         for k in wanted:
             src = keys[k]
-            t = float_weight(f, src[: -len(".weight")], infos) if k.endswith(".weight") else f.get_tensor(src)
+            t = (float_weight(layer_getter(f, infos, src[: -len(".weight")])) if k.endswith(".weight")
+                 else f.get_tensor(src))
             sd[k] = t.to(dtype)
     model.load_state_dict(sd, assign=True)
     return model.eval()
