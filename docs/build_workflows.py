@@ -179,13 +179,27 @@ HF_KONTEXT = "https://huggingface.co/black-forest-labs/FLUX.1-Kontext-dev"
 
 # ----------------------------------------------------------------------------- workflows
 
+def sample_decode_save(g: Graph, model, positive, negative, latent, vae, steps: int, prefix: str) -> None:
+    """The right-hand column every graph shares: KSampler (euler/simple, cfg 1) -> VAEDecode -> SaveImage."""
+    ks = g.add("KSampler", (860, 40), (320, 270), [42, "fixed", steps, 1.0, "euler", "simple", 1.0])
+    g.link(model, "MODEL", ks, "model")
+    g.link(positive, "CONDITIONING", ks, "positive")
+    g.link(negative, "CONDITIONING", ks, "negative")
+    g.link(latent, "LATENT", ks, "latent_image")
+    dec = g.add("VAEDecode", (860, 350), (320, 50))
+    g.link(ks, "LATENT", dec, "samples")
+    g.link(vae, "VAE", dec, "vae")
+    save = g.add("SaveImage", (1220, 40), (440, 520), [prefix])
+    g.link(dec, "IMAGE", save, "images")
+
+
 def text_to_image(model_file: str, t5: str, steps: int, guidance: float | None, prompt: str, note: str,
                   lora: tuple[str, float] | None = None, loader_widgets=None, prefix: str = "ConvRot/flux") -> Graph:
     """The shared txt2img graph: ConvRot loader [-> LoRA] -> KSampler, DualCLIP -> prompt [-> FluxGuidance]."""
     g = Graph()
     g.add("MarkdownNote", (-480, 40), (440, 620), [note], title="Read me: model files", color=YELLOW)
     loader = g.add(LOADER, (0, 40), (360, 220), loader_widgets or [model_file, "mixed", "256", ""], color=GREEN)
-    model, model_out = loader, "MODEL"
+    model = loader
     y = 300
     if lora:
         lo = g.add("LoraLoaderModelOnly", (0, y), (360, 90), list(lora))
@@ -203,16 +217,7 @@ def text_to_image(model_file: str, t5: str, steps: int, guidance: float | None, 
     zero = g.add("ConditioningZeroOut", (400, 380), (420, 30))
     g.link(pos, "CONDITIONING", zero, "conditioning")
     latent = g.add("EmptySD3LatentImage", (400, 450), (420, 110), [1024, 1024, 1])
-    ks = g.add("KSampler", (860, 40), (320, 270), [42, "fixed", steps, 1.0, "euler", "simple", 1.0])
-    g.link(model, model_out, ks, "model")
-    g.link(positive, "CONDITIONING", ks, "positive")
-    g.link(zero, "CONDITIONING", ks, "negative")
-    g.link(latent, "LATENT", ks, "latent_image")
-    dec = g.add("VAEDecode", (860, 350), (320, 50))
-    g.link(ks, "LATENT", dec, "samples")
-    g.link(vae, "VAE", dec, "vae")
-    save = g.add("SaveImage", (1220, 40), (440, 520), [prefix])
-    g.link(dec, "IMAGE", save, "images")
+    sample_decode_save(g, model, positive, zero, latent, vae, steps, prefix)
     g.group("Models", -20, -30, 400, y + 280)
     g.group("Prompt and size", 380, -30, 460, 610)
     g.group("Sample and save", 840, -30, 840, 610)
@@ -304,16 +309,7 @@ def kontext():
     g.link(ref, "CONDITIONING", fg, "conditioning")
     zero = g.add("ConditioningZeroOut", (400, 480), (280, 30))
     g.link(pos, "CONDITIONING", zero, "conditioning")
-    ks = g.add("KSampler", (860, 40), (320, 270), [42, "fixed", 20, 1.0, "euler", "simple", 1.0])
-    g.link(loader, "MODEL", ks, "model")
-    g.link(fg, "CONDITIONING", ks, "positive")
-    g.link(zero, "CONDITIONING", ks, "negative")
-    g.link(enc, "LATENT", ks, "latent_image")
-    dec = g.add("VAEDecode", (860, 350), (320, 50))
-    g.link(ks, "LATENT", dec, "samples")
-    g.link(vae, "VAE", dec, "vae")
-    save = g.add("SaveImage", (1220, 40), (440, 520), ["ConvRot/flux1-kontext"])
-    g.link(dec, "IMAGE", save, "images")
+    sample_decode_save(g, loader, fg, zero, enc, vae, 20, "ConvRot/flux1-kontext")
     g.group("Models", -20, -30, 400, 570)
     g.group("Image to edit", -20, 580, 720, 440)
     g.group("Prompt and reference", 380, -30, 460, 570)

@@ -339,19 +339,23 @@ def gemm_int32(a_packed: torch.Tensor, w_packed: torch.Tensor, route: str | None
     return out.to(torch.int32)
 
 
+def _linear_args(name: str, x2d, w, w_scale, bias, group_size: int):
+    """The checks both whole-linear entry points make: (ops, K, w_scale as contiguous fp32)."""
+    ops = _ops()
+    _check_act(x2d, group_size)
+    if x2d.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"{name} returns x's dtype, which must be bfloat16 or float16, got {x2d.dtype}")
+    _check_w(w, w_scale, bias)
+    return ops, x2d.shape[1], w_scale.to(torch.float32).contiguous()
+
+
 def w4a4_linear(x2d: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias, group_size: int,
                 config: int = -1) -> torch.Tensor:
     """The whole linear: rotate + quantize x per token, W4A4 GEMM, epilogue; output dtype = x dtype.
 
     w_packed may be the packed int8 [N, K/2] checkpoint tensor or the result of prepare_weight.
     """
-    ops = _ops()
-    _check_act(x2d, group_size)
-    if x2d.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"w4a4_linear returns x's dtype, which must be bfloat16 or float16, got {x2d.dtype}")
-    _check_w(w_packed, w_scale, bias)
-    k = x2d.shape[1]
-    w_scale = w_scale.to(torch.float32).contiguous()
+    ops, k, w_scale = _linear_args("w4a4_linear", x2d, w_packed, w_scale, bias, group_size)
     bias = _bias_as(bias, x2d.dtype)
     if _is_sm90():
         if w_packed.shape[1] == k:  # prepared int8 weight
@@ -376,15 +380,9 @@ def w8a8_linear(x2d: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias
     sm_90 runs the CUTLASS GEMM with its fused epilogue; sm_80/86/89 run cuBLAS int8 (torch._int_mm), which
     wants M > 16, so tiny batches are padded with zero rows, and apply the scales after it.
     """
-    ops = _ops()
-    _check_act(x2d, group_size)
-    if x2d.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"w8a8_linear returns x's dtype, which must be bfloat16 or float16, got {x2d.dtype}")
-    _check_w(w8, w_scale, bias)
-    k = x2d.shape[1]
+    ops, k, w_scale = _linear_args("w8a8_linear", x2d, w8, w_scale, bias, group_size)
     if w8.shape[1] != k:
         raise ValueError(f"W8A8 weight has {w8.shape[1]} codes per row; expected K={k}")
-    w_scale = w_scale.to(torch.float32).contiguous()
     a8, a_scale = ops.rotate_quantize_q8(x2d, group_size)
     if _is_sm90():
         return ops.gemm_i8_sm90(a8, a_scale, w8, w_scale, _bias_as(bias, x2d.dtype), x2d.dtype, config)
