@@ -65,6 +65,31 @@ def write_random_flux(path: Path, tiny: bool, seed: int = 0) -> None:
     print(f"wrote {path} ({path.stat().st_size / 1e9:.1f} GB) in {time.time() - t0:.0f}s", flush=True)
 
 
+LORA_NAME = "convrot-bench-rank32.safetensors"
+
+
+def write_random_lora(path: Path, unet: Path, rank: int = 32, seed: int = 1) -> None:
+    """A rank-`rank` LoRA in ComfyUI's format on every linear of every FLUX block (all layers ConvRot quantizes)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    with safe_open(str(unet), "pt") as f:
+        for k in f.keys():
+            if k.endswith(".weight") and k.startswith(("double_blocks.", "single_blocks.")):
+                shape = f.get_slice(k).get_shape()
+                if len(shape) != 2:
+                    continue
+                n, kk = shape
+                stem = "diffusion_model." + k[:-len(".weight")]
+                out[stem + ".lora_down.weight"] = (torch.randn(rank, kk, generator=gen) / math.sqrt(kk)).to(torch.bfloat16)
+                out[stem + ".lora_up.weight"] = (0.05 * torch.randn(n, rank, generator=gen) / math.sqrt(rank)).to(torch.bfloat16)
+                out[stem + ".alpha"] = torch.tensor(float(rank))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path))
+    print(f"wrote {path} ({len(out) // 3} layers, rank {rank})", flush=True)
+
+
 # ---------------------------------------------------------------- one variant, in its own process
 
 _NODES = None
@@ -88,6 +113,7 @@ def import_comfy(comfy_path: str, models_dir: Path):
         comfy.cli_args.args.cpu = True
     import folder_paths
     folder_paths.add_model_folder_path("diffusion_models", str(models_dir), is_default=True)
+    folder_paths.add_model_folder_path("loras", str(models_dir / "loras"), is_default=True)
     import comfy.model_management  # noqa: F401
     import comfy.sd  # noqa: F401
     import nodes
@@ -104,15 +130,21 @@ def run_variant(a) -> dict:
     nodes = import_comfy(a.comfy, models_dir)
     if DEV == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    base, *mods = a.variant.split("+")  # e.g. mixed+lora+compile
     t0 = time.time()
-    if a.variant == "bf16":
+    if base == "bf16":
         model = nodes.UNETLoader().load_unet(a.unet, "default")[0]
-    elif a.variant == "fp8_fast":
+    elif base == "fp8_fast":
         model = nodes.UNETLoader().load_unet(a.unet, "fp8_e4m3fn_fast")[0]
     else:
         from nodes_pack import loader  # noqa: F401  (set up by main: the pack imported as a package)
-        model = loader.load_convrot_model(str(models_dir / a.unet), a.variant, 256, "", progress=False)
+        model = loader.load_convrot_model(str(models_dir / a.unet), base, 256, "", progress=False)
     t_load_cpu = time.time() - t0
+    if "lora" in mods:  # the stock node, as a user chains it
+        model = nodes.LoraLoaderModelOnly().load_lora_model_only(model, LORA_NAME, 1.0)[0]
+    if "compile" in mods:
+        from nodes_pack import compile as pack_compile
+        model = pack_compile.compile_blocks(model)
 
     import comfy.model_management as mm
     t0 = time.time()
@@ -144,8 +176,9 @@ def run_variant(a) -> dict:
     out = nodes.common_ksampler(model, 0, a.steps, 1.0, "euler", "simple", cond, cond, latent)[0]["samples"]
     sync()
     t_sample = time.time() - t0
+    torch.save(out.float().cpu(), models_dir / f"latent_{a.variant}.pt")  # compared with bf16's by the driver
     res = {
-        "variant": a.variant, "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__,
+        "variant": a.variant, "first_step_s": round(times[0], 2), "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__,
         "cuda": torch.version.cuda, "res": a.res, "steps": a.steps,
         "load_s": round(t_load_cpu, 2), "to_gpu_s": round(t_to_gpu, 2),
         "step_median_s": round(statistics.median(times[1:] or times), 4), "steps_timed": len(times),
@@ -206,18 +239,16 @@ def main() -> int:
 
     if a.variant:  # child process
         a.profile = a.variant in a.profile.split(",")
-        if a.variant not in ("bf16", "fp8_fast"):
-            # import the pack as a package the way ComfyUI does, under a name without a hyphen
-            import importlib
-            import importlib.util
-            spec = importlib.util.spec_from_file_location("nodes_pack_root", REPO / "__init__.py",
-                                                          submodule_search_locations=[str(REPO)])
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules["nodes_pack_root"] = mod
-            import_comfy(a.comfy, Path(a.workdir))
-            spec.loader.exec_module(mod)
-            mod.comfy_entrypoint
-            sys.modules["nodes_pack"] = importlib.import_module("nodes_pack_root.nodes")
+        # import the pack as a package the way ComfyUI does, under a name without a hyphen
+        import importlib
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("nodes_pack_root", REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["nodes_pack_root"] = mod
+        import_comfy(a.comfy, Path(a.workdir))
+        spec.loader.exec_module(mod)
+        sys.modules["nodes_pack"] = importlib.import_module("nodes_pack_root.nodes")
         print("RESULT " + json.dumps(run_variant(a)), flush=True)
         return 0
 
@@ -225,6 +256,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     if not (work / a.unet).exists():
         write_random_flux(work / a.unet, a.tiny)
+    if "lora" in a.variants and not (work / "loras" / LORA_NAME).exists():
+        write_random_lora(work / "loras" / LORA_NAME, work / a.unet)
     rows = []
     for v in a.variants.split(","):
         t0 = time.time()
@@ -242,16 +275,23 @@ def main() -> int:
             with open(a.out, "a") as f:
                 f.write(json.dumps(res) + "\n")
     base = next((r for r in rows if r["variant"] == "bf16"), None)
+    ref = work / "latent_bf16.pt"
+    for r in rows:  # end-to-end deviation of the final latent from bf16's (same seed and conditioning)
+        mine = work / f"latent_{r['variant']}.pt"
+        if ref.exists() and mine.exists():
+            x, y = torch.load(ref, weights_only=True), torch.load(mine, weights_only=True)
+            r["latent_rel_err_vs_bf16"] = round(float((y - x).norm() / x.norm()), 4)
     print(f"\nFLUX.1-dev-size (random weights) in ComfyUI, {a.res}x{a.res}, {a.steps} steps, batch 1, "
           f"{rows[0]['device'] if rows else '?'}, torch {torch.__version__}, CUDA {torch.version.cuda}\n")
-    print("| variant | load (+quantize) s | to GPU s | s/it (median) | it/s vs bf16 | peak VRAM GB | weights GB | "
-          "weights vs bf16 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | load (+quantize) s | to GPU s | first step s | s/it (median) | it/s vs bf16 | peak VRAM GB | "
+          "weights GB | weights vs bf16 | latent rel. err vs bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         speed = base["step_median_s"] / r["step_median_s"] if base else float("nan")
         size = base["weight_gb"] / r["weight_gb"] if base else float("nan")
-        print(f"| {r['variant']} | {r['load_s']} | {r['to_gpu_s']} | {r['step_median_s']} | {speed:.2f}x | "
-              f"{r['peak_vram_gb']} | {r['weight_gb']} | {size:.2f}x |")
+        print(f"| {r['variant']} | {r['load_s']} | {r['to_gpu_s']} | {r['first_step_s']} | {r['step_median_s']} | "
+              f"{speed:.2f}x | {r['peak_vram_gb']} | {r['weight_gb']} | {size:.2f}x | "
+              f"{r.get('latent_rel_err_vs_bf16', '')} |")
     for r in rows:
         if "profile" in r:
             print(f"\nprofile of one step ({r['variant']}): {json.dumps(r['profile'], indent=1)}")

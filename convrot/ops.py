@@ -69,6 +69,21 @@ def quantize_weight(weight: torch.Tensor, group_size: int, bits: int = 4):
     return rotate_quantize(weight, group_size, bits)
 
 
+def fast_linear_fn(device: torch.device, dtype: torch.dtype, k: int, n: int, group_size: int, bits: int):
+    """A layer's kernel call decided once per (device, dtype): f(x2d, w_q, w_scale, bias) -> y2d, or None.
+
+    `linear` re-derives the route and re-validates every argument on each call (~10 µs of Python, times hundreds
+    of layers per step); a layer caches this instead. The caller keeps what those checks verified: x2d contiguous
+    [M > 0, k] in `dtype`, w_q/w_scale as stored by the layer, bias None or `dtype` [n]. The C++ ops still check
+    shapes and dtypes, so a broken promise raises instead of reading out of bounds.
+    """
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    probe = torch.empty((0, k), device=device, dtype=dtype)
+    kern = _fast(probe, group_size, n)
+    return None if kern is None else kern.linear_fn(group_size, bits)
+
+
 def linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
            group_size: int, bits: int = 4) -> torch.Tensor:
     lead = x.shape[:-1]

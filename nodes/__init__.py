@@ -3,10 +3,11 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .compile import ConvRotCompileBlocks
 from .loader import ConvRotW4A4Loader
 from .save import ConvRotSaveQuantized
 
-NODES = [ConvRotW4A4Loader, ConvRotSaveQuantized]
+NODES = [ConvRotW4A4Loader, ConvRotSaveQuantized, ConvRotCompileBlocks]
 
 
 class ConvRotExtension(ComfyExtension):

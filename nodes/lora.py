@@ -8,9 +8,9 @@ re-load of the weights, and `ON_PRE_RUN`, at the start of every sampling run) ha
 of the patcher that is running, so clones with and without LoRAs can share one model. Per layer:
 
 * LoRA (`LoRAAdapter` without DoRA/mid/reshape): y += s * (x @ Aᵀ) @ Bᵀ in the activation dtype, s = strength *
-  alpha / rank; several LoRAs stack as separate branches (grouped into one wider branch per output slice); negative
-  strengths work; slices into fused layers (FLUX qkv/linear1 patches carry an offset (0, start, length)) add to that
-  output slice.
+  alpha / rank; several LoRAs stack (one down-projection holding every branch's rank, so x is read once per layer,
+  then one in-place up-projection per output slice); negative strengths work; slices into fused layers (FLUX
+  qkv/linear1 patches carry an offset (0, start, length)) add to that output slice.
 * Other additive patches (`diff`, LoHa, LoKr, LoRA with a mid/Tucker factor): their dense delta ΔW is computed once,
   without touching the quantized weight, and applied as an extra matmul y += x @ ΔWᵀ (slower; logged once).
 * Patches that depend on the weight itself (DoRA, OFT/BOFT, GLoRA, `set`, `model_as_lora`, strength_model != 1,
@@ -106,22 +106,36 @@ class LayerPatches:
     def clear(self) -> None:
         self.set(self.key, None, None)
 
-    def apply(self, layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        ck = (x.device, x.dtype)
+    def prepare(self, layer, device, dtype):
+        """The patches in the form `apply` uses on (device, dtype), computed once per patch set.
+
+        Called from the ON_PRE_RUN callback for the model's device and inference dtype, so a torch.compile'd block
+        finds it ready instead of tracing the preparation; `apply` prepares lazily for anything else.
+        """
+        ck = (torch.device(device), dtype)
         prep = self._cache.get(ck)
         if prep is None:
             with torch.no_grad():
-                prep = self._prepare(layer, x.device, x.dtype)
+                prep = self._prepare(layer, ck[0], dtype)
             self._cache = {ck: prep}  # only the current device/dtype: an offloaded copy would pin memory
-        branches, dense = prep
-        for (start, length), down, up in branches:
-            h = F.linear(F.linear(x, down), up)
-            if start is None:
-                y = y + h
-            else:
-                y[..., start:start + length] += h  # y is this call's fresh output
+        return prep
+
+    def apply(self, layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        prep = self._cache.get((x.device, x.dtype))
+        if prep is None:
+            prep = _prepare_outside_compile(self, layer, x.device, x.dtype)
+        down, ups, dense = prep
+        # in place on this call's fresh output: one read + one write of y per update instead of the three passes
+        # and a temporary of `y + h` (the updates are memory-bound; this is most of a LoRA's cost per step)
+        x2 = x.reshape(-1, x.shape[-1])
+        y2 = y.view(-1, y.shape[-1])
+        if down is not None:
+            h = x2 @ down.t()  # every branch's rank at once: x is read once per layer
+            for start, length, r0, r1, up in ups:
+                target = y2 if start is None else y2[:, start:start + length]
+                target.addmm_(h[:, r0:r1], up.t())
         if dense is not None:
-            y = y + F.linear(x, dense)
+            y2.addmm_(x2, dense.t())
         return y
 
     # ---------------------------------------------------------------- preparation (once per patch set and device)
@@ -141,7 +155,7 @@ class LayerPatches:
             if tuple(patched.shape) != (out_f, in_f):
                 raise RuntimeError(f"ConvRot: patches change the shape of {name} to {tuple(patched.shape)}; "
                                    f"shape-changing patches are not supported on quantized layers")
-            return [], (patched - w).to(dtype)
+            return None, [], (patched - w).to(dtype)
 
         groups: dict[tuple, tuple[list, list]] = {}
         dense = None
@@ -183,27 +197,44 @@ class LayerPatches:
                 dense += delta
             else:
                 dense[start:start + length] += delta
-        branches = []
+        downs_all, ups_all, r = [], [], 0
         for (start, length), (ups, downs) in groups.items():
-            branches.append(((start, length), torch.cat(downs, 0).to(dtype), torch.cat(ups, 1).to(dtype)))
-        return branches, (dense.to(dtype) if dense is not None else None)
+            d, u = torch.cat(downs, 0), torch.cat(ups, 1)
+            downs_all.append(d)
+            ups_all.append((start, length, r, r + d.shape[0], u.to(dtype).contiguous()))
+            r += d.shape[0]
+        down = torch.cat(downs_all, 0).to(dtype).contiguous() if downs_all else None
+        return down, ups_all, (dense.to(dtype) if dense is not None else None)
 
 
-def sync_patches(patcher, *args, **kwargs) -> None:
-    """ModelPatcher callback: give every ConvRot layer the running patcher's patches for its weight."""
+@torch.compiler.disable
+def _prepare_outside_compile(patches: LayerPatches, layer, device, dtype):
+    return patches.prepare(layer, device, dtype)
+
+
+def sync_patches(patcher, *args, prepare: bool = False, **kwargs) -> None:
+    """ModelPatcher callback: give every ConvRot layer the running patcher's patches for its weight (and, before a
+    run, their device-ready form)."""
     from .ops import quantized_layers
     model = patcher.model
     layers = getattr(model, "_convrot_layers", None)
     if layers is None:
         layers = [(f"{n}.weight", m) for n, m in quantized_layers(model)]
         model._convrot_layers = layers
+    dtype = patcher.model.get_dtype_inference() if prepare else None
     for key, m in layers:
         m.convrot_patches.set(key, patcher.patches.get(key), patcher.patches_uuid)
+        if prepare and m.convrot_patches and dtype in (torch.float16, torch.bfloat16, torch.float32):
+            m.convrot_patches.prepare(m, patcher.load_device, dtype)
+
+
+def _sync_and_prepare(patcher, *args, **kwargs) -> None:
+    sync_patches(patcher, prepare=True)
 
 
 def install(patcher) -> None:
     """Register the callbacks on a freshly loaded ModelPatcher; clones (LoRA loaders, model patches) copy them."""
     from comfy.patcher_extension import CallbacksMP
     patcher.add_callback_with_key(CallbacksMP.ON_LOAD, CALLBACK_KEY, sync_patches)
-    patcher.add_callback_with_key(CallbacksMP.ON_PRE_RUN, CALLBACK_KEY, sync_patches)
+    patcher.add_callback_with_key(CallbacksMP.ON_PRE_RUN, CALLBACK_KEY, _sync_and_prepare)
     sync_patches(patcher)

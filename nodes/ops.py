@@ -70,6 +70,7 @@ class ConvRotLinearOp(comfy.ops.manual_cast.Linear):
     _spec: LoadSpec | None = None
     convrot_bits: int | None = None   # None: a plain (floating point) ComfyUI layer
     convrot_group_size: int = 256
+    _convrot_fast = None              # ((device, dtype), kernel call or None), see _fast_fn
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
         # Allocate nothing real: every tensor is assigned from the state dict, so peak RAM stays near the
@@ -174,6 +175,7 @@ class ConvRotLinearOp(comfy.ops.manual_cast.Linear):
         self.register_buffer("weight_scale", scale.reshape(self.out_features).to(device=device,
                                                                                   dtype=torch.float32))
         self.convrot_bits, self.convrot_group_size = bits, g
+        self._convrot_fast = None
         self.set_weight = _WeakSetWeight(self)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -239,16 +241,29 @@ class ConvRotLinearOp(comfy.ops.manual_cast.Linear):
         if self.weight_function:
             self._check_weight_functions()
         dev = x.device
-        non_blocking = comfy.model_management.device_supports_non_blocking(dev)
-        if w.device != dev:
-            w = w.to(dev, non_blocking=non_blocking)
         s = self.weight_scale
-        if s.device != dev:
-            s = s.to(dev, non_blocking=non_blocking)
-        y = cr_ops.linear(x, w, s, self._cast_bias(x), self.convrot_group_size, self.convrot_bits)
+        if w.device != dev or s.device != dev:  # lowvram / dynamic offloading: copy the codes for this call
+            non_blocking = comfy.model_management.device_supports_non_blocking(dev)
+            w, s = w.to(dev, non_blocking=non_blocking), s.to(dev, non_blocking=non_blocking)
+        bias = self._cast_bias(x)
+        # under torch.compile the checked path is traced once, so its per-call cost doesn't matter there
+        fn = None if torch.compiler.is_compiling() else self._fast_fn(dev, x.dtype)
+        if fn is not None and x.numel():
+            y = fn(x.reshape(-1, self.in_features).contiguous(), w, s, bias).view(*x.shape[:-1], self.out_features)
+        else:
+            y = cr_ops.linear(x, w, s, bias, self.convrot_group_size, self.convrot_bits)
         if self.convrot_patches:
             y = self.convrot_patches.apply(self, x, y)
         return y
+
+    def _fast_fn(self, device: torch.device, dtype: torch.dtype):
+        """The kernel call for this layer on (device, dtype), decided on the first call there (see fast_linear_fn)."""
+        key = (device, dtype)
+        cached = self._convrot_fast
+        if cached is None or cached[0] != key:
+            cached = self._convrot_fast = (key, cr_ops.fast_linear_fn(
+                device, dtype, self.in_features, self.out_features, self.convrot_group_size, self.convrot_bits))
+        return cached[1]
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         from ..convrot.reference import dequantize_weight

@@ -198,8 +198,8 @@ def test_other_patch_types_take_the_dense_path(env, kind):
     ratio = 1.25 if kind == "dora" else RATIO  # DoRA's norm is taken of the dequantized weight
     check_lora(env, (f"{kind}.safetensors", 1.0), ratio=ratio, min_effect=0.02)
     layer = dict(_quantized(env))["double_blocks.0.img_mlp.0"]
-    (_, dense), = layer.convrot_patches._cache.values()  # the slow path really ran: one dense delta, no branches
-    assert dense is not None and dense.shape == (MLP, H)
+    (down, ups, dense), = layer.convrot_patches._cache.values()  # the slow path really ran: a dense delta only
+    assert down is None and not ups and dense is not None and dense.shape == (MLP, H)
 
 
 def test_patch_that_cannot_fit_is_refused_by_name(env):

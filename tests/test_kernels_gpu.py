@@ -359,3 +359,34 @@ def test_dispatch_uses_kernels_and_falls_back_by_shape(K_):
     x = make_act(5, 1024, torch.bfloat16, seed=7)
     out = ops.linear(x, w_q, w_s, None, 256, 4)
     assert torch.equal(out, reference.convrot_linear(x, w_q, w_s, None, 256))
+
+
+@cuda
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cached_fast_path_matches_checked_path(K_, bits, dtype):
+    """ConvRotLinear decides its kernel call once (ops.fast_linear_fn) and then skips the per-call checks: it must
+    compute exactly what the checked entry point computes, for 3-D, non-contiguous and empty inputs alike."""
+    from convrot import ops
+    from convrot.linear import ConvRotLinear
+    n, k, G = 520, 3072, 256
+    g = _gen(bits * 7 + (dtype == torch.float16))
+    w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.float32).to(dtype) * 0.05
+    bias = torch.randn(n, device="cuda", generator=g, dtype=torch.float32).to(dtype)
+    layer = ConvRotLinear.from_float(w, bias, G, bits)
+    assert ops.fast_linear_fn(torch.device("cuda", torch.cuda.current_device()), dtype, k, n, G, bits) is not None
+    checked = K_.w4a4_linear if bits == 4 else K_.w8a8_linear
+    x = make_act(2 * 77, k, dtype, seed=bits + 5).reshape(2, 77, k)
+    poison(2 * 77 * n * 2, byte=0xFF)
+    out = layer(x)
+    assert layer._fast is not None and layer._fast[1] is not None  # the cached route was taken
+    assert out.shape == (2, 77, n) and out.dtype == dtype
+    assert torch.equal(out.reshape(-1, n), checked(x.reshape(-1, k), layer.weight, layer.weight_scale, bias, G))
+    xt = make_act(k, 33, dtype, seed=bits + 6).t()  # non-contiguous [33, k]
+    assert torch.equal(layer(xt), checked(xt.contiguous(), layer.weight, layer.weight_scale, bias, G))
+    assert layer(x[:, :0]).shape == (2, 0, n)
+    # a shape outside the kernels (N % 8 != 0) gets no cached call and uses the reference path
+    odd = ConvRotLinear.from_float(w[:12], bias[:12], G, bits)
+    y = odd(x)
+    assert odd._fast[1] is None
+    assert torch.equal(y, reference.convrot_linear(x, odd.weight, odd.weight_scale, bias[:12], G, bits))

@@ -388,3 +388,38 @@ def w8a8_linear(x2d: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias
         return ops.gemm_i8_sm90(a8, a_scale, w8, w_scale, _bias_as(bias, x2d.dtype), x2d.dtype, config)
     from ..ops import int8_mm
     return int8_mm(a8, a_scale, w8, w_scale, bias, x2d.dtype)
+
+
+def linear_fn(group_size: int, bits: int):
+    """The whole linear as direct op calls, for convrot.ops.fast_linear_fn (which has checked device and shape).
+
+    Same meaning as w4a4_linear / w8a8_linear with the per-call Python checks left to the C++ ops.
+    """
+    ops = _ops()
+    g = group_size
+    if bits == 4 and _is_sm90():
+        rq, gemm = ops.rotate_quantize_i8_unpack.default, ops.gemm_i8_sm90.default
+
+        def f(x, w, w_scale, bias):
+            a8, a_scale, w8 = rq(x, g, w)
+            return gemm(a8, a_scale, w8, w_scale, bias, x.dtype, -1)
+    elif bits == 4:
+        rq, gemm = ops.rotate_quantize.default, ops.gemm_s4_mma.default
+
+        def f(x, w, w_scale, bias):
+            a4, a_scale = rq(x, g)
+            return gemm(a4, a_scale, w, w_scale, bias, x.dtype)
+    elif _is_sm90():
+        rq, gemm = ops.rotate_quantize_q8.default, ops.gemm_i8_sm90.default
+
+        def f(x, w, w_scale, bias):
+            a8, a_scale = rq(x, g)
+            return gemm(a8, a_scale, w, w_scale, bias, x.dtype, -1)
+    else:
+        from ..ops import int8_mm
+        rq = ops.rotate_quantize_q8.default
+
+        def f(x, w, w_scale, bias):
+            a8, a_scale = rq(x, g)
+            return int8_mm(a8, a_scale, w, w_scale, bias, x.dtype)
+    return f
