@@ -25,7 +25,7 @@ e.write_random_flux(Path('$W/flux1-dev-random.safetensors'), False)" 2>&1 | tail
 fi
 wait $build; tail -2 $OUT/build.txt; echo "setup $(( $(date +%s) - t0 )) s"
 if [ -n "$tests" ]; then
-  timeout 150 python3 -m pytest -q -x tests/test_kernels_gpu.py -p no:cacheprovider -k "$tests" 2>&1 | tail -4 | tee $OUT/tests.txt
+  timeout 150 python3 -m pytest -q tests/test_kernels_gpu.py tests/test_lowrank.py -p no:cacheprovider -k "$tests" 2>&1 | tail -25 | tee $OUT/tests.txt
 fi
 timeout $(( 585 - ($(date +%s) - t0) )) python3 bench/e2e_comfy.py --comfy .gpu/ComfyUI --workdir $W \
   --variants "$variants" --profile "$profile" --out $OUT/e2e.jsonl 2>&1 | tee $OUT/e2e.txt | grep -v "^{" | tail -40

@@ -29,6 +29,10 @@ at::Tensor unpack_int4(const at::Tensor& packed);
 // rotate_quantize_int8 and unpack_int4(w_packed) in one launch (the per-call weight path of the sm_90 linear).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_quantize_int8_unpack(const at::Tensor& x, int64_t group_size,
                                                                            const at::Tensor& w_packed);
+// The same with LoRA branches appended along K (see rotate_quant.cu): (a [M, K+R], a_scale, w [N, K+R]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_quantize_int8_unpack_lora(
+    const at::Tensor& x, int64_t group_size, const at::Tensor& w_packed, const at::Tensor& h, const at::Tensor& pmul,
+    const at::Tensor& q, const at::Tensor& clamped);
 
 void check_gemm_inputs(const char* name, const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
                        const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype,

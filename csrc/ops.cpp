@@ -55,6 +55,10 @@ TORCH_LIBRARY(convrot, m) {
   m.def("rotate_quantize_q8(Tensor x, int group_size) -> (Tensor, Tensor)");
   m.def("unpack_int4(Tensor packed) -> Tensor");
   m.def("rotate_quantize_i8_unpack(Tensor x, int group_size, Tensor w_packed) -> (Tensor, Tensor, Tensor)");
+  // `clamped` is a counter the kernel adds to (mutated in place)
+  m.def(
+      "rotate_quantize_i8_unpack_lora(Tensor x, int group_size, Tensor w_packed, Tensor h, Tensor pmul, Tensor q, "
+      "Tensor(a!) clamped) -> (Tensor, Tensor, Tensor)");
   m.def(
       "gemm_s4_mma(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
   m.def(
@@ -68,6 +72,7 @@ TORCH_LIBRARY_IMPL(convrot, CUDA, m) {
   m.impl("rotate_quantize_q8", &convrot::rotate_quantize_q8);
   m.impl("unpack_int4", &convrot::unpack_int4);
   m.impl("rotate_quantize_i8_unpack", &convrot::rotate_quantize_int8_unpack);
+  m.impl("rotate_quantize_i8_unpack_lora", &convrot::rotate_quantize_int8_unpack_lora);
   m.impl("gemm_s4_mma", &convrot::gemm_s4_mma);
   m.impl("gemm_i8_sm90", &convrot::gemm_i8_sm90);
 }

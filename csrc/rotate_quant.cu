@@ -88,7 +88,35 @@ __device__ __forceinline__ uint4 expand8(const uint2 p) {
   return make_uint4(o[0], o[1], o[2], o[3]);
 }
 
-__global__ void unpack_int4_kernel(const uint2* __restrict__ in, uint4* __restrict__ out, int64_t n8) {
+// The same, each code times 16 (the nibble moved to the high half of its byte): the weight side of the LoRA
+// extension below, where finer accumulator units leave room for the appended low-rank codes.
+__device__ __forceinline__ uint4 expand8_x16(const uint2 p) {
+  const uint32_t pw[2] = {p.x, p.y};
+  uint32_t o[4];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t lo = (pw[h] << 4) & 0xF0F0F0F0u;  // even codes * 16
+    const uint32_t hi = pw[h] & 0xF0F0F0F0u;         // odd codes * 16
+    o[2 * h] = __byte_perm(lo, hi, 0x5140);
+    o[2 * h + 1] = __byte_perm(lo, hi, 0x7362);
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+// Where the weight expansion writes: rows of `kpr` 16-code items at a pitch of `ld` items (ld == kpr: contiguous),
+// plain sign extension or times 16.
+struct WeightOut {
+  uint4* out = nullptr;
+  int64_t kpr = 1, ld = 1;
+  bool x16 = false;
+};
+
+__device__ __forceinline__ void expand_store(const WeightOut& wo, int64_t i, const uint2 p) {
+  const int64_t o = wo.ld == wo.kpr ? i : (i / wo.kpr) * wo.ld + i % wo.kpr;
+  wo.out[o] = wo.x16 ? expand8_x16(p) : expand8(p);
+}
+
+__global__ void unpack_int4_kernel(const uint2* __restrict__ in, WeightOut wo, int64_t n8) {
   const int64_t base = (int64_t)blockIdx.x * blockDim.x * kUnroll + threadIdx.x;
   uint2 p[kUnroll];
 #pragma unroll
@@ -99,9 +127,22 @@ __global__ void unpack_int4_kernel(const uint2* __restrict__ in, uint4* __restri
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     const int64_t i = base + (int64_t)u * blockDim.x;
-    if (i < n8) out[i] = expand8(p[u]);
+    if (i < n8) expand_store(wo, i, p[u]);
   }
 }
+
+// The LoRA extension of the int8 activation path (see rotate_quantize_int8_unpack_lora): codes written at a row
+// pitch of `ld` (K + R) and multiplied by `mul` (4), then R appended codes per row from the low-rank activations
+// h [M, R]: round(h * pmul[r] / scale[row]) clamped to +-127 (clamps counted in *clamped).
+template <typename T>
+struct ActExt {
+  int64_t ld = 0;  // 0: plain rows of K codes
+  uint32_t shift = 0;
+  const T* h = nullptr;
+  const float* pmul = nullptr;
+  int R = 0;
+  int* clamped = nullptr;
+};
 
 // CPT chunks per thread, strided by the number of active threads so each chunk sweep is one coalesced pass
 // and the G/16 threads sharing a group are consecutive lanes of one warp.
@@ -110,8 +151,8 @@ __global__ void unpack_int4_kernel(const uint2* __restrict__ in, uint4* __restri
 template <typename T, int G, int CPT, bool kPacked, bool kPrefetch>
 __global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
     rotate_quantize_kernel(const T* __restrict__ x, int8_t* __restrict__ out, float* __restrict__ scale, int64_t M,
-                           int K, int active, int act_grid, const uint2* __restrict__ wp, uint4* __restrict__ wout,
-                           int64_t wn8, float qmax) {
+                           int K, int active, int act_grid, const uint2* __restrict__ wp, WeightOut wout,
+                           int64_t wn8, float qmax, ActExt<T> ext) {
   // Blocks past act_grid sign-extend a packed weight instead (the fused per-call path of w4a4_linear): one launch
   // instead of two, and the weight's bandwidth-bound blocks fill the SMs while short activation rows wait on
   // their reductions.
@@ -126,7 +167,7 @@ __global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = base + (int64_t)u * blockDim.x;
-      if (i < wn8) wout[i] = expand8(p[u]);
+      if (i < wn8) expand_store(wout, i, p[u]);
     }
     return;
   }
@@ -230,6 +271,18 @@ __global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
     // the low mantissa bits, so the code is the low byte of the float's bit pattern.
     const float mpos = tsign * rb[1];
     constexpr float kMagic = 12582912.f;
+    const int64_t ld = kPacked ? K / 2 : (ext.ld ? ext.ld : K);
+    if (!kPacked && ext.R) {
+      const float inv = 1.f / rb[0];
+      for (int r = t; r < ext.R; r += blockDim.x) {
+        float c = rintf(static_cast<float>(ext.h[row * ext.R + r]) * ext.pmul[r] * inv);
+        if (fabsf(c) > 127.f) {
+          atomicAdd(ext.clamped, 1);
+          c = fminf(fmaxf(c, -127.f), 127.f);
+        }
+        out[row * ld + K + r] = static_cast<int8_t>(c);
+      }
+    }
 
     if (live) {
 #pragma unroll
@@ -251,10 +304,15 @@ __global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
             const uint32_t m = w[h] & 0x0F0F0F0Fu;
             n[h] = m | (m >> 4);  // byte 0 = c0 | c1 << 4, byte 2 = c2 | c3 << 4
           }
-          reinterpret_cast<uint2*>(out + row * (K / 2))[chunk] =
+          reinterpret_cast<uint2*>(out + row * ld)[chunk] =
               make_uint2(__byte_perm(n[0], n[1], 0x6420), __byte_perm(n[2], n[3], 0x6420));
         } else {
-          reinterpret_cast<uint4*>(out + row * K)[chunk] = make_uint4(w[0], w[1], w[2], w[3]);
+          if (ext.shift) {  // codes in [-7, 7] fit 6 bits: shifting each byte left keeps its sign
+            const uint32_t keep = (0xFFu << ext.shift & 0xFFu) * 0x01010101u;
+#pragma unroll
+            for (int h = 0; h < 4; ++h) w[h] = (w[h] << ext.shift) & keep;
+          }
+          reinterpret_cast<uint4*>(out + row * ld)[chunk] = make_uint4(w[0], w[1], w[2], w[3]);
         }
       }
     }
@@ -269,21 +327,36 @@ __global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
   }
 }
 
-// Launches the standalone weight expansion into `out` (allocated by the caller) on `stream`.
-at::Tensor unpack_int4_into(const at::Tensor& packed, at::Tensor out, cudaStream_t stream) {
+// Launches the standalone weight expansion of packed [N, K/2] into `out` ([N, K] or, with `ld_codes`, rows at
+// that pitch; `x16`: codes times 16) on `stream`.
+at::Tensor unpack_int4_into(const at::Tensor& packed, at::Tensor out, cudaStream_t stream, int64_t ld_codes = 0,
+                            bool x16 = false) {
   const int64_t n8 = packed.numel() / 8;
   if (n8 == 0) return out;
   const int threads = 256;
   const int64_t blocks = (n8 + threads * kUnroll - 1) / (threads * kUnroll);
-  unpack_int4_kernel<<<(unsigned)blocks, threads, 0, stream>>>(reinterpret_cast<const uint2*>(packed.data_ptr()),
-                                                               reinterpret_cast<uint4*>(out.data_ptr()), n8);
+  WeightOut wo;
+  wo.out = reinterpret_cast<uint4*>(out.data_ptr());
+  wo.kpr = packed.size(1) / 8;
+  wo.ld = ld_codes ? ld_codes / 16 : wo.kpr;
+  wo.x16 = x16;
+  unpack_int4_kernel<<<(unsigned)blocks, threads, 0, stream>>>(reinterpret_cast<const uint2*>(packed.data_ptr()), wo,
+                                                               n8);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
+// The LoRA extension's arguments as the launcher sees them (ld == 0: none).
+struct ExtArgs {
+  int64_t ld = 0;
+  const at::Tensor* h = nullptr;
+  const at::Tensor* pmul = nullptr;
+  at::Tensor* clamped = nullptr;
+};
+
 template <typename T, int G, bool kPacked>
 void launch_rq(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, const at::Tensor* w_packed, at::Tensor* w_out,
-               cudaStream_t stream, float qmax) {
+               cudaStream_t stream, float qmax, const ExtArgs& ea = ExtArgs()) {
   const int64_t M = x.size(0);
   const int K = (int)x.size(1);
   const int chunks = K / kChunk;
@@ -320,49 +393,63 @@ void launch_rq(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, const at
   }
   int64_t wn8 = 0, wblocks = 0;
   const uint2* wp = nullptr;
-  uint4* wo = nullptr;
   // The weight rides in the same launch only behind one-row blocks. Behind persistent blocks, which hold
   // every slot until the end, it gained nothing and once ran 134 us against 84 us for two launches
   // (4096x12288x3072, bench v7), so long rows get a second launch.
   if (w_packed != nullptr && !short_rows) {
-    *w_out = unpack_int4_into(*w_packed, *w_out, stream);
+    *w_out = unpack_int4_into(*w_packed, *w_out, stream, ea.ld, ea.ld != 0);
     w_packed = nullptr;
   }
+  WeightOut wo;
   if (w_packed != nullptr) {
     wn8 = w_packed->numel() / 8;
     wblocks = (wn8 + (int64_t)threads * kUnroll - 1) / ((int64_t)threads * kUnroll);
     wp = reinterpret_cast<const uint2*>(w_packed->data_ptr());
-    wo = reinterpret_cast<uint4*>(w_out->data_ptr());
+    wo.out = reinterpret_cast<uint4*>(w_out->data_ptr());
+    wo.kpr = w_packed->size(1) / 8;
+    wo.ld = ea.ld ? ea.ld / 16 : wo.kpr;
+    wo.x16 = ea.ld != 0;
   }
-  kernel<<<(unsigned)(grid + wblocks), threads, 0, stream>>>(xp, op, sp, M, K, active, (int)grid, wp, wo, wn8, qmax);
+  ActExt<T> ext;
+  if (ea.ld) {
+    ext.ld = ea.ld;
+    ext.shift = 2;
+    ext.h = reinterpret_cast<const T*>(ea.h->data_ptr());
+    ext.pmul = ea.pmul->data_ptr<float>();
+    ext.R = (int)ea.h->size(1);
+    ext.clamped = ea.clamped->data_ptr<int>();
+  }
+  kernel<<<(unsigned)(grid + wblocks), threads, 0, stream>>>(xp, op, sp, M, K, active, (int)grid, wp, wo, wn8, qmax,
+                                                             ext);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, bool kPacked>
 void dispatch_g(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, int64_t G, const at::Tensor* wp, at::Tensor* wo,
-                cudaStream_t s, float qmax) {
-  if (G == 16) launch_rq<T, 16, kPacked>(x, out, scale, wp, wo, s, qmax);
-  else if (G == 64) launch_rq<T, 64, kPacked>(x, out, scale, wp, wo, s, qmax);
-  else launch_rq<T, 256, kPacked>(x, out, scale, wp, wo, s, qmax);
+                cudaStream_t s, float qmax, const ExtArgs& ea) {
+  if (G == 16) launch_rq<T, 16, kPacked>(x, out, scale, wp, wo, s, qmax, ea);
+  else if (G == 64) launch_rq<T, 64, kPacked>(x, out, scale, wp, wo, s, qmax, ea);
+  else launch_rq<T, 256, kPacked>(x, out, scale, wp, wo, s, qmax, ea);
 }
 
 template <bool kPacked>
 std::tuple<at::Tensor, at::Tensor> rotate_quantize_impl(const at::Tensor& x, int64_t group_size, const at::Tensor* wp,
-                                                        at::Tensor* wo, float qmax = 7.f) {
+                                                        at::Tensor* wo, float qmax = 7.f,
+                                                        const ExtArgs& ea = ExtArgs()) {
   check_rq_input(x, group_size);
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1);
-  auto out = at::empty({M, kPacked ? K / 2 : K}, x.options().dtype(at::kChar));
+  auto out = at::empty({M, kPacked ? K / 2 : (ea.ld ? ea.ld : K)}, x.options().dtype(at::kChar));
   auto scale = at::empty({M}, x.options().dtype(at::kFloat));
+  auto stream = c10::cuda::getCurrentCUDAStream();
   if (M == 0) {
-    if (wp != nullptr) *wo = unpack_int4(*wp);
+    if (wp != nullptr) unpack_int4_into(*wp, *wo, stream, ea.ld, ea.ld != 0);
     return {out, scale};
   }
-  auto stream = c10::cuda::getCurrentCUDAStream();
   switch (x.scalar_type()) {
-    case at::kBFloat16: dispatch_g<__nv_bfloat16, kPacked>(x, out, scale, group_size, wp, wo, stream, qmax); break;
-    case at::kHalf: dispatch_g<__half, kPacked>(x, out, scale, group_size, wp, wo, stream, qmax); break;
-    default: dispatch_g<float, kPacked>(x, out, scale, group_size, wp, wo, stream, qmax); break;
+    case at::kBFloat16: dispatch_g<__nv_bfloat16, kPacked>(x, out, scale, group_size, wp, wo, stream, qmax, ea); break;
+    case at::kHalf: dispatch_g<__half, kPacked>(x, out, scale, group_size, wp, wo, stream, qmax, ea); break;
+    default: dispatch_g<float, kPacked>(x, out, scale, group_size, wp, wo, stream, qmax, ea); break;
   }
   return {out, scale};
 }
@@ -405,6 +492,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_quantize_int8_unpack(const
   TORCH_CHECK(w_packed.size(1) % 8 == 0, "convrot.rotate_quantize_i8_unpack: packed row length must be a multiple of 8");
   at::Tensor w_out = at::empty({w_packed.size(0), w_packed.size(1) * 2}, w_packed.options());
   auto [a, s] = rotate_quantize_impl<false>(x, group_size, &w_packed, &w_out);
+  return {a, s, w_out};
+}
+
+// A W4A4 linear with LoRA branches folded into the integer GEMM: K is extended by R low-rank columns.
+//   a = [4 * codes(x) | p],  w = [16 * codes(W) | q],  w_scale / 64 in the epilogue,
+// so a_scale[m] * w_scale[n] / 64 * (sum_k a w) = the plain W4A4 product + sum_r p[m,r] q[n,r] a_scale[m] w_scale[n] / 64.
+// With q = round(U / w_scale * c) (prepared once per LoRA, [N, R] int8) and p = round(h * pmul / a_scale) where
+// h = x @ downᵀ and pmul = 64 / c, the second sum is h @ Uᵀ up to the codes' rounding (in units of 1/64 of one
+// 4-bit product step). The LoRA costs R more columns of the GEMM instead of two passes over the [M, N] output.
+// Accumulators stay inside int32: K * 28 * 112 + R * 127^2 < 2^31 for every K <= 65536 and R <= 256.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_quantize_int8_unpack_lora(
+    const at::Tensor& x, int64_t group_size, const at::Tensor& w_packed, const at::Tensor& h, const at::Tensor& pmul,
+    const at::Tensor& q, const at::Tensor& clamped) {
+  const char* name = "convrot.rotate_quantize_i8_unpack_lora";
+  check_rq_input(x, group_size);
+  TORCH_CHECK(x.scalar_type() != at::kFloat, name, ": x must be bfloat16 or float16");
+  TORCH_CHECK(w_packed.is_cuda() && w_packed.dim() == 2 && w_packed.is_contiguous() &&
+                  w_packed.scalar_type() == at::kChar && w_packed.device() == x.device() &&
+                  w_packed.size(1) * 2 == x.size(1),
+              name, ": weight must be a contiguous packed int8 [N, K/2] tensor on x's device");
+  const int64_t M = x.size(0), K = x.size(1), N = w_packed.size(0), R = h.size(1);
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == M && h.is_contiguous() && h.scalar_type() == x.scalar_type() &&
+                  h.device() == x.device(), name, ": h must be a contiguous [M, R] tensor of x's dtype and device");
+  TORCH_CHECK(R > 0 && R % 64 == 0 && R <= 256, name, ": R=", R, " must be a positive multiple of 64, at most 256");
+  TORCH_CHECK(K * 28 * 112 + R * 127 * 127 < (int64_t)1 << 31, name, ": K=", K, " too large for the extension");
+  TORCH_CHECK(pmul.is_cuda() && pmul.scalar_type() == at::kFloat && pmul.numel() == R && pmul.is_contiguous() &&
+                  pmul.device() == x.device(), name, ": pmul must be float32 [R] on x's device");
+  TORCH_CHECK(q.is_cuda() && q.scalar_type() == at::kChar && q.dim() == 2 && q.size(0) == N && q.size(1) == R &&
+                  q.is_contiguous() && q.device() == x.device(), name, ": q must be a contiguous int8 [N, R] tensor");
+  TORCH_CHECK(clamped.is_cuda() && clamped.scalar_type() == at::kInt && clamped.numel() >= 1 &&
+                  clamped.device() == x.device(), name, ": clamped must be an int32 CUDA tensor");
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor w_out = at::empty({N, K + R}, w_packed.options());
+  ExtArgs ea;
+  ea.ld = K + R;
+  ea.h = &h;
+  ea.pmul = &pmul;
+  ea.clamped = const_cast<at::Tensor*>(&clamped);
+  auto [a, s] = rotate_quantize_impl<false>(x, group_size, &w_packed, &w_out, 7.f, ea);
+  if (N > 0)
+    C10_CUDA_CHECK(cudaMemcpy2DAsync(static_cast<int8_t*>(w_out.data_ptr()) + K, K + R, q.data_ptr(), R, R, N,
+                                     cudaMemcpyDeviceToDevice, c10::cuda::getCurrentCUDAStream()));
   return {a, s, w_out};
 }
 

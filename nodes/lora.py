@@ -23,7 +23,8 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
+
+from ..convrot import lowrank
 
 log = logging.getLogger("convrot")
 
@@ -84,6 +85,18 @@ def _describe(p) -> str:
     return type(v).__name__
 
 
+class Prepared:
+    """One layer's patches ready for one device and dtype."""
+    __slots__ = ("down", "ups", "dense", "folded", "checked")
+
+    def __init__(self, down, ups, dense, folded=None):
+        self.down = down      # [sum of ranks, K] or None: every low-rank branch's down-projection
+        self.ups = ups        # [(start, length, r0, r1, up)]: per output slice, its rank columns and up-projection
+        self.dense = dense    # [N, K] delta or None
+        self.folded = folded  # convrot.lowrank.LowRankCodes: the branches folded into the GEMM's K, or None
+        self.checked = False  # whether the folded codes' clamp counter was read after a first call
+
+
 class LayerPatches:
     """The patch list one quantized layer currently runs with, and its device/dtype-ready form."""
 
@@ -120,11 +133,39 @@ class LayerPatches:
             self._cache = {ck: prep}  # only the current device/dtype: an offloaded copy would pin memory
         return prep
 
-    def apply(self, layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _get(self, layer, x: torch.Tensor) -> Prepared:
         prep = self._cache.get((x.device, x.dtype))
-        if prep is None:
-            prep = _prepare_outside_compile(self, layer, x.device, x.dtype)
-        down, ups, dense = prep
+        return prep if prep is not None else _prepare_outside_compile(self, layer, x.device, x.dtype)
+
+    def folded_linear(self, layer, x: torch.Tensor, w: torch.Tensor, bias) -> torch.Tensor | None:
+        """The layer's output with every LoRA branch folded into its W4A4 GEMM, or None where that doesn't apply
+        (then the caller runs the GEMM and `apply`)."""
+        prep = self._get(layer, x)
+        codes = prep.folded
+        if codes is None or not x.numel():
+            return None
+        x2 = x.reshape(-1, layer.in_features).contiguous()
+        y = lowrank.linear(x2, w, bias, layer.convrot_group_size, codes).view(*x.shape[:-1], layer.out_features)
+        if not prep.checked and not torch.compiler.is_compiling():
+            prep.checked = True  # one synchronisation per layer and patch set, on its first call
+            if self.check_clamps(layer, prep):
+                return None  # recomputed exactly by the caller
+        return y
+
+    def check_clamps(self, layer, prep: Prepared) -> bool:
+        """True (and the layer switched to exact branches, with a warning) if folded codes were ever clamped."""
+        codes = prep.folded
+        if codes is None or int(codes.clamped.item()) == 0:
+            return False
+        log.warning("ConvRot: the LoRA on %s is too strong for its folded 8-bit codes (%d clamped); that layer "
+                    "now applies it as an exact separate branch", layer._layer_name or self.key,
+                    int(codes.clamped.item()))
+        prep.folded = None
+        return True
+
+    def apply(self, layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        prep = self._get(layer, x)
+        down, ups, dense = prep.down, prep.ups, prep.dense
         # in place on this call's fresh output: one read + one write of y per update instead of the three passes
         # and a temporary of `y + h` (the updates are memory-bound; this is most of a LoRA's cost per step)
         x2 = x.reshape(-1, x.shape[-1])
@@ -155,7 +196,7 @@ class LayerPatches:
             if tuple(patched.shape) != (out_f, in_f):
                 raise RuntimeError(f"ConvRot: patches change the shape of {name} to {tuple(patched.shape)}; "
                                    f"shape-changing patches are not supported on quantized layers")
-            return None, [], (patched - w).to(dtype)
+            return Prepared(None, [], (patched - w).to(dtype))
 
         groups: dict[tuple, tuple[list, list]] = {}
         dense = None
@@ -204,7 +245,15 @@ class LayerPatches:
             ups_all.append((start, length, r, r + d.shape[0], u.to(dtype).contiguous()))
             r += d.shape[0]
         down = torch.cat(downs_all, 0).to(dtype).contiguous() if downs_all else None
-        return down, ups_all, (dense.to(dtype) if dense is not None else None)
+        folded = None
+        if down is not None and dense is None and layer.convrot_bits == 4 and lowrank.kernels_can_fold(device, dtype):
+            # one [N, R] up-projection with each branch in its output slice, folded into the GEMM (convrot.lowrank)
+            up_full = torch.zeros(out_f, r, device=device, dtype=torch.float32)
+            for start, length, r0, r1, up in ups_all:
+                rows = slice(None) if start is None else slice(start, start + length)
+                up_full[rows, r0:r1] = up.to(torch.float32)
+            folded = lowrank.prepare(torch.cat(downs_all, 0), up_full, layer.weight_scale.to(device), dtype)
+        return Prepared(down, ups_all, (dense.to(dtype) if dense is not None else None), folded)
 
 
 @torch.compiler.disable
@@ -225,7 +274,9 @@ def sync_patches(patcher, *args, prepare: bool = False, **kwargs) -> None:
     for key, m in layers:
         m.convrot_patches.set(key, patcher.patches.get(key), patcher.patches_uuid)
         if prepare and m.convrot_patches and dtype in (torch.float16, torch.bfloat16, torch.float32):
-            m.convrot_patches.prepare(m, patcher.load_device, dtype)
+            prep = m.convrot_patches.prepare(m, patcher.load_device, dtype)
+            if prep.checked:  # a previous run with these patches: were any folded codes clamped since?
+                m.convrot_patches.check_clamps(m, prep)
 
 
 def _sync_and_prepare(patcher, *args, **kwargs) -> None:

@@ -246,14 +246,19 @@ class ConvRotLinearOp(comfy.ops.manual_cast.Linear):
             non_blocking = comfy.model_management.device_supports_non_blocking(dev)
             w, s = w.to(dev, non_blocking=non_blocking), s.to(dev, non_blocking=non_blocking)
         bias = self._cast_bias(x)
+        patches = self.convrot_patches
+        if patches:
+            y = patches.folded_linear(self, x, w, bias)  # LoRA branches inside the GEMM (sm_90), else None
+            if y is not None:
+                return y
         # under torch.compile the checked path is traced once, so its per-call cost doesn't matter there
         fn = None if torch.compiler.is_compiling() else self._fast_fn(dev, x.dtype)
         if fn is not None and x.numel():
             y = fn(x.reshape(-1, self.in_features).contiguous(), w, s, bias).view(*x.shape[:-1], self.out_features)
         else:
             y = cr_ops.linear(x, w, s, bias, self.convrot_group_size, self.convrot_bits)
-        if self.convrot_patches:
-            y = self.convrot_patches.apply(self, x, y)
+        if patches:
+            y = patches.apply(self, x, y)
         return y
 
     def _fast_fn(self, device: torch.device, dtype: torch.dtype):

@@ -148,6 +148,26 @@ def test_lora_formats_match_bf16_lora(env, name, monkeypatch):
         assert m.weight.dtype == torch.int8 and torch.equal(m.weight, before[n]), n
 
 
+def test_folded_lora_branches_match_bf16_lora(env, monkeypatch):
+    """On sm_90 plain LoRAs fold into the W4A4 GEMM (convrot.lowrank). Here the folded path runs its reference
+    arithmetic on CPU (the kernel is checked against the same reference in test_lowrank.py on a GPU): stacked
+    LoRAs with slices and a negative strength keep the accuracy ratio, and the separate branch is not run."""
+    lora_mod = env["comfy"].pack.nodes.lora
+    monkeypatch.setattr(lora_mod.lowrank, "kernels_can_fold", lambda device, dtype: True)
+    monkeypatch.setattr(lora_mod.lowrank, "linear", lora_mod.lowrank.reference_linear)
+    applied, apply = [], lora_mod.LayerPatches.apply
+    monkeypatch.setattr(lora_mod.LayerPatches, "apply",
+                        lambda self, layer, x, y: applied.append(layer) or apply(self, layer, x, y))
+    y_q, _, _ = check_lora(env, ("kohya.safetensors", 0.7), ("diffusers.safetensors", -1.0), ("comfy.safetensors", 0.5))
+    folded = [m for _, m in _quantized(env) if m.convrot_patches
+              and any(p.folded is not None for p in m.convrot_patches._cache.values())]
+    assert folded and all(m.convrot_bits == 4 for m in folded)
+    assert not any(m in folded for m in applied)  # folded layers never ran the separate branch
+    # a layer whose folded codes clamped (this test's LoRAs are strong for a 256-wide model) switched to the exact
+    # branch, with a warning, and counts among `applied`
+    assert any(m.convrot_bits == 8 for m in applied)  # W8A8 layers keep it
+
+
 def test_lora_branch_is_exact(env):
     """Layer level: output(with LoRA) - output(without) == strength * alpha/rank * (x @ downᵀ) @ upᵀ."""
     c = env["comfy"]
@@ -198,8 +218,9 @@ def test_other_patch_types_take_the_dense_path(env, kind):
     ratio = 1.25 if kind == "dora" else RATIO  # DoRA's norm is taken of the dequantized weight
     check_lora(env, (f"{kind}.safetensors", 1.0), ratio=ratio, min_effect=0.02)
     layer = dict(_quantized(env))["double_blocks.0.img_mlp.0"]
-    (down, ups, dense), = layer.convrot_patches._cache.values()  # the slow path really ran: a dense delta only
-    assert down is None and not ups and dense is not None and dense.shape == (MLP, H)
+    prep, = layer.convrot_patches._cache.values()  # the slow path really ran: a dense delta only
+    assert prep.down is None and not prep.ups and prep.folded is None
+    assert prep.dense is not None and prep.dense.shape == (MLP, H)
 
 
 def test_patch_that_cannot_fit_is_refused_by_name(env):

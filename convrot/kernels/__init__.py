@@ -109,6 +109,12 @@ def _register_fakes() -> None:
         a, s = rq8_fake(x, group_size)
         return a, s, unpack_fake(w)
 
+    def rq8u_lora_fake(x, group_size, w, h, pmul, q, clamped):
+        m, k = x.shape
+        r = h.shape[1]
+        return (x.new_empty((m, k + r), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32),
+                w.new_empty((w.shape[0], k + r), dtype=torch.int8))
+
     def gemm_s4_fake(a, a_scale, w, w_scale, bias, out_dtype):
         return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
 
@@ -118,6 +124,7 @@ def _register_fakes() -> None:
     for name, fn in (("rotate_quantize", rq_fake), ("rotate_quantize_i8", rq8_fake), ("rotate_quantize_q8", rq8_fake),
                      ("unpack_int4", unpack_fake),
                      ("rotate_quantize_i8_unpack", rq8u_fake),
+                     ("rotate_quantize_i8_unpack_lora", rq8u_lora_fake),
                      ("gemm_s4_mma", gemm_s4_fake), ("gemm_i8_sm90", gemm_i8_fake)):
         try:
             torch.library.register_fake(f"convrot::{name}")(fn)
@@ -423,3 +430,21 @@ def linear_fn(group_size: int, bits: int):
             a8, a_scale = rq(x, g)
             return int8_mm(a8, a_scale, w, w_scale, bias, x.dtype)
     return f
+
+
+def can_fold_lowrank() -> bool:
+    """LoRA branches fold into the GEMM on the sm_90 route (int8 operands with room for the appended codes)."""
+    return load() is not None and _is_sm90()
+
+
+def w4a4_lowrank_linear(x2d: torch.Tensor, w_packed: torch.Tensor, bias, group_size: int, codes) -> torch.Tensor:
+    """W4A4 linear plus a LoRA branch folded into the GEMM's K (convrot.lowrank explains the arithmetic).
+
+    x2d contiguous bf16/fp16 [M, K]; w_packed the layer's packed [N, K/2]; codes a convrot.lowrank.LowRankCodes on
+    x's device with `down` in x's dtype. The C++ op checks shapes, dtypes and devices.
+    """
+    ops = _ops()
+    h = x2d @ codes.down.t()  # [M, R]: the only extra pass over x
+    a, a_scale, w = ops.rotate_quantize_i8_unpack_lora.default(x2d, group_size, w_packed, h, codes.pmul, codes.q,
+                                                               codes.clamped)
+    return ops.gemm_i8_sm90.default(a, a_scale, w, codes.w_scale, bias, x2d.dtype, -1)
