@@ -130,7 +130,10 @@ def run_variant(a) -> dict:
     nodes = import_comfy(a.comfy, models_dir)
     if DEV == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    base, *mods = a.variant.split("+")  # e.g. mixed+lora+compile
+    base, *mods = a.variant.split("+")  # e.g. mixed+lora+compile; lora_exact: the LoRA as a separate branch
+    if "lora_exact" in mods:
+        os.environ["CONVROT_FOLD_LORA"] = "0"
+        mods.append("lora")
     t0 = time.time()
     if base == "bf16":
         model = nodes.UNETLoader().load_unet(a.unet, "default")[0]
