@@ -237,6 +237,7 @@ def main() -> int:
     p.add_argument("--profile", default="bf16,mixed,compact", help="variants to profile one step of ('' for none)")
     p.add_argument("--out", default=None)
     p.add_argument("--tiny", action="store_true", help="a tiny model: a dry run of the flow, on CPU too")
+    p.add_argument("--log-dir", default=None, help="keep each variant's stderr there (<variant>.log)")
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
 
@@ -264,9 +265,11 @@ def main() -> int:
     rows = []
     for v in a.variants.split(","):
         t0 = time.time()
-        r = subprocess.run([sys.executable, __file__, "--comfy", a.comfy, "--workdir", a.workdir, "--unet", a.unet,
-                            "--steps", str(a.steps), "--res", str(a.res), "--profile", a.profile, "--variant", v],
-                           capture_output=True, text=True)
+        cmd = [sys.executable, __file__, "--comfy", a.comfy, "--workdir", a.workdir, "--unet", a.unet,
+               "--steps", str(a.steps), "--res", str(a.res), "--profile", a.profile, "--variant", v]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if a.log_dir:
+            Path(a.log_dir, v.replace("+", "_") + ".log").write_text(r.stderr[-2_000_000:])
         lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
         if r.returncode or not lines:
             print(f"variant {v} failed ({time.time() - t0:.0f}s):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}", flush=True)

@@ -7,6 +7,7 @@ set -o pipefail
 variants=$1; profile=$2; tests=${3:-}
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 CONVROT_CACHE_DIR=$PWD/.build/cache
 W=/tmp/convrot_e2e
+mkdir -p $OUT/logs
 t0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --find-links .gpu/whl --find-links .whl torchsde trampoline alembic \
   mako sqlalchemy greenlet comfy_aimdo simpleeval blake3 einops pydantic_settings python_dotenv comfy_kitchen \
@@ -28,5 +29,6 @@ if [ -n "$tests" ]; then
   timeout 150 python3 -m pytest -q tests/test_kernels_gpu.py tests/test_lowrank.py -p no:cacheprovider -k "$tests" 2>&1 | tail -25 | tee $OUT/tests.txt
 fi
 timeout $(( 585 - ($(date +%s) - t0) )) python3 bench/e2e_comfy.py --comfy .gpu/ComfyUI --workdir $W \
-  --variants "$variants" --profile "$profile" --out $OUT/e2e.jsonl 2>&1 | tee $OUT/e2e.txt | grep -v "^{" | tail -40
+  --variants "$variants" --profile "$profile" --out $OUT/e2e.jsonl --log-dir $OUT/logs 2>&1 | tee $OUT/e2e.txt | grep -v "^{" | tail -40
+for f in $OUT/logs/*.log; do echo "=== $f"; tail -c 300000 $f; done > $OUT/child_logs.txt 2>/dev/null; rm -rf $OUT/logs
 echo "total $(( $(date +%s) - t0 )) s"

@@ -105,15 +105,23 @@ __device__ __forceinline__ uint4 expand8_x16(const uint2 p) {
 
 // Where the weight expansion writes: rows of `kpr` 16-code items at a pitch of `ld` items (ld == kpr: contiguous),
 // plain sign extension or times 16.
+// `tail` (optional): R int8 codes per row copied after the row's K codes (the LoRA extension's q).
 struct WeightOut {
   uint4* out = nullptr;
   int64_t kpr = 1, ld = 1;
   bool x16 = false;
+  const int8_t* tail = nullptr;
+  int R = 0;
 };
 
 __device__ __forceinline__ void expand_store(const WeightOut& wo, int64_t i, const uint2 p) {
   const int64_t o = wo.ld == wo.kpr ? i : (i / wo.kpr) * wo.ld + i % wo.kpr;
   wo.out[o] = wo.x16 ? expand8_x16(p) : expand8(p);
+  if (wo.tail != nullptr && i % wo.kpr == wo.kpr - 1) {  // the row's last item also copies its tail (R % 16 == 0)
+    const int64_t row = i / wo.kpr;
+    const uint4* src = reinterpret_cast<const uint4*>(wo.tail + row * wo.R);
+    for (int j = 0; j < wo.R / 16; ++j) wo.out[o + 1 + j] = __ldg(src + j);
+  }
 }
 
 __global__ void unpack_int4_kernel(const uint2* __restrict__ in, WeightOut wo, int64_t n8) {
@@ -330,7 +338,7 @@ __global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
 // Launches the standalone weight expansion of packed [N, K/2] into `out` ([N, K] or, with `ld_codes`, rows at
 // that pitch; `x16`: codes times 16) on `stream`.
 at::Tensor unpack_int4_into(const at::Tensor& packed, at::Tensor out, cudaStream_t stream, int64_t ld_codes = 0,
-                            bool x16 = false) {
+                            bool x16 = false, const at::Tensor* tail = nullptr) {
   const int64_t n8 = packed.numel() / 8;
   if (n8 == 0) return out;
   const int threads = 256;
@@ -340,6 +348,10 @@ at::Tensor unpack_int4_into(const at::Tensor& packed, at::Tensor out, cudaStream
   wo.kpr = packed.size(1) / 8;
   wo.ld = ld_codes ? ld_codes / 16 : wo.kpr;
   wo.x16 = x16;
+  if (tail != nullptr) {
+    wo.tail = reinterpret_cast<const int8_t*>(tail->data_ptr());
+    wo.R = (int)tail->size(1);
+  }
   unpack_int4_kernel<<<(unsigned)blocks, threads, 0, stream>>>(reinterpret_cast<const uint2*>(packed.data_ptr()), wo,
                                                                n8);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -352,6 +364,7 @@ struct ExtArgs {
   const at::Tensor* h = nullptr;
   const at::Tensor* pmul = nullptr;
   at::Tensor* clamped = nullptr;
+  const at::Tensor* q = nullptr;
 };
 
 template <typename T, int G, bool kPacked>
@@ -397,7 +410,7 @@ void launch_rq(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, const at
   // every slot until the end, it gained nothing and once ran 134 us against 84 us for two launches
   // (4096x12288x3072, bench v7), so long rows get a second launch.
   if (w_packed != nullptr && !short_rows) {
-    *w_out = unpack_int4_into(*w_packed, *w_out, stream, ea.ld, ea.ld != 0);
+    *w_out = unpack_int4_into(*w_packed, *w_out, stream, ea.ld, ea.ld != 0, ea.q);
     w_packed = nullptr;
   }
   WeightOut wo;
@@ -409,6 +422,10 @@ void launch_rq(const at::Tensor& x, at::Tensor& out, at::Tensor& scale, const at
     wo.kpr = w_packed->size(1) / 8;
     wo.ld = ea.ld ? ea.ld / 16 : wo.kpr;
     wo.x16 = ea.ld != 0;
+    if (ea.q != nullptr) {
+      wo.tail = reinterpret_cast<const int8_t*>(ea.q->data_ptr());
+      wo.R = (int)ea.q->size(1);
+    }
   }
   ActExt<T> ext;
   if (ea.ld) {
@@ -443,7 +460,7 @@ std::tuple<at::Tensor, at::Tensor> rotate_quantize_impl(const at::Tensor& x, int
   auto scale = at::empty({M}, x.options().dtype(at::kFloat));
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (M == 0) {
-    if (wp != nullptr) unpack_int4_into(*wp, *wo, stream, ea.ld, ea.ld != 0);
+    if (wp != nullptr) unpack_int4_into(*wp, *wo, stream, ea.ld, ea.ld != 0, ea.q);
     return {out, scale};
   }
   switch (x.scalar_type()) {
@@ -530,10 +547,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_quantize_int8_unpack_lora(
   ea.h = &h;
   ea.pmul = &pmul;
   ea.clamped = const_cast<at::Tensor*>(&clamped);
+  ea.q = &q;  // copied by the weight expansion (a strided cudaMemcpy2D of N x 64 bytes took ~25 us per layer)
   auto [a, s] = rotate_quantize_impl<false>(x, group_size, &w_packed, &w_out, 7.f, ea);
-  if (N > 0)
-    C10_CUDA_CHECK(cudaMemcpy2DAsync(static_cast<int8_t*>(w_out.data_ptr()) + K, K + R, q.data_ptr(), R, R, N,
-                                     cudaMemcpyDeviceToDevice, c10::cuda::getCurrentCUDAStream()));
   return {a, s, w_out};
 }
 

@@ -174,6 +174,8 @@ class LayerPatches:
         # and a temporary of `y + h` (the updates are memory-bound; this is most of a LoRA's cost per step)
         x2 = x.reshape(-1, x.shape[-1])
         y2 = y.view(-1, y.shape[-1])
+        if torch.compiler.is_compiling():
+            return self._apply_functional(x2, y2, down, ups, dense).view(y.shape)
         if down is not None:
             h = x2 @ down.t()  # every branch's rank at once: x is read once per layer
             for start, length, r0, r1, up in ups:
@@ -182,6 +184,22 @@ class LayerPatches:
         if dense is not None:
             y2.addmm_(x2, dense.t())
         return y
+
+    @staticmethod
+    def _apply_functional(x2, y2, down, ups, dense):
+        """`apply` without in-place updates of views, for traced code: in-place updates of a view of the GEMM's
+        output make the functionalized graph copy the whole output back after each one."""
+        if down is not None:
+            h = x2 @ down.t()
+            for start, length, r0, r1, up in ups:
+                if start is None:
+                    y2 = torch.addmm(y2, h[:, r0:r1], up.t())
+                else:
+                    part = torch.addmm(y2[:, start:start + length], h[:, r0:r1], up.t())
+                    y2 = y2.slice_scatter(part, 1, start, start + length)
+        if dense is not None:
+            y2 = torch.addmm(y2, x2, dense.t())
+        return y2
 
     # ---------------------------------------------------------------- preparation (once per patch set and device)
 

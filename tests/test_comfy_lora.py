@@ -310,10 +310,30 @@ def test_torch_compile_model_node(env):
     assert torch.allclose(y2, y_lora, rtol=1e-4, atol=1e-4), rel(y2, y_lora)
 
 
+def test_compile_blocks_node(env):
+    """ConvRot Compile Blocks (regional compile through ComfyUI's wrapper) samples as the uncompiled model, with
+    and without LoRAs; dynamo's eager backend as above."""
+    c = env["comfy"]
+    node = c.nodes.NODE_CLASS_MAPPINGS["ConvRotCompileBlocks"]
+    m = node_output(node.execute(env["ours"], "inductor"))[0]
+    keys = c.pack.nodes.compile.block_keys(m)
+    assert len(keys) == 4 and keys[0] == "diffusion_model.double_blocks.0"
+    torch._dynamo.reset()
+    m = c.pack.nodes.compile.compile_blocks(env["ours"], backend="eager")
+    assert torch.allclose(sample(c, m, steps=1), sample(c, env["ours"], steps=1), rtol=1e-4, atol=1e-4)
+    loras = (("kohya.safetensors", 0.8), ("diffusers.safetensors", -0.5))
+    y_lora = sample(c, with_loras(c, env["ours"], *loras), steps=1)
+    y2 = sample(c, with_loras(c, m, *loras), steps=1)
+    assert torch.allclose(y2, y_lora, rtol=1e-4, atol=1e-4), rel(y2, y_lora)
+    with pytest.raises(ValueError, match="not a FLUX-style model"):
+        c.pack.nodes.compile.block_keys(type("P", (), {"get_model_object": lambda self, k: torch.nn.Linear(2, 2)})())
+
+
 def test_dynamo_sees_no_graph_breaks_in_convrot_layers(env):
     """torch.compile traces a quantized layer (reference path on CPU), with and without a LoRA branch, in one graph."""
     c = env["comfy"]
-    m = with_loras(c, env["ours"], ("kohya.safetensors", 1.0))
+    # kohya: whole layers; diffusers: q/v slices of the fused qkv (the traced path's slice_scatter)
+    m = with_loras(c, env["ours"], ("kohya.safetensors", 1.0), ("diffusers.safetensors", -0.5))
     sample(c, m, steps=1)  # syncs the LoRA patches into the layers
     q = dict(_quantized(env))
     for name in ("double_blocks.0.img_attn.qkv", "double_blocks.1.img_mod.lin", "single_blocks.0.linear1"):
