@@ -286,7 +286,7 @@ def _prepare_outside_compile(patches: LayerPatches, layer, device, dtype):
 def sync_patches(patcher, *args, prepare: bool = False, **kwargs) -> None:
     """ModelPatcher callback: give every ConvRot layer the running patcher's patches for its weight (and, before a
     run, their device-ready form)."""
-    from .ops import quantized_layers
+    from .ops import quantized_layers, route_forward
     model = patcher.model
     layers = getattr(model, "_convrot_layers", None)
     if layers is None:
@@ -295,6 +295,7 @@ def sync_patches(patcher, *args, prepare: bool = False, **kwargs) -> None:
     dtype = patcher.model.get_dtype_inference() if prepare else None
     for key, m in layers:
         m.convrot_patches.set(key, patcher.patches.get(key), patcher.patches_uuid)
+        route_forward(m)
         if prepare and m.convrot_patches and dtype in (torch.float16, torch.bfloat16, torch.float32):
             prep = m.convrot_patches.prepare(m, patcher.load_device, dtype)
             if prep.checked:  # a previous run with these patches: were any folded codes clamped since?
