@@ -63,11 +63,8 @@ class ConvRotLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() and not torch.compiler.is_compiling():
-            key = (x.device, x.dtype)
-            if self._fast is None or self._fast[0] != key:
-                self._fast = (key, ops.fast_linear_fn(x.device, x.dtype, self.in_features, self.out_features,
-                                                      self.group_size, self.bits))
-            fn = self._fast[1]
+            self._fast, fn = ops.cached_fast_linear_fn(self._fast, x.device, x.dtype, self.in_features,
+                                                       self.out_features, self.group_size, self.bits)
             if fn is not None and self.weight.device == x.device:
                 bias = None if self.bias is None else self.bias.to(x.dtype)
                 y = fn(x.reshape(-1, self.in_features).contiguous(), self.weight, self.weight_scale, bias)

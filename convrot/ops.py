@@ -84,6 +84,16 @@ def fast_linear_fn(device: torch.device, dtype: torch.dtype, k: int, n: int, gro
     return None if kern is None else kern.linear_fn(group_size, bits)
 
 
+def cached_fast_linear_fn(cache, device: torch.device, dtype: torch.dtype, k: int, n: int, group_size: int,
+                          bits: int):
+    """(cache, fn): a layer keeps `cache` = ((device, dtype), fn) and asks fast_linear_fn again only when the
+    device or dtype of its input changes."""
+    key = (device, dtype)
+    if cache is None or cache[0] != key:
+        cache = (key, fast_linear_fn(device, dtype, k, n, group_size, bits))
+    return cache, cache[1]
+
+
 def linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
            group_size: int, bits: int = 4) -> torch.Tensor:
     lead = x.shape[:-1]

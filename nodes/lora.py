@@ -122,8 +122,8 @@ class LayerPatches:
     def prepare(self, layer, device, dtype):
         """The patches in the form `apply` uses on (device, dtype), computed once per patch set.
 
-        Called from the ON_PRE_RUN callback for the model's device and inference dtype, so a torch.compile'd block
-        finds it ready instead of tracing the preparation; `apply` prepares lazily for anything else.
+        Called from the ON_PRE_RUN callback for the model's device and inference dtype, so the first step doesn't
+        pay for it layer by layer; `apply` prepares lazily for anything else.
         """
         ck = (torch.device(device), dtype)
         prep = self._cache.get(ck)
@@ -135,15 +135,12 @@ class LayerPatches:
 
     def _get(self, layer, x: torch.Tensor) -> Prepared:
         prep = self._cache.get((x.device, x.dtype))
-        return prep if prep is not None else _prepare_outside_compile(self, layer, x.device, x.dtype)
+        return prep if prep is not None else self.prepare(layer, x.device, x.dtype)
 
     def folded_linear(self, layer, x: torch.Tensor, w: torch.Tensor, bias) -> torch.Tensor | None:
         """The layer's output with every LoRA branch folded into its W4A4 GEMM, or None where that doesn't apply
-        (then the caller runs the GEMM and `apply`)."""
-        if torch.compiler.is_compiling():
-            # compiled blocks take the separate branch: the folded path's first-call check flips Python state that
-            # Dynamo guards on, which measured 3x slower steps (recompilations) on the H100
-            return None
+        (then the caller runs the GEMM and `apply`). Patched layers never run inside torch.compile graphs
+        (nodes/ops.py _PatchedForward), so this Python state is never traced."""
         prep = self._get(layer, x)
         codes = prep.folded
         if codes is None or not x.numel():
@@ -158,12 +155,11 @@ class LayerPatches:
 
     def check_clamps(self, layer, prep: Prepared) -> bool:
         """True (and the layer switched to exact branches, with a warning) if folded codes were ever clamped."""
-        codes = prep.folded
-        if codes is None or int(codes.clamped.item()) == 0:
+        clamped = 0 if prep.folded is None else int(prep.folded.clamped.item())
+        if clamped == 0:
             return False
         log.warning("ConvRot: the LoRA on %s is too strong for its folded 8-bit codes (%d clamped); that layer "
-                    "now applies it as an exact separate branch", layer._layer_name or self.key,
-                    int(codes.clamped.item()))
+                    "now applies it as an exact separate branch", layer._layer_name or self.key, clamped)
         prep.folded = None
         return True
 
@@ -174,8 +170,6 @@ class LayerPatches:
         # and a temporary of `y + h` (the updates are memory-bound; this is most of a LoRA's cost per step)
         x2 = x.reshape(-1, x.shape[-1])
         y2 = y.view(-1, y.shape[-1])
-        if torch.compiler.is_compiling():
-            return self._apply_functional(x2, y2, down, ups, dense).view(y.shape)
         if down is not None:
             h = x2 @ down.t()  # every branch's rank at once: x is read once per layer
             for start, length, r0, r1, up in ups:
@@ -184,22 +178,6 @@ class LayerPatches:
         if dense is not None:
             y2.addmm_(x2, dense.t())
         return y
-
-    @staticmethod
-    def _apply_functional(x2, y2, down, ups, dense):
-        """`apply` without in-place updates of views, for traced code: in-place updates of a view of the GEMM's
-        output make the functionalized graph copy the whole output back after each one."""
-        if down is not None:
-            h = x2 @ down.t()
-            for start, length, r0, r1, up in ups:
-                if start is None:
-                    y2 = torch.addmm(y2, h[:, r0:r1], up.t())
-                else:
-                    part = torch.addmm(y2[:, start:start + length], h[:, r0:r1], up.t())
-                    y2 = y2.slice_scatter(part, 1, start, start + length)
-        if dense is not None:
-            y2 = torch.addmm(y2, x2, dense.t())
-        return y2
 
     # ---------------------------------------------------------------- preparation (once per patch set and device)
 
@@ -266,7 +244,8 @@ class LayerPatches:
             downs_all.append(d)
             ups_all.append((start, length, r, r + d.shape[0], u.to(dtype).contiguous()))
             r += d.shape[0]
-        down = torch.cat(downs_all, 0).to(dtype).contiguous() if downs_all else None
+        down_f32 = torch.cat(downs_all, 0) if downs_all else None
+        down = down_f32.to(dtype).contiguous() if down_f32 is not None else None
         folded = None
         if down is not None and dense is None and layer.convrot_bits == 4 and lowrank.kernels_can_fold(device, dtype):
             # one [N, R] up-projection with each branch in its output slice, folded into the GEMM (convrot.lowrank)
@@ -274,13 +253,8 @@ class LayerPatches:
             for start, length, r0, r1, up in ups_all:
                 rows = slice(None) if start is None else slice(start, start + length)
                 up_full[rows, r0:r1] = up.to(torch.float32)
-            folded = lowrank.prepare(torch.cat(downs_all, 0), up_full, layer.weight_scale.to(device), dtype)
+            folded = lowrank.prepare(down_f32, up_full, layer.weight_scale.to(device), dtype)
         return Prepared(down, ups_all, (dense.to(dtype) if dense is not None else None), folded)
-
-
-@torch.compiler.disable
-def _prepare_outside_compile(patches: LayerPatches, layer, device, dtype):
-    return patches.prepare(layer, device, dtype)
 
 
 def sync_patches(patcher, *args, prepare: bool = False, **kwargs) -> None:

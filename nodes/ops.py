@@ -263,12 +263,10 @@ class ConvRotLinearOp(comfy.ops.manual_cast.Linear):
 
     def _fast_fn(self, device: torch.device, dtype: torch.dtype):
         """The kernel call for this layer on (device, dtype), decided on the first call there (see fast_linear_fn)."""
-        key = (device, dtype)
-        cached = self._convrot_fast
-        if cached is None or cached[0] != key:
-            cached = self._convrot_fast = (key, cr_ops.fast_linear_fn(
-                device, dtype, self.in_features, self.out_features, self.convrot_group_size, self.convrot_bits))
-        return cached[1]
+        self._convrot_fast, fn = cr_ops.cached_fast_linear_fn(
+            self._convrot_fast, device, dtype, self.in_features, self.out_features, self.convrot_group_size,
+            self.convrot_bits)
+        return fn
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         from ..convrot.reference import dequantize_weight
@@ -301,7 +299,7 @@ class _PatchedForward:
 
 
 def route_forward(layer: ConvRotLinearOp) -> None:
-    """Patched layers forward through _forward_patched, unpatched ones through the class's (traceable) forward."""
+    """Patched layers forward through _PatchedForward, unpatched ones through the class's (traceable) forward."""
     if layer.convrot_patches:
         cur = layer.__dict__.get("forward")
         if not (isinstance(cur, _PatchedForward) and cur.ref() is layer):  # (a deep copy keeps the original's)
