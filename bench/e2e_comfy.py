@@ -2,6 +2,10 @@
 
     python bench/e2e_comfy.py --comfy /path/to/ComfyUI [--steps 20] [--res 1024] [--variants bf16,fp8_fast,mixed]
 
+A variant is a loader (bf16, fp8_fast, or a ConvRot preset) with optional modifiers: `+lora` chains the stock
+LoraLoaderModelOnly with a generated rank-32 LoRA on every block linear, `+lora_exact` the same with folding off
+(CONVROT_FOLD_LORA=0), `+compile` adds ConvRot Compile Blocks; e.g. `mixed+lora+compile`.
+
 A FLUX.1-dev-size transformer (12B) with seeded random bf16 weights is written once to a work folder (no weights can
 be downloaded); conditioning tensors stand in for the text encoders. Each variant runs in its own process so load
 time and peak VRAM are its own: load (+quantize) time, median seconds per step (CUDA-synchronized wall time of each
