@@ -124,8 +124,11 @@ __device__ __forceinline__ void expand_store(const WeightOut& wo, int64_t i, con
   }
 }
 
-__global__ void unpack_int4_kernel(const uint2* __restrict__ in, WeightOut wo, int64_t n8) {
-  const int64_t base = (int64_t)blockIdx.x * blockDim.x * kUnroll + threadIdx.x;
+// One block's share of the weight expansion: kUnroll independent loads per thread, then the stores. Used by the
+// standalone kernel and by the weight blocks of the fused rotate-quantize launch.
+__device__ __forceinline__ void expand_block(const uint2* __restrict__ in, const WeightOut& wo, int64_t n8,
+                                             int64_t block) {
+  const int64_t base = block * blockDim.x * kUnroll + threadIdx.x;
   uint2 p[kUnroll];
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
@@ -139,9 +142,13 @@ __global__ void unpack_int4_kernel(const uint2* __restrict__ in, WeightOut wo, i
   }
 }
 
+__global__ void unpack_int4_kernel(const uint2* __restrict__ in, WeightOut wo, int64_t n8) {
+  expand_block(in, wo, n8, blockIdx.x);
+}
+
 // The LoRA extension of the int8 activation path (see rotate_quantize_int8_unpack_lora): codes written at a row
-// pitch of `ld` (K + R) and multiplied by `mul` (4), then R appended codes per row from the low-rank activations
-// h [M, R]: round(h * pmul[r] / scale[row]) clamped to +-127 (clamps counted in *clamped).
+// pitch of `ld` (K + R) and shifted left by `shift` bits (2: times 4), then R appended codes per row from the
+// low-rank activations h [M, R]: round(h * pmul[r] / scale[row]) clamped to +-127 (clamps counted in *clamped).
 template <typename T>
 struct ActExt {
   int64_t ld = 0;  // 0: plain rows of K codes
@@ -165,18 +172,7 @@ __global__ void __launch_bounds__(CPT <= 2 ? 1024 : 512)
   // instead of two, and the weight's bandwidth-bound blocks fill the SMs while short activation rows wait on
   // their reductions.
   if ((int)blockIdx.x >= act_grid) {
-    const int64_t base = (int64_t)(blockIdx.x - act_grid) * blockDim.x * kUnroll + threadIdx.x;
-    uint2 p[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + (int64_t)u * blockDim.x;
-      p[u] = i < wn8 ? __ldg(wp + i) : make_uint2(0, 0);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + (int64_t)u * blockDim.x;
-      if (i < wn8) expand_store(wout, i, p[u]);
-    }
+    expand_block(wp, wout, wn8, (int64_t)blockIdx.x - act_grid);
     return;
   }
   constexpr int kLanesPerGroup = G / kChunk;  // 1, 4 or 16
