@@ -4,7 +4,9 @@
 
 A variant is a loader (bf16, fp8_fast, or a ConvRot preset) with optional modifiers: `+lora` chains the stock
 LoraLoaderModelOnly with a generated rank-32 LoRA on every block linear, `+lora_exact` the same with folding off
-(CONVROT_FOLD_LORA=0), `+compile` adds ConvRot Compile Blocks; e.g. `mixed+lora+compile`.
+(CONVROT_FOLD_LORA=0), `+compile` adds ConvRot Compile Blocks, `+graph` ConvRot CUDA Graph (last, as a user would
+chain it); e.g. `mixed+lora+compile+graph`. A `+graph` variant's final latent is also compared with the same variant
+without `+graph` when that ran too (a replayed step must compute what the eager step computes).
 
 A FLUX.1-dev-size transformer (12B) with seeded random bf16 weights is written once to a work folder (no weights can
 be downloaded); conditioning tensors stand in for the text encoders. Each variant runs in its own process so load
@@ -152,6 +154,9 @@ def run_variant(a) -> dict:
     if "compile" in mods:
         from nodes_pack import compile as pack_compile
         model = pack_compile.compile_blocks(model)
+    if "graph" in mods:
+        from nodes_pack import graph as pack_graph
+        model = pack_graph.graph_model(model)
 
     import comfy.model_management as mm
     t0 = time.time()
@@ -193,6 +198,11 @@ def run_variant(a) -> dict:
         "weight_gb": round(weight_bytes / 1e9, 2), "latent_std": round(float(out.float().std()), 4),
         "latent_finite": bool(torch.isfinite(out).all()),
     }
+    if "graph" in mods:
+        from nodes_pack import graph as pack_graph
+        run = pack_graph.run_graphs(model).last
+        res["graph"] = {"captures": run.captures, "replays": run.replays, "eager": run.eager,
+                        "disabled": run.disabled}
     if a.profile and DEV == "cuda":
         res["profile"] = profile_step(model, nodes, cond, latent)
     return res
@@ -291,6 +301,10 @@ def main() -> int:
         if ref.exists() and mine.exists():
             x, y = torch.load(ref, weights_only=True), torch.load(mine, weights_only=True)
             r["latent_rel_err_vs_bf16"] = round(float((y - x).norm() / x.norm()), 4)
+        eager = work / f"latent_{r['variant'].replace('+graph', '')}.pt"
+        if "+graph" in r["variant"] and mine.exists() and eager.exists():
+            x, y = torch.load(eager, weights_only=True), torch.load(mine, weights_only=True)
+            r["graph"]["latent_rel_err_vs_eager"] = float((y - x).norm() / x.norm())
     print(f"\nFLUX.1-dev-size (random weights) in ComfyUI, {a.res}x{a.res}, {a.steps} steps, batch 1, "
           f"{rows[0]['device'] if rows else '?'}, torch {torch.__version__}, CUDA {torch.version.cuda}\n")
     print("| variant | load (+quantize) s | to GPU s | first step s | s/it (median) | it/s vs bf16 | peak VRAM GB | "
@@ -302,6 +316,9 @@ def main() -> int:
         print(f"| {r['variant']} | {r['load_s']} | {r['to_gpu_s']} | {r['first_step_s']} | {r['step_median_s']} | "
               f"{speed:.2f}x | {r['peak_vram_gb']} | {r['weight_gb']} | {size:.2f}x | "
               f"{r.get('latent_rel_err_vs_bf16', '')} |")
+    for r in rows:
+        if "graph" in r:
+            print(f"CUDA graph ({r['variant']}): {r['graph']}")
     for r in rows:
         if "profile" in r:
             print(f"\nprofile of one step ({r['variant']}): {json.dumps(r['profile'], indent=1)}")

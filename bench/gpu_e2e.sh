@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call for the ComfyUI end-to-end bench: install the carried wheels, build the extension while the 12B
 # random checkpoint is written, run a quick GPU test subset, then the listed variants.
-# Usage on the device: bash bench/gpu_e2e.sh "<variants>" "<variants to profile>" ["<pytest -k expr>"]
+# Usage on the device: bash bench/gpu_e2e.sh "<variants>" "<variants to profile>" ["all" | "<pytest -k expr>"]
 # Needs .gpu/ComfyUI, .gpu/whl and .whl carried (see bench/e2e_comfy.py's docstring). Results under $OUT.
 set -o pipefail
 variants=$1; profile=$2; tests=${3:-}
@@ -25,8 +25,10 @@ import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import e2e_co
 e.write_random_flux(Path('$W/flux1-dev-random.safetensors'), False)" 2>&1 | tail -2
 fi
 wait $build; tail -2 $OUT/build.txt; echo "setup $(( $(date +%s) - t0 )) s"
-if [ -n "$tests" ]; then
-  timeout 150 python3 -m pytest -q tests/test_kernels_gpu.py tests/test_lowrank.py -p no:cacheprovider -k "$tests" 2>&1 | tail -25 | tee $OUT/tests.txt
+if [ -n "$tests" ]; then  # "all", or a pytest -k expression
+  sel=(); [ "$tests" != all ] && sel=(-k "$tests")
+  timeout 240 python3 -m pytest -q tests/test_kernels_gpu.py tests/test_lowrank.py tests/test_graphs.py \
+    -p no:cacheprovider "${sel[@]}" 2>&1 | tail -25 | tee $OUT/tests.txt
 fi
 timeout $(( 585 - ($(date +%s) - t0) )) python3 bench/e2e_comfy.py --comfy .gpu/ComfyUI --workdir $W \
   --variants "$variants" --profile "$profile" --out $OUT/e2e.jsonl --log-dir $OUT/logs 2>&1 | tee $OUT/e2e.txt | grep -v "^{" | tail -40

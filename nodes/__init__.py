@@ -4,10 +4,11 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .compile import ConvRotCompileBlocks
+from .graph import ConvRotCUDAGraph
 from .loader import ConvRotW4A4Loader
 from .save import ConvRotSaveQuantized
 
-NODES = [ConvRotW4A4Loader, ConvRotSaveQuantized, ConvRotCompileBlocks]
+NODES = [ConvRotW4A4Loader, ConvRotSaveQuantized, ConvRotCompileBlocks, ConvRotCUDAGraph]
 
 
 class ConvRotExtension(ComfyExtension):

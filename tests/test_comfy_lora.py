@@ -11,6 +11,7 @@ this model: 1.01 at a 4% change, 1.06 at 12%, 1.19 at 23%) although the branch i
 from __future__ import annotations
 
 import importlib
+import logging
 
 import pytest
 import torch
@@ -354,3 +355,28 @@ def test_dynamo_sees_no_graph_breaks_in_convrot_layers(env):
         assert expl.op_count == 0, (name, expl.op_count)  # nothing of the patched layer is traced
         assert torch.allclose(torch.compile(layer.forward, backend="eager")(x), layer(x), rtol=1e-5, atol=1e-5)
     sample(c, env["ours"], steps=1)
+
+
+def test_cuda_graph_node_on_cpu_runs_eagerly_and_samples_the_same(env, caplog):
+    """ConvRot CUDA Graph on the CPU: one log line per run, every step eager, samples unchanged, with LoRAs and
+    Compile Blocks chained in either order. (Capture and replay are tested on the GPU in test_graphs.py and end to
+    end by bench/e2e_comfy.py's `+graph` variants, which compare the latent with the variant without it.)"""
+    c = env["comfy"]
+    node = c.nodes.NODE_CLASS_MAPPINGS["ConvRotCUDAGraph"]
+    graph = c.pack.nodes.graph
+    m = node_output(node.execute(env["ours"]))[0]
+    with caplog.at_level(logging.WARNING, logger="convrot"):
+        y = sample(c, m, steps=2)
+    assert torch.equal(y, env["y_ours"])
+    last = graph.run_graphs(m).last
+    assert last.eager == 2 and last.captures == 0 and "CPU" in last.disabled
+    assert sum("running eagerly" in r.message for r in caplog.records) == 1
+    assert graph.run_graphs(env["ours"]) is None  # the node works on a clone
+    loras = (("kohya.safetensors", 0.8),)
+    y_lora = sample(c, with_loras(c, env["ours"], *loras), steps=1)
+    torch._dynamo.reset()
+    chained = c.pack.nodes.compile.compile_blocks(graph.graph_model(with_loras(c, env["ours"], *loras)), "eager")
+    assert torch.allclose(sample(c, chained, steps=1), y_lora, rtol=1e-4, atol=1e-4)
+    chained = graph.graph_model(with_loras(c, c.pack.nodes.compile.compile_blocks(env["ours"], "eager"), *loras))
+    assert torch.allclose(sample(c, chained, steps=1), y_lora, rtol=1e-4, atol=1e-4)
+    assert graph.run_graphs(chained).last.eager == 1

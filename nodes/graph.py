@@ -1,0 +1,108 @@
+"""ConvRot CUDA Graph: replay each sampling step's diffusion-model call as a CUDA graph (convrot/graphs.py).
+
+Two ComfyUI wrappers on a clone of the MODEL: OUTER_SAMPLE opens a fresh set of graphs for each sampling run and
+frees it when the run ends (a run's LoRA buffers, shapes and weights are fixed for its length), DIFFUSION_MODEL
+routes the model's forward through it. The first step of a run runs eagerly and captures; the others replay.
+Models not entirely on the GPU (low-VRAM offloading), CPU runs and anything the capture can't hold run eagerly,
+with one log line saying why. Chain it after the loader, LoRAs and ConvRot Compile Blocks (order does not matter
+for the result; it wraps whatever the model does at sampling time).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from comfy_api.latest import io
+
+from ..convrot.graphs import GraphedCalls
+
+log = logging.getLogger("convrot")
+
+WRAPPER_KEY = "convrot_cuda_graph"
+NAME = "ConvRot CUDA Graph"
+
+
+class RunGraphs:
+    """The graphs of the sampling runs in progress (innermost last); `last` keeps the previous run's counters."""
+
+    def __init__(self, max_graphs: int = 4):
+        self.max_graphs = max_graphs
+        self.runs: list[GraphedCalls] = []
+        self.last: GraphedCalls | None = None
+
+    def outer_sample(self, executor, *args, **kwargs):
+        import comfy.model_management
+        run = GraphedCalls(NAME, self.max_graphs, reraise=(comfy.model_management.InterruptProcessingException,))
+        self.runs.append(run)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.runs.remove(run)
+            run.close()
+            self.last = run
+            if run.captures or run.replays:
+                log.info("%s: %d graph(s) captured, %d steps replayed, %d eager", NAME, run.captures, run.replays,
+                         run.eager)
+
+    def diffusion_model(self, executor, *args, **kwargs):
+        if not self.runs:  # called outside a sampling run (another node using the model): nothing to reuse
+            return executor(*args, **kwargs)
+        run = self.runs[-1]
+        if run.disabled is None and not (run.graphs or run.eager):
+            reason = _not_capturable(executor.class_obj, args)
+            if reason:
+                run.disable(reason)
+        return run(executor, *args, **kwargs)
+
+
+def _not_capturable(model: torch.nn.Module, args) -> str | None:
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
+        return "the model runs on the CPU (CUDA graphs need an NVIDIA GPU)"
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type != "cuda":
+            return f"{name} is not on the GPU (low-VRAM offloading); load the model fully to use CUDA graphs"
+    return None
+
+
+def graph_model(model_patcher, max_graphs: int = 4):
+    """A clone of `model_patcher` whose diffusion-model calls are captured and replayed as CUDA graphs."""
+    from comfy.patcher_extension import WrappersMP
+    m = model_patcher.clone(disable_dynamic=True)  # dynamic VRAM streams weights in per call: not capturable
+    m.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+    m.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
+    graphs = RunGraphs(max_graphs)
+    m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, graphs.outer_sample)
+    m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, graphs.diffusion_model)
+    return m
+
+
+def run_graphs(model_patcher) -> RunGraphs | None:
+    """The RunGraphs a graph_model() clone samples with (for benchmarks and tests)."""
+    from comfy.patcher_extension import WrappersMP
+    for w in model_patcher.get_wrappers(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY):
+        owner = getattr(w, "__self__", None)
+        if isinstance(owner, RunGraphs):
+            return owner
+    return None
+
+
+class ConvRotCUDAGraph(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ConvRotCUDAGraph",
+            display_name=NAME,
+            category="model/optimization",
+            description="Replay each sampling step of the diffusion model as a CUDA graph: the first step of a run "
+                        "records the model's GPU work, the others replay it without the per-kernel launch cost "
+                        "(largest with LoRAs and without Compile Blocks). Needs the model fully on the GPU; "
+                        "otherwise, or on the CPU, it runs eagerly and logs why. Works on any FLUX-style model.",
+            inputs=[io.Model.Input("model")],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model) -> io.NodeOutput:
+        return io.NodeOutput(graph_model(model))

@@ -1,0 +1,186 @@
+"""CUDA graph replay of whole model calls (convrot.graphs): signatures on the CPU, capture and replay on a GPU."""
+from __future__ import annotations
+
+import logging
+import uuid
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convrot import graphs, lowrank
+from convrot.linear import ConvRotLinear
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# a replay runs the captured kernels on the same inputs; only library heuristics (cuBLAS workspace while
+# capturing) may differ in the last bit. A stale or missing input copy is off by O(1).
+EXACT = {"rtol": 2e-3, "atol": 2e-3}
+
+
+# ---------------------------------------------------------------- signatures (CPU)
+
+def test_signature_keys_on_structure_shapes_and_plain_values():
+    x = torch.zeros(2, 3)
+    opts = {"sigmas": torch.tensor([0.5]), "uuids": [uuid.UUID(int=1)], "block": 3, "fn": print}
+    s1, t1 = graphs.signature((x,), {"transformer_options": opts})
+    s2, _ = graphs.signature((torch.zeros(2, 3),), {"transformer_options": dict(opts)})
+    assert s1 == s2 and t1 == []  # CPU tensors are not graph inputs; values of small ones are in the signature
+    changed = [
+        ((torch.zeros(2, 4),), {"transformer_options": opts}),
+        ((torch.ones(2, 3),), {"transformer_options": opts}),
+        ((x,), {"transformer_options": {**opts, "sigmas": torch.tensor([0.25])}}),
+        ((x,), {"transformer_options": {**opts, "block": 4}}),
+        ((x,), {"transformer_options": {**opts, "fn": len}}),
+        ((x,), {"transformer_options": {**opts, "uuids": [uuid.UUID(int=2)]}}),
+        ((x, None), {"transformer_options": opts}),
+    ]
+    for args, kwargs in changed:
+        assert graphs.signature(args, kwargs)[0] != s1, (args, kwargs)
+    with pytest.raises(graphs.Uncapturable, match=r"kwargs\['big'\] is a \(300,\) tensor on cpu"):
+        graphs.signature((), {"big": torch.zeros(300)})
+
+
+def test_uuid_values_are_compared_by_value():
+    a = graphs.signature((), {"u": uuid.UUID(int=7)})[0]
+    assert a == graphs.signature((), {"u": uuid.UUID(int=7)})[0]
+
+
+def test_cpu_calls_run_eagerly_with_one_reason(caplog):
+    calls = []
+
+    def fn(x, scale=1.0):
+        calls.append(1)
+        return x * scale
+
+    run = graphs.GraphedCalls("test")
+    with caplog.at_level(logging.WARNING, logger="convrot"):
+        for i in range(3):
+            x = torch.randn(4)
+            assert torch.equal(run(fn, x, scale=2.0), x * 2.0)
+    assert len(calls) == 3 and run.eager == 3 and run.captures == 0
+    assert run.disabled == "the call has no CUDA tensor"
+    assert sum("running eagerly" in r.message for r in caplog.records) == 1
+
+
+# ---------------------------------------------------------------- capture and replay (GPU)
+
+class Toy(torch.nn.Module):
+    """A small transformer-ish block: W4A4 linears (fast kernels where built), a LoRA folded into one of them
+    where the sm_90 build has that op, LayerNorm, attention, GELU, a residual; an optional nested output."""
+
+    def __init__(self, k=512, n=768, seed=0):
+        super().__init__()
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        w1 = torch.randn(n, k, device="cuda", generator=g) / k ** 0.5
+        w2 = torch.randn(k, n, device="cuda", generator=g) / n ** 0.5
+        self.l1 = ConvRotLinear.from_float(w1, torch.randn(n, device="cuda", generator=g).bfloat16() * 0.1)
+        self.l2 = ConvRotLinear.from_float(w2, None)
+        self.norm = torch.nn.LayerNorm(k, device="cuda", dtype=torch.bfloat16)
+        self.codes = None
+        if lowrank.kernels_can_fold(torch.device("cuda"), torch.bfloat16):
+            down = torch.randn(16, k, device="cuda", generator=g) / k ** 0.5
+            up = torch.randn(n, 16, device="cuda", generator=g) * 0.05
+            self.codes = lowrank.prepare(down, up, self.l1.weight_scale, torch.bfloat16)
+
+    def forward(self, x, cond, opts):
+        h = self.norm(x) * (1 + cond["scale"][:, None, :])
+        if self.codes is not None:
+            m, k = h.shape[0] * h.shape[1], h.shape[2]
+            h = lowrank.linear(h.reshape(m, k).contiguous(), self.l1.weight, self.l1.bias, 256, self.codes)
+            h = h.view(*x.shape[:2], -1)
+        else:
+            h = self.l1(h)
+        q = h[..., :256].unflatten(-1, (4, 64)).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, q, q).transpose(1, 2).flatten(2)
+        h = F.gelu(torch.cat([a, h[..., 256:]], -1))
+        y = x + self.l2(h) * opts["gate"]
+        return {"y": y, "mean": [y.float().mean(1)]}
+
+
+def _inputs(seed, b=2, t=40, k=512):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(b, t, k, device="cuda", generator=g).bfloat16()
+    x[..., torch.randint(0, k, (4,), device="cuda", generator=g)] *= 40  # outlier channels
+    cond = {"scale": 0.1 * torch.randn(b, k, device="cuda", generator=g).bfloat16()}
+    opts = {"gate": torch.rand(1, device="cuda", generator=g).bfloat16(), "step": 0, "uuids": [uuid.UUID(int=5)]}
+    return x, cond, opts
+
+
+@cuda
+@torch.inference_mode()
+def test_replays_match_eager_calls_on_fresh_inputs():
+    model = Toy()
+    run = graphs.GraphedCalls("test")
+    for i in range(6):
+        x, cond, opts = _inputs(100 + i)
+        ref = model(x, cond, opts)
+        if run.graphs:  # poison the captured output: a replay must overwrite all of it
+            for g in run.graphs.values():
+                g.output["y"].fill_(float("nan"))
+                g.output["mean"][0].fill_(float("nan"))
+        out = run(model, x, cond, opts)
+        torch.testing.assert_close(out["y"], ref["y"], **EXACT)
+        torch.testing.assert_close(out["mean"][0], ref["mean"][0], **EXACT)
+    assert (run.captures, run.replays, run.eager, run.disabled) == (1, 5, 1, None)
+    x, cond, opts = _inputs(7, t=24)  # a new shape: a second graph, the first one kept
+    torch.testing.assert_close(run(model, x, cond, opts)["y"], model(x, cond, opts)["y"], **EXACT)
+    x, cond, opts = _inputs(8, t=24)
+    opts["step"] = 1  # a plain value the model could branch on: a new graph too
+    torch.testing.assert_close(run(model, x, cond, opts)["y"], model(x, cond, opts)["y"], **EXACT)
+    assert run.captures == 3 and len(run.graphs) == 3
+    x, cond, opts = _inputs(9)
+    torch.testing.assert_close(run(model, x, cond, opts)["y"], model(x, cond, opts)["y"], **EXACT)
+    assert run.replays == 6
+    run.close()
+    assert not run.graphs
+
+
+@cuda
+@torch.inference_mode()
+def test_too_many_signatures_fall_back_to_eager(caplog):
+    model = Toy()
+    run = graphs.GraphedCalls("test", max_graphs=2)
+    with caplog.at_level(logging.WARNING, logger="convrot"):
+        for i, t in enumerate((8, 16, 24, 32, 8)):
+            x, cond, opts = _inputs(i, t=t)
+            torch.testing.assert_close(run(model, x, cond, opts)["y"], model(x, cond, opts)["y"], **EXACT)
+    assert run.disabled == "more than 2 different calls (the last two differ at args[0])"
+    assert run.captures == 2 and not run.graphs and run.eager == 5
+
+
+@cuda
+@torch.inference_mode()
+def test_uncapturable_model_falls_back_and_cuda_keeps_working(caplog):
+    model = Toy()
+
+    def syncing(x, cond, opts):
+        y = model(x, cond, opts)
+        if float(y["y"].float().abs().max()) > 1e9:  # a host synchronisation: not allowed while capturing
+            y["y"] = y["y"] * 0
+        return y
+
+    run = graphs.GraphedCalls("test")
+    with caplog.at_level(logging.WARNING, logger="convrot"):
+        for i in range(3):
+            x, cond, opts = _inputs(20 + i)
+            torch.testing.assert_close(run(syncing, x, cond, opts)["y"], model(x, cond, opts)["y"], **EXACT)
+    assert run.disabled and run.disabled.startswith("capture failed"), run.disabled
+    assert run.eager == 3 and run.replays == 0
+    assert sum("running eagerly" in r.message for r in caplog.records) == 1
+    # the device is still usable and a new run captures normally
+    run2 = graphs.GraphedCalls("test")
+    for i in range(2):
+        x, cond, opts = _inputs(30 + i)
+        torch.testing.assert_close(run2(model, x, cond, opts)["y"], model(x, cond, opts)["y"], **EXACT)
+    assert run2.replays == 1
+
+
+@cuda
+@torch.inference_mode()
+def test_large_cpu_tensor_argument_is_not_captured():
+    model = Toy()
+    run = graphs.GraphedCalls("test")
+    x, cond, opts = _inputs(40)
+    opts["table"] = torch.zeros(1000)
+    torch.testing.assert_close(run(model, x, cond, opts)["y"], model(x, cond, opts)["y"], **EXACT)
+    assert "is a (1000,) tensor on cpu" in run.disabled
