@@ -6,7 +6,8 @@ A variant is a loader (bf16, fp8_fast, or a ConvRot preset) with optional modifi
 LoraLoaderModelOnly with a generated rank-32 LoRA on every block linear, `+lora_exact` the same with folding off
 (CONVROT_FOLD_LORA=0), `+compile` adds ConvRot Compile Blocks, `+graph` ConvRot CUDA Graph (last, as a user would
 chain it); e.g. `mixed+lora+compile+graph`. A `+graph` variant's final latent is also compared with the same variant
-without `+graph` when that ran too (a replayed step must compute what the eager step computes).
+without `+graph` when that ran too (a replayed step must compute what the eager step computes); `+rep` repeats a
+variant in a new process and compares the latents (run-to-run determinism).
 
 A FLUX.1-dev-size transformer (12B) with seeded random bf16 weights is written once to a work folder (no weights can
 be downloaded); conditioning tensors stand in for the text encoders. Each variant runs in its own process so load
@@ -301,10 +302,12 @@ def main() -> int:
         if ref.exists() and mine.exists():
             x, y = torch.load(ref, weights_only=True), torch.load(mine, weights_only=True)
             r["latent_rel_err_vs_bf16"] = round(float((y - x).norm() / x.norm()), 4)
-        eager = work / f"latent_{r['variant'].replace('+graph', '')}.pt"
-        if "+graph" in r["variant"] and mine.exists() and eager.exists():
-            x, y = torch.load(eager, weights_only=True), torch.load(mine, weights_only=True)
-            r["graph"]["latent_rel_err_vs_eager"] = float((y - x).norm() / x.norm())
+        # `+graph`: vs the same variant without it; `+rep` (a repeat in a new process): vs the first one
+        for mod, key in (("+graph", "latent_rel_err_vs_eager"), ("+rep", "latent_rel_err_vs_first")):
+            other = work / f"latent_{r['variant'].replace(mod, '')}.pt"
+            if mod in r["variant"] and mine.exists() and other.exists():
+                x, y = torch.load(other, weights_only=True), torch.load(mine, weights_only=True)
+                r.setdefault("compare", {})[key] = float((y - x).norm() / x.norm())
     print(f"\nFLUX.1-dev-size (random weights) in ComfyUI, {a.res}x{a.res}, {a.steps} steps, batch 1, "
           f"{rows[0]['device'] if rows else '?'}, torch {torch.__version__}, CUDA {torch.version.cuda}\n")
     print("| variant | load (+quantize) s | to GPU s | first step s | s/it (median) | it/s vs bf16 | peak VRAM GB | "
@@ -317,8 +320,8 @@ def main() -> int:
               f"{speed:.2f}x | {r['peak_vram_gb']} | {r['weight_gb']} | {size:.2f}x | "
               f"{r.get('latent_rel_err_vs_bf16', '')} |")
     for r in rows:
-        if "graph" in r:
-            print(f"CUDA graph ({r['variant']}): {r['graph']}")
+        if "graph" in r or "compare" in r:
+            print(f"{r['variant']}: CUDA graph {r.get('graph')}, latent {r.get('compare')}")
     for r in rows:
         if "profile" in r:
             print(f"\nprofile of one step ({r['variant']}): {json.dumps(r['profile'], indent=1)}")

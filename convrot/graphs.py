@@ -13,8 +13,10 @@ sampling run:
   and one-time checks happen there) and is then captured; later calls with that signature copy their CUDA tensors
   into the captured inputs and replay. Host-side decisions made while capturing are baked into the graph, which is
   why every plain value is part of the signature.
+- A graph also bakes in the addresses of the model's weights: `guard` (optional) returns them, and a replay with
+  a different answer than at capture time (weights replaced between calls) is refused.
 - Anything that cannot be captured (a host synchronisation, a CPU tensor the model reads, weights that live on the
-  CPU, a signature that changes on every call, out of memory) turns graphs off for the rest of the run with one log
+  CPU or move, a signature that changes on every call, out of memory) turns graphs off for the rest of the run with one log
   line naming the reason; the calls then run eagerly, so results never depend on whether a graph was used.
 Graphs hold their inputs, outputs and intermediate buffers (one private memory pool per run); `close()` frees them.
 """
@@ -122,8 +124,9 @@ class _Graph:
 class GraphedCalls:
     """Calls of one function, captured per signature and replayed; one instance per sampling run."""
 
-    def __init__(self, name: str = "ConvRot CUDA Graph", max_graphs: int = 4, reraise: tuple = ()):
+    def __init__(self, name: str = "ConvRot CUDA Graph", max_graphs: int = 4, reraise: tuple = (), guard=None):
         self.name = name
+        self.guard = guard                # () -> hashable: the weights' addresses; must not change between calls
         self.max_graphs = max_graphs
         self.reraise = reraise            # exceptions that must propagate (ComfyUI's interrupt), never a fallback
         self.graphs: dict[tuple, _Graph] = {}
@@ -131,6 +134,7 @@ class GraphedCalls:
         self.captures = self.replays = self.eager = 0
         self._pool = None
         self._last_sig = None
+        self._guard_value = None
 
     def disable(self, reason: str) -> None:
         if self.disabled is None:
@@ -150,7 +154,9 @@ class GraphedCalls:
                 self.disable(f"{e} (not capturable)")
             else:
                 g = self.graphs.get(sig)
-                if g is not None:
+                if g is not None and self.guard is not None and self.guard() != self._guard_value:
+                    self.disable("the model's weights were replaced since the capture (hooks or offloading)")
+                elif g is not None:
                     return self._replay(g, tensors)
                 if not tensors:
                     self.disable("the call has no CUDA tensor")
@@ -184,6 +190,10 @@ class GraphedCalls:
         self.eager += 1
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        guard_value = self.guard() if self.guard is not None else None
+        if self.graphs and guard_value != self._guard_value:
+            self.disable("the model's weights were replaced since the last capture (hooks or offloading)")
+            return out
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
@@ -201,6 +211,7 @@ class GraphedCalls:
             return out
         torch.cuda.empty_cache()  # the warm-up's blocks cached for the side stream are not reusable by the model
         self.graphs[sig] = _Graph(graph, inputs, g_out)
+        self._guard_value = guard_value
         self.captures += 1
         log.info("%s: captured graph %d of this run", self.name, len(self.graphs))
         return out

@@ -372,6 +372,13 @@ def test_cuda_graph_node_on_cpu_runs_eagerly_and_samples_the_same(env, caplog):
     assert last.eager == 2 and last.captures == 0 and "CPU" in last.disabled
     assert sum("running eagerly" in r.message for r in caplog.records) == 1
     assert graph.run_graphs(env["ours"]) is None  # the node works on a clone
+    lin = torch.nn.Linear(4, 4)
+    addresses = graph.weight_addresses(torch.nn.Sequential(lin))
+    before = addresses()
+    lin.weight.data.mul_(2)
+    assert addresses() == before
+    lin.weight = torch.nn.Parameter(lin.weight * 2)
+    assert addresses() != before
     loras = (("kohya.safetensors", 0.8),)
     y_lora = sample(c, with_loras(c, env["ours"], *loras), steps=1)
     torch._dynamo.reset()

@@ -184,3 +184,21 @@ def test_large_cpu_tensor_argument_is_not_captured():
     opts["table"] = torch.zeros(1000)
     torch.testing.assert_close(run(model, x, cond, opts)["y"], model(x, cond, opts)["y"], **EXACT)
     assert "is a (1000,) tensor on cpu" in run.disabled
+
+
+@cuda
+@torch.inference_mode()
+def test_weights_updated_in_place_are_seen_replaced_ones_never_replayed():
+    model = Toy()
+    run = graphs.GraphedCalls("test", guard=lambda: tuple(p.data_ptr() for p in model.norm.parameters()))
+    for i in range(2):
+        x, cond, opts = _inputs(50 + i)
+        torch.testing.assert_close(run(model, x, cond, opts)["y"], model(x, cond, opts)["y"], **EXACT)
+    model.norm.weight.mul_(1.5)  # in place (ComfyUI's copy_to_param): the graph reads the new values
+    x, cond, opts = _inputs(52)
+    torch.testing.assert_close(run(model, x, cond, opts)["y"], model(x, cond, opts)["y"], **EXACT)
+    assert run.replays == 2 and run.disabled is None
+    model.norm.weight = torch.nn.Parameter(model.norm.weight * 2)  # replaced (ComfyUI's set_attr_param)
+    x, cond, opts = _inputs(53)
+    torch.testing.assert_close(run(model, x, cond, opts)["y"], model(x, cond, opts)["y"], **EXACT)
+    assert run.replays == 2 and "replaced" in run.disabled
