@@ -245,6 +245,7 @@ def test_lowvram_partial_load_uses_branches(env):
     y = torch.randn(1, cfg.vec_in_dim, generator=g)
     t, guid = torch.tensor([0.7]), torch.tensor([3.5])
 
+    @torch.no_grad()  # as the samplers call it (other tests may leave inference-mode tensors in ComfyUI's caches)
     def run():
         return m.model.diffusion_model(x, t, ctx, y=y, guidance=guid).float()
     c.mm.unload_all_models()

@@ -133,7 +133,7 @@ def test_help_pages_exist():
         m = re.search(r"""^WEB_DIRECTORY\s*=\s*["']([^"']+)["']""", open(init, encoding="utf-8").read(), re.M)
         assert m, "__init__.py sets no WEB_DIRECTORY: ComfyUI would not serve web/docs"
         web = os.path.normpath(m.group(1))
-    for node in OUR_NODES:
+    for node in OUR_NODES + ("ConvRotCompileBlocks", "ConvRotCUDAGraph"):
         path = os.path.join(REPO, web, "docs", node + ".md")
         assert os.path.isfile(path), path
         text = open(path, encoding="utf-8").read()
