@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import logging
 import uuid
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -40,22 +41,23 @@ class Uncapturable(Exception):
     """A call whose arguments a CUDA graph cannot stand in for."""
 
 
-def signature(args, kwargs) -> tuple[tuple, list[torch.Tensor]]:
+def signature(args, kwargs, objects: list | None = None) -> tuple[tuple, list[torch.Tensor]]:
     """(signature, CUDA tensors in order) of a call; see the module docstring. Raises Uncapturable.
 
     The signature is flat: one (path, description) pair per argument leaf and container, so two signatures can
     be compared leaf by leaf and a difference named by its path (e.g. kwargs['transformer_options']['sigmas'])."""
     leaves: list = []
     tensors: list[torch.Tensor] = []
-    _sig(args, "args", leaves, tensors)
-    _sig(kwargs, "kwargs", leaves, tensors)
+    objects = [] if objects is None else objects
+    _sig(args, "args", leaves, tensors, objects)
+    _sig(kwargs, "kwargs", leaves, tensors, objects)
     return tuple(leaves), tensors
 
 
 _VALUE_TYPES = (bool, int, float, complex, str, bytes, torch.dtype, torch.device, uuid.UUID, enum.Enum)
 
 
-def _sig(obj, path: str, leaves: list, tensors: list) -> None:
+def _sig(obj, path: str, leaves: list, tensors: list, objects: list) -> None:
     if isinstance(obj, torch.Tensor):
         if obj.device.type == "cuda":
             tensors.append(obj)
@@ -70,12 +72,17 @@ def _sig(obj, path: str, leaves: list, tensors: list) -> None:
     elif isinstance(obj, dict):
         leaves.append((path, ("dict", len(obj))))
         for k, v in obj.items():
-            _sig(v, f"{path}[{k!r}]", leaves, tensors)
+            _sig(v, f"{path}[{k!r}]", leaves, tensors, objects)
     elif isinstance(obj, (list, tuple)):
         leaves.append((path, (type(obj).__name__, len(obj))))
         for i, v in enumerate(obj):
-            _sig(v, f"{path}[{i}]", leaves, tensors)
+            _sig(v, f"{path}[{i}]", leaves, tensors, objects)
     else:  # functions, modules, patch objects: the same object within a run
+        held = [k for k, v in getattr(obj, "__dict__", {}).items()
+                if isinstance(v, torch.Tensor) and v.device.type == "cuda"]
+        if held:  # tensors the graph would read at their capture-time addresses, untracked
+            raise Uncapturable(f"{path} ({type(obj).__name__}) holds GPU tensors ({', '.join(held[:3])})")
+        objects.append(obj)
         leaves.append((path, ("object", type(obj).__name__, id(obj))))
 
 
@@ -119,10 +126,15 @@ class _Graph:
     graph: "torch.cuda.CUDAGraph"
     inputs: list
     output: object
+    objects: list  # the objects the signature names by identity, kept alive so their ids are not reused
 
 
 class GraphedCalls:
     """Calls of one function, captured per signature and replayed; one instance per sampling run."""
+
+    # Set when a capture failed inside CUDA (not just in Python): the caching allocator may then still route a
+    # stream's allocations to the graph pool, so no graph is captured again in this process.
+    broken: str | None = None
 
     def __init__(self, name: str = "ConvRot CUDA Graph", max_graphs: int = 4, reraise: tuple = (), guard=None):
         self.name = name
@@ -147,9 +159,12 @@ class GraphedCalls:
         self._pool = None
 
     def __call__(self, fn, *args, **kwargs):
+        if self.disabled is None and GraphedCalls.broken is not None:
+            self.disable(GraphedCalls.broken)
         if self.disabled is None:
+            objects: list = []
             try:
-                sig, tensors = signature(args, kwargs)
+                sig, tensors = signature(args, kwargs, objects)
             except Uncapturable as e:
                 self.disable(f"{e} (not capturable)")
             else:
@@ -165,7 +180,8 @@ class GraphedCalls:
                     self.disable(f"more than {self.max_graphs} different calls (the last two differ at {where})")
                 else:
                     self._last_sig = sig
-                    return self._capture(sig, tensors, fn, args, kwargs)
+                    with torch.cuda.device(tensors[0].device):
+                        return self._capture(sig, tensors, objects, fn, args, kwargs)
         self.eager += 1
         return fn(*args, **kwargs)
 
@@ -175,43 +191,78 @@ class GraphedCalls:
         self.replays += 1
         return _detach_output(g.output)
 
-    def _capture(self, sig, tensors, fn, args, kwargs):
+    def _warm_up(self, fn, args, kwargs, side, cur):
+        """One eager call on the capture stream; returns (output, whether it synchronized with the host)."""
+        side.wait_stream(cur)
+        mode = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings(record=True) as seen, torch.cuda.stream(side):
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(mode)
+        cur.wait_stream(side)
+        synced = False
+        for w in seen:
+            if "synchroniz" in str(w.message):
+                synced = True
+            else:  # not ours to swallow
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return _detach_output(out), synced  # copied on the current stream: it outlives this call
+
+    def _capture(self, sig, tensors, objects, fn, args, kwargs):
         inputs = [t.clone() for t in tensors]
         s_args, s_kwargs = _rebuild((args, kwargs), iter(inputs))
         cur = torch.cuda.current_stream()
-        side = torch.cuda.Stream(device=tensors[0].device)
-        side.wait_stream(cur)
-        # the warm-up call is this call's real result; it runs on the stream the capture will use, so per-stream
-        # lazy state (cuBLAS workspaces) and every first-call check or compilation happen before capturing
-        with torch.cuda.stream(side):
-            out = fn(*s_args, **s_kwargs)
-        cur.wait_stream(side)
-        out = _detach_output(out)  # allocated on the current stream: it outlives this call
+        side = torch.cuda.Stream()
+        # The warm-up call is this call's result. It runs on the capture stream, so per-stream lazy state (cuBLAS
+        # workspaces), first-call checks and compilation happen before capturing. A host synchronisation would
+        # make the capture fail, which CUDA does not undo cleanly: a first call may synchronize once (one-time
+        # checks, compilation), so a second warm-up decides.
+        out, synced = self._warm_up(fn, s_args, s_kwargs, side, cur)
         self.eager += 1
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+        if synced:
+            _, synced = self._warm_up(fn, s_args, s_kwargs, side, cur)
+            if synced:
+                self.disable("the model synchronizes with the host on every call (a .item() or .cpu() in a patch?)")
+                torch.cuda.empty_cache()
+                return out
         guard_value = self.guard() if self.guard is not None else None
         if self.graphs and guard_value != self._guard_value:
             self.disable("the model's weights were replaced since the last capture (hooks or offloading)")
+            torch.cuda.empty_cache()
             return out
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
                 g_out = fn(*s_args, **s_kwargs)
-        except self.reraise:
-            raise
-        except torch.cuda.OutOfMemoryError:
-            del graph
-            self.disable("out of GPU memory while capturing")
+        except BaseException as e:
+            self._recover(graph, cur, e)
+            if isinstance(e, self.reraise) or not isinstance(e, Exception):
+                raise
+            reason = ("out of GPU memory while capturing" if isinstance(e, torch.cuda.OutOfMemoryError) else
+                      f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})")
+            self.disable(reason)
             torch.cuda.empty_cache()
             return out
-        except Exception as e:  # noqa: BLE001 - anything the model does that a graph can't hold
-            del graph
-            self.disable(f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})")
-            return out
         torch.cuda.empty_cache()  # the warm-up's blocks cached for the side stream are not reusable by the model
-        self.graphs[sig] = _Graph(graph, inputs, g_out)
+        self.graphs[sig] = _Graph(graph, inputs, g_out, objects)
         self._guard_value = guard_value
         self.captures += 1
         log.info("%s: captured graph %d of this run", self.name, len(self.graphs))
         return out
+
+    def _recover(self, graph, cur, error) -> None:
+        """Undo what an interrupted capture leaves behind: a failing capture_end skips restoring the current stream
+        and the allocator's routing of the capture stream's allocations to the graph pool."""
+        torch.cuda.set_stream(cur)
+        try:
+            torch._C._cuda_endAllocateToPool(cur.device_index, self._pool)
+        except Exception:  # noqa: BLE001 - capture_end got that far: the allocator is consistent
+            return
+        GraphedCalls.broken = (f"an earlier capture failed inside CUDA ({type(error).__name__}); CUDA graphs are off "
+                               f"until ComfyUI restarts")
+        log.warning("%s: %s", self.name, GraphedCalls.broken)

@@ -51,7 +51,7 @@ class RunGraphs:
             return executor(*args, **kwargs)
         run = self.runs[-1]
         if run.disabled is None and not (run.graphs or run.eager):  # the run's first call
-            reason = _not_capturable(executor.class_obj, args)
+            reason = _not_capturable(executor.class_obj, args, kwargs)
             if reason:
                 run.disable(reason)
             else:
@@ -59,10 +59,14 @@ class RunGraphs:
         return run(executor, *args, **kwargs)
 
 
-def _not_capturable(model: torch.nn.Module, args) -> str | None:
+def _not_capturable(model: torch.nn.Module, args, kwargs) -> str | None:
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
         return "the model runs on the CPU (CUDA graphs need an NVIDIA GPU)"
+    options = [a for a in list(args) + list(kwargs.values()) if isinstance(a, dict)]
+    if any(o.get("multigpu_thread_device") is not None for o in options):
+        # ComfyUI's multi-GPU sampling calls the model from one thread per device, all through this wrapper
+        return "multi-GPU sampling (the model is called from several threads)"
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.device.type != "cuda":
             return f"{name} is not on the GPU (low-VRAM offloading); load the model fully to use CUDA graphs"

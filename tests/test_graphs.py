@@ -111,6 +111,7 @@ def _inputs(seed, b=2, t=40, k=512):
 def test_replays_match_eager_calls_on_fresh_inputs():
     model = Toy()
     run = graphs.GraphedCalls("test")
+    kept = []
     for i in range(6):
         x, cond, opts = _inputs(100 + i)
         ref = model(x, cond, opts)
@@ -121,6 +122,9 @@ def test_replays_match_eager_calls_on_fresh_inputs():
         out = run(model, x, cond, opts)
         torch.testing.assert_close(out["y"], ref["y"], **EXACT)
         torch.testing.assert_close(out["mean"][0], ref["mean"][0], **EXACT)
+        kept.append((out, ref))
+    for out, ref in kept:  # a later replay must not have overwritten an earlier result
+        torch.testing.assert_close(out["y"], ref["y"], **EXACT)
     assert (run.captures, run.replays, run.eager, run.disabled) == (1, 5, 1, None)
     x, cond, opts = _inputs(7, t=24)  # a new shape: a second graph, the first one kept
     torch.testing.assert_close(run(model, x, cond, opts)["y"], model(x, cond, opts)["y"], **EXACT)
@@ -148,31 +152,114 @@ def test_too_many_signatures_fall_back_to_eager(caplog):
     assert run.captures == 2 and not run.graphs and run.eager == 5
 
 
-@cuda
-@torch.inference_mode()
-def test_uncapturable_model_falls_back_and_cuda_keeps_working(caplog):
-    model = Toy()
+def _check(run, model, seed, **kw):
+    x, cond, opts = _inputs(seed, **kw)
+    torch.testing.assert_close(run(model, x, cond, opts)["y"], model(x, cond, opts)["y"], **EXACT)
 
-    def syncing(x, cond, opts):
-        y = model(x, cond, opts)
-        if float(y["y"].float().abs().max()) > 1e9:  # a host synchronisation: not allowed while capturing
-            y["y"] = y["y"] * 0
+
+class _Calls:
+    """The toy model, doing something else on chosen calls of it (1 = the first call)."""
+
+    def __init__(self, model, on, action):
+        self.model, self.on, self.action, self.n = model, set(on), action, 0
+
+    def __call__(self, x, cond, opts):
+        self.n += 1
+        y = self.model(x, cond, opts)
+        if self.n in self.on:
+            self.action(y)
         return y
 
+
+def _sync(y):
+    float(y["y"].float().abs().max())  # a host synchronisation: not allowed while capturing
+
+
+@cuda
+@torch.inference_mode()
+def test_a_model_that_synchronizes_every_call_is_never_captured(caplog):
+    model = Toy()
+    stream = torch.cuda.current_stream()
+    fn = _Calls(model, range(1, 100), _sync)
     run = graphs.GraphedCalls("test")
     with caplog.at_level(logging.WARNING, logger="convrot"):
         for i in range(3):
-            x, cond, opts = _inputs(20 + i)
-            torch.testing.assert_close(run(syncing, x, cond, opts)["y"], model(x, cond, opts)["y"], **EXACT)
-    assert run.disabled and run.disabled.startswith("capture failed"), run.disabled
-    assert run.eager == 3 and run.replays == 0
+            _check(run, fn, 20 + i)
+    assert run.disabled.startswith("the model synchronizes with the host on every call"), run.disabled
+    assert fn.n == 4 and run.eager == 3 and run.captures == 0  # two warm-ups, then eager
+    assert torch.cuda.current_stream() == stream and graphs.GraphedCalls.broken is None
     assert sum("running eagerly" in r.message for r in caplog.records) == 1
-    # the device is still usable and a new run captures normally
+
+
+@cuda
+@torch.inference_mode()
+def test_a_one_time_synchronization_gets_a_second_warm_up():
+    model = Toy()
+    fn = _Calls(model, {1}, _sync)  # like a first-call check or a compilation
+    run = graphs.GraphedCalls("test")
+    for i in range(3):
+        _check(run, fn, 60 + i)
+    assert (run.captures, run.replays, run.disabled, fn.n) == (1, 2, None, 3)  # warm-up, warm-up, capture
+
+
+@cuda
+@torch.inference_mode()
+def test_a_capture_that_fails_inside_cuda_is_undone(monkeypatch):
+    monkeypatch.setattr(graphs.GraphedCalls, "broken", None)
+    model = Toy()
+    stream = torch.cuda.current_stream()
+    fn = _Calls(model, {2}, _sync)  # clean warm-up, synchronizes while capturing
+    run = graphs.GraphedCalls("test")
+    _check(run, fn, 70)
+    assert run.disabled.startswith("capture failed"), run.disabled
+    assert torch.cuda.current_stream() == stream  # the failed capture_end skipped restoring it
+    assert graphs.GraphedCalls.broken and "until ComfyUI restarts" in graphs.GraphedCalls.broken
+    reserved = []
+    for i in range(4):  # eager calls allocate from the normal pools again: nothing accumulates
+        _check(run, model, 71 + i)
+        torch.cuda.empty_cache()
+        reserved.append(torch.cuda.memory_reserved())
+    assert reserved[-1] <= reserved[0] + (8 << 20), reserved
+    run2 = graphs.GraphedCalls("test")
+    _check(run2, model, 80)
+    assert "earlier capture failed" in run2.disabled and run2.captures == 0
+
+
+@cuda
+@torch.inference_mode()
+def test_an_interrupt_while_capturing_propagates_and_leaves_cuda_clean():
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(y):
+        raise Interrupted()
+
+    model = Toy()
+    stream = torch.cuda.current_stream()
+    run = graphs.GraphedCalls("test", reraise=(Interrupted,))
+    x, cond, opts = _inputs(90)
+    with pytest.raises(Interrupted):
+        run(_Calls(model, {2}, interrupt), x, cond, opts)
+    assert torch.cuda.current_stream() == stream and graphs.GraphedCalls.broken is None
     run2 = graphs.GraphedCalls("test")
     for i in range(2):
-        x, cond, opts = _inputs(30 + i)
-        torch.testing.assert_close(run2(model, x, cond, opts)["y"], model(x, cond, opts)["y"], **EXACT)
+        _check(run2, model, 91 + i)
     assert run2.replays == 1
+
+
+@cuda
+@torch.inference_mode()
+def test_objects_holding_gpu_tensors_are_not_captured():
+    class Patch:
+        def __init__(self):
+            self.bias = torch.zeros(3, device="cuda")
+
+    model = Toy()
+    run = graphs.GraphedCalls("test")
+    x, cond, opts = _inputs(95)
+    opts["patch"] = Patch()
+    torch.testing.assert_close(run(model, x, cond, opts)["y"], model(x, cond, opts)["y"], **EXACT)
+    assert "(Patch) holds GPU tensors (bias)" in run.disabled
 
 
 @cuda
@@ -201,4 +288,10 @@ def test_weights_updated_in_place_are_seen_replaced_ones_never_replayed():
     model.norm.weight = torch.nn.Parameter(model.norm.weight * 2)  # replaced (ComfyUI's set_attr_param)
     x, cond, opts = _inputs(53)
     torch.testing.assert_close(run(model, x, cond, opts)["y"], model(x, cond, opts)["y"], **EXACT)
-    assert run.replays == 2 and "replaced" in run.disabled
+    assert run.replays == 2 and "replaced since the capture" in run.disabled
+    # replaced between the capture of one signature and the next
+    run = graphs.GraphedCalls("test", guard=lambda: tuple(p.data_ptr() for p in model.norm.parameters()))
+    _check(run, model, 54)
+    model.norm.weight = torch.nn.Parameter(model.norm.weight * 0.5)
+    _check(run, model, 55, t=24)
+    assert run.captures == 1 and "replaced since the last capture" in run.disabled
