@@ -15,9 +15,13 @@ sampling run:
   why every plain value is part of the signature.
 - A graph also bakes in the addresses of the model's weights: `guard` (optional) returns them, and a replay with
   a different answer than at capture time (weights replaced between calls) is refused.
-- Anything that cannot be captured (a host synchronisation, a CPU tensor the model reads, weights that live on the
-  CPU or move, a signature that changes on every call, out of memory) turns graphs off for the rest of the run with one log
-  line naming the reason; the calls then run eagerly, so results never depend on whether a graph was used.
+- A first call that synchronizes with the host (a one-time check, a compilation) gets a second warm-up; a model
+  that synchronizes on every call is never captured, since a capture failing inside CUDA is not undone cleanly
+  (if one fails anyway, the stream and the allocator are restored and graphs stay off for the process).
+- Anything else that cannot be captured (a CPU tensor the model could read, an object holding GPU tensors, weights
+  that live on the CPU or move, a signature that changes on every call, out of memory) turns graphs off for the
+  rest of the run with one log line naming the reason; the calls then run eagerly, so results never depend on
+  whether a graph was used.
 Graphs hold their inputs, outputs and intermediate buffers (one private memory pool per run); `close()` frees them.
 """
 from __future__ import annotations
