@@ -356,14 +356,18 @@ largest = max(v.numel() for v in sd.values()) * 4 / 2**20
 del sd
 loader = env.nodes.NODE_CLASS_MAPPINGS["ConvRotW4A4Loader"]
 ops = env.pack.nodes.ops
+load = lambda: node_output(loader.execute("wide_flux.safetensors", "compact", "256", ""))[0]
 a0 = anon()
-m, grew = peak_during(lambda: node_output(loader.execute("wide_flux.safetensors", "compact", "256", ""))[0])
+m, grew = peak_during(load)
 gc.collect()
 res = dict(grew=grew, kept=anon() - a0, live=mm.module_size(m.model) / 2**20, largest_fp32=largest,
            q=sum(l.weight.nbytes for _, l in ops.quantized_layers(m.model.diffusion_model)) / 2**20,
            bf16=os.path.getsize(path) / 2**20)
 del m; gc.collect()
-_, res["grew_stock"] = peak_during(lambda: env.nodes.UNETLoader().load_unet("wide_flux.safetensors", "default"))
+# the smaller peak of two loads: a float copy of the model would show in both, allocator timing noise in one
+res["grew"] = min(grew, peak_during(load)[1]); gc.collect()
+stock = lambda: env.nodes.UNETLoader().load_unet("wide_flux.safetensors", "default")
+res["grew_stock"] = min(peak_during(stock)[1], peak_during(stock)[1])
 print("RESULT" + json.dumps(res))
 """
 
