@@ -212,8 +212,7 @@ def run_variant(a) -> dict:
         "latent_finite": bool(torch.isfinite(out).all()),
     }
     if "graph" in mods:
-        from nodes_pack import graph as pack_graph
-        run = pack_graph.run_graphs(model).last
+        run = pack_graph.run_graphs(model).last  # (pack_graph imported where the node was applied)
         res["graph"] = {"captures": run.captures, "replays": run.replays, "eager": run.eager,
                         "disabled": run.disabled}
     if profiled:
