@@ -173,11 +173,11 @@ class GraphedCalls:
                 self.disable(f"{e} (not capturable)")
             else:
                 g = self.graphs.get(sig)
-                if g is not None and self.guard is not None and self.guard() != self._guard_value:
+                if g is not None:
+                    if self.guard is None or self.guard() == self._guard_value:
+                        return self._replay(g, tensors)
                     self.disable("the model's weights were replaced since the capture (hooks or offloading)")
-                elif g is not None:
-                    return self._replay(g, tensors)
-                if not tensors:
+                elif not tensors:
                     self.disable("the call has no CUDA tensor")
                 elif len(self.graphs) >= self.max_graphs:
                     where = _first_difference(self._last_sig, sig)

@@ -286,6 +286,7 @@ def test_weights_updated_in_place_are_seen_replaced_ones_never_replayed():
     x, cond, opts = _inputs(53)
     torch.testing.assert_close(run(model, x, cond, opts)["y"], model(x, cond, opts)["y"], **EXACT)
     assert run.replays == 2 and "replaced since the capture" in run.disabled
+    assert run.captures == 1 and not run.graphs  # nothing captured after the refusal
     # replaced between the capture of one signature and the next
     run = graphs.GraphedCalls("test", guard=lambda: tuple(p.data_ptr() for p in model.norm.parameters()))
     _check(run, model, 54)
