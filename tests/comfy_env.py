@@ -1,16 +1,19 @@
 """A real ComfyUI, imported in-process on the CPU, for the tests of the ComfyUI nodes (tests/test_comfy_*.py).
 
-ComfyUI is found through $COMFYUI_PATH, else ../ComfyUI beside this repository; without it the tests are skipped
-with that reason. torchvision/torchaudio wheels for CUDA torch do not load against a CPU torch, so when they fail
-to import they are replaced *for the tests only* by inert stub modules (ComfyUI imports them at module level for
-audio/video models the tests never touch). The pack itself is loaded the way ComfyUI loads a custom node:
-nodes.load_custom_node() on a folder named `ComfyUI-ConvRot` (a symlink to this repository), which exercises the
-V3 `comfy_entrypoint` and the package-relative imports.
+ComfyUI is searched, in this order, at $COMFYUI_PATH, at the parent of `custom_nodes` when this pack is cloned as
+ComfyUI/custom_nodes/ComfyUI-ConvRot (the normal install layout), and at ../ComfyUI beside this repository; without
+it the tests are skipped with that reason. `python tests/comfy_env.py --print-path [EXTRA_DIR...]` prints the
+folder this search finds (EXTRA_DIRs are tried last; .ci/run uses it) or exits 1.
+
+torchvision/torchaudio wheels for CUDA torch do not load against a CPU torch, so when they fail to import they are
+replaced by inert stub modules (tools/cpu_torch_stubs.py, the same helper users run ComfyUI with on a CPU torch);
+ComfyUI imports them at module level for audio/video models the tests never touch. The pack itself is loaded the
+way ComfyUI loads a custom node: nodes.load_custom_node() on a folder named `ComfyUI-ConvRot` (a symlink to this
+repository), which exercises the V3 `comfy_entrypoint` and the package-relative imports.
 """
 from __future__ import annotations
 
 import asyncio
-import importlib.machinery
 import os
 import sys
 import types
@@ -22,66 +25,47 @@ REPO = Path(__file__).resolve().parents[1]
 PACK_DIR_NAME = "ComfyUI-ConvRot"
 
 
-def comfyui_path() -> Path | None:
-    for p in (os.environ.get("COMFYUI_PATH"), REPO.parent / "ComfyUI"):
-        if p and (Path(p) / "comfy" / "sd.py").is_file() and (Path(p) / "nodes.py").is_file():
-            return Path(p).resolve()
+def _is_comfyui(p: Path) -> bool:
+    return (p / "comfy" / "sd.py").is_file() and (p / "nodes.py").is_file()
+
+
+def comfyui_candidates(extra=()) -> list[Path]:
+    """Where ComfyUI is looked for, in order (see the module docstring)."""
+    cands = []
+    if os.environ.get("COMFYUI_PATH"):
+        cands.append(Path(os.environ["COMFYUI_PATH"]))
+    # custom_nodes/ComfyUI-ConvRot: the folder as named (it may be a symlink into custom_nodes) and as resolved
+    repos = [Path(__file__).absolute().parents[1], REPO]
+    pwd = os.environ.get("PWD")  # the shell's logical folder keeps a symlinked custom_nodes/ComfyUI-ConvRot
+    if pwd and Path(pwd).resolve() == REPO:
+        repos.insert(0, Path(pwd))
+    for repo in repos:
+        if repo.parent.name == "custom_nodes":
+            cands.append(repo.parent.parent)
+    cands.append(REPO.parent / "ComfyUI")
+    cands += [Path(e) for e in extra]
+    return cands
+
+
+def comfyui_path(extra=()) -> Path | None:
+    for p in comfyui_candidates(extra):
+        if _is_comfyui(p):
+            return p.resolve()
     return None
 
 
-class _StubModule(types.ModuleType):
-    """A module whose every attribute is another stub; calling one raises (nothing in the tests may use it)."""
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        full = f"{self.__name__}.{name}"
-        m = sys.modules.get(full) or _StubModule(full)
-        m.__spec__ = importlib.machinery.ModuleSpec(full, None)
-        sys.modules[full] = m
-        setattr(self, name, m)
-        return m
-
-    def __call__(self, *a, **k):
-        raise RuntimeError(f"{self.__name__} is a test stub (torchvision/torchaudio are not usable here)")
-
-    def __mro_entries__(self, bases):
-        return (object,)
+def _not_found_reason() -> str:
+    return ("ComfyUI not found: clone this pack into ComfyUI/custom_nodes/, or set COMFYUI_PATH to a ComfyUI "
+            "checkout (searched: " + ", ".join(str(p) for p in comfyui_candidates()) + ")")
 
 
-class _StubFinder:
-    roots: set[str] = set()
-
-    @classmethod
-    def find_spec(cls, fullname, path=None, target=None):
-        if fullname.split(".")[0] in cls.roots:
-            return importlib.machinery.ModuleSpec(fullname, cls, is_package=True)
-        return None
-
-    @staticmethod
-    def create_module(spec):
-        m = _StubModule(spec.name)
-        m.__path__ = []
-        return m
-
-    @staticmethod
-    def exec_module(module):
-        pass
-
-
-def _stub_if_broken(name: str) -> bool:
-    try:
-        __import__(name)
-        return False
-    except Exception:
-        pass
-    for k in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
-        del sys.modules[k]
-    if _StubFinder not in sys.meta_path:
-        sys.meta_path.insert(0, _StubFinder)
-    _StubFinder.roots.add(name)
-    __import__(name)
-    return True
+def install_stubs() -> list[str]:
+    """tools/cpu_torch_stubs.install(): stub torchvision/torchaudio when they do not load; the stubbed names."""
+    tools = str(REPO / "tools")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    import cpu_torch_stubs
+    return cpu_torch_stubs.install()
 
 
 class ComfyEnv(types.SimpleNamespace):
@@ -97,10 +81,10 @@ def setup_comfy(models_dir: Path) -> ComfyEnv:
         return _ENV
     path = comfyui_path()
     if path is None:
-        pytest.skip("ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout (or put one at ../ComfyUI)")
+        pytest.skip(_not_found_reason())
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
-    stubbed = [n for n in ("torchvision", "torchaudio") if _stub_if_broken(n)]
+    stubbed = install_stubs()
 
     import comfy.options
     comfy.options.enable_args_parsing(False)
@@ -192,3 +176,14 @@ def rel(a, b) -> float:
 def node_output(out):
     """The outputs tuple of a V3 node's NodeOutput (or a V1 node's tuple)."""
     return out.result if hasattr(out, "result") else out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "--print-path":
+        found = comfyui_path(sys.argv[2:])
+        if found is None:
+            print(_not_found_reason(), file=sys.stderr)
+            sys.exit(1)
+        print(found)
+    else:
+        sys.exit("usage: python tests/comfy_env.py --print-path [EXTRA_DIR...]")
