@@ -1,0 +1,213 @@
+"""The Triton kernels behind convrot.triton_kernels (import that module, not this one: it imports triton eagerly).
+
+Whether these run compiled or in Triton's CPU interpreter is fixed when this module is imported
+(TRITON_INTERPRET=1 at that moment -> interpreter); `INTERPRET` records which.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from triton.runtime.interpreter import InterpretedFunction
+
+# 1.5 * 2^23: for |v| < 2^22, (v + C) - C is v rounded to the nearest integer, ties to even, in fp32 arithmetic
+# (no libdevice call, so it is the same on NVIDIA, AMD and the interpreter).
+ROUND_MAGIC = 12582912.0
+
+
+@triton.jit
+def _dot_h(z, h, DOT_F32: tl.constexpr):
+    """z [R, S] (fp16/bf16/fp32) @ h [S, S] (entries +-1, fp32) -> fp32; every product is exact.
+
+    fp16/bf16 z: one tensor-core dot in z's dtype with fp32 accumulation (h is exact in any float type).
+    fp32 z: split into three bf16 pieces (z = z1 + z2 + z3 to within fp32 rounding) and three bf16 dots, so the
+    tensor cores give an fp32-accurate product (TF32 would keep only 10 mantissa bits).
+    DOT_F32 (the interpreter, whose bf16 dot is broken) runs the same pieces as fp32 dots.
+    """
+    if z.dtype == tl.float32:
+        z1 = z.to(tl.bfloat16)
+        r1 = z - z1.to(tl.float32)
+        z2 = r1.to(tl.bfloat16)
+        r2 = r1 - z2.to(tl.float32)
+        z3 = r2.to(tl.bfloat16)
+        if DOT_F32:
+            acc = tl.dot(z3.to(tl.float32), h, input_precision="ieee", out_dtype=tl.float32)
+            acc = tl.dot(z2.to(tl.float32), h, acc, input_precision="ieee", out_dtype=tl.float32)
+            acc = tl.dot(z1.to(tl.float32), h, acc, input_precision="ieee", out_dtype=tl.float32)
+        else:
+            hb = h.to(tl.bfloat16)
+            acc = tl.dot(z3, hb, out_dtype=tl.float32)
+            acc = tl.dot(z2, hb, acc, out_dtype=tl.float32)
+            acc = tl.dot(z1, hb, acc, out_dtype=tl.float32)
+    else:
+        if DOT_F32:
+            acc = tl.dot(z.to(tl.float32), h, input_precision="ieee", out_dtype=tl.float32)
+        else:
+            acc = tl.dot(z, h.to(z.dtype), out_dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _rotate_tile(x, h, G: tl.constexpr, NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                 DOT_F32: tl.constexpr):
+    """x [BLOCK_M, BLOCK_K] (BLOCK_K a multiple of G) -> block-diagonal x @ H_G in fp32.
+
+    G = 16 / 64: one dot of [BLOCK_M * BLOCK_K / G, G] with the unnormalized H_G (h is G x G).
+    G = 256: H_256 = H_16 (x) H_16, so each group viewed as a 16 x 16 matrix X becomes H_16 X H_16 (h is 16 x 16):
+    two small dots with a transpose between them instead of one 256 x 256 operand.
+    """
+    if G == 256:
+        R: tl.constexpr = BLOCK_M * BLOCK_K // 256
+        z = _dot_h(tl.reshape(x, (R * 16, 16)), h, DOT_F32)
+        z = tl.reshape(tl.permute(tl.reshape(z, (R, 16, 16)), (0, 2, 1)), (R * 16, 16))
+        z = _dot_h(z, h, DOT_F32)
+        z = tl.reshape(tl.permute(tl.reshape(z, (R, 16, 16)), (0, 2, 1)), (BLOCK_M, BLOCK_K))
+    else:
+        z = tl.reshape(_dot_h(tl.reshape(x, (BLOCK_M * BLOCK_K // G, G)), h, DOT_F32), (BLOCK_M, BLOCK_K))
+    return z * NORM  # NORM = 1/sqrt(G) is a power of two: exact
+
+
+@triton.jit
+def rotate_quantize_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, M_BUCKET,
+                           G: tl.constexpr, HS: tl.constexpr, NORM: tl.constexpr, QMAX: tl.constexpr,
+                           PACK: tl.constexpr, DOT_F32: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per row: r = x @ blockdiag(H_G) (fp32), scale = max(absmax(r), 1e-10) / QMAX, code = rint(r / scale).
+
+    Two passes over the row block: the first finds absmax, the second recomputes the rotation (tensor-core
+    cheap) and writes codes, so a row never has to fit in registers. PACK: two int4 codes per byte, low nibble =
+    even channel; else one int8 code per channel.
+    """
+    pid = tl.program_id(0)
+    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    rows = tl.where(m_ok, rm, 0).to(tl.int64)
+    rh = tl.arange(0, HS)
+    h = tl.load(h_ptr + rh[:, None] * HS + rh[None, :])
+    rk = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows[:, None] * stride_xm
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        x = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0)
+        r = _rotate_tile(x, h, G, NORM, BLOCK_M, BLOCK_K, DOT_F32)
+        amax = tl.maximum(amax, tl.max(tl.abs(r), axis=1))
+    scale = tl.math.div_rn(tl.maximum(amax, 1e-10), tl.full((BLOCK_M,), QMAX, tl.float32))
+    tl.store(s_ptr + rm, scale, mask=m_ok)
+    q_rows = q_ptr + rows[:, None] * stride_qm
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        x = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0)
+        r = _rotate_tile(x, h, G, NORM, BLOCK_M, BLOCK_K, DOT_F32)
+        v = tl.math.div_rn(r, tl.broadcast_to(scale[:, None], (BLOCK_M, BLOCK_K)))
+        v = (v + ROUND_MAGIC) - ROUND_MAGIC
+        q = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.int32)
+        if PACK:
+            lo, hi = tl.split(tl.reshape(q, (BLOCK_M, BLOCK_K // 2, 2)))
+            p = ((lo & 15) | (hi << 4)).to(tl.int8)
+            kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            tl.store(q_rows + kp[None, :], p, mask=m_ok[:, None] & (kp[None, :] < K // 2))
+        else:
+            tl.store(q_rows + kk[None, :], q.to(tl.int8), mask=m_ok[:, None] & (kk[None, :] < K))
+
+
+@triton.jit
+def _unpack_int4(p, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """[ROWS, COLS // 2] packed bytes -> [ROWS, COLS] int8 codes in channel order (signed nibbles)."""
+    p32 = p.to(tl.int32)
+    lo = ((p32 << 28) >> 28).to(tl.int8)
+    hi = (p32 >> 4).to(tl.int8)
+    return tl.reshape(tl.join(lo, hi), (ROWS, COLS))
+
+
+@triton.jit
+def gemm_kernel(a_ptr, w_ptr, as_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_am, stride_wn, stride_ym, M_BUCKET,
+                A_PACKED: tl.constexpr, W_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                BF16_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """y[m, n] = (sum_k a[m, k] w[n, k]) * a_scale[m] * w_scale[n] (+ bias[n]), int32 accumulation, fp32 epilogue.
+
+    K counts codes. An operand is packed int4 ([rows, K/2] bytes, sign-extended to int8 in registers) or int8
+    codes ([rows, K]); both then meet in one int8 x int8 -> int32 tl.dot. BF16_RTNE: for the interpreter only.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # rows past the end read a valid row (its result is never stored), so the loads need no row mask
+    ram = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M).to(tl.int64)
+    rwn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N).to(tl.int64)
+    KA: tl.constexpr = BLOCK_K // 2 if A_PACKED else BLOCK_K
+    KW: tl.constexpr = BLOCK_K // 2 if W_PACKED else BLOCK_K
+    ka_total = K // 2 if A_PACKED else K
+    kw_total = K // 2 if W_PACKED else K
+    a_rows = a_ptr + ram[:, None] * stride_am
+    w_rows = w_ptr + rwn[:, None] * stride_wn
+    rka = tl.arange(0, KA)
+    rkw = tl.arange(0, KW)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        ka = kb * KA + rka
+        kw = kb * KW + rkw
+        if EVEN_K:
+            a = tl.load(a_rows + ka[None, :])
+            w = tl.load(w_rows + kw[None, :])
+        else:
+            a = tl.load(a_rows + ka[None, :], mask=ka[None, :] < ka_total, other=0)
+            w = tl.load(w_rows + kw[None, :], mask=kw[None, :] < kw_total, other=0)
+        if A_PACKED:
+            a = _unpack_int4(a, BLOCK_M, BLOCK_K)
+        if W_PACKED:
+            w = _unpack_int4(w, BLOCK_N, BLOCK_K)
+        acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+
+    m_ok = rm < M
+    n_ok = rn < N
+    a_s = tl.load(as_ptr + rm, mask=m_ok, other=0.0)
+    w_s = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
+    y = acc.to(tl.float32) * a_s[:, None] * w_s[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if BF16_RTNE:
+        # The interpreter truncates fp32 -> bf16; round to nearest even by hand (finite values) as the GPU does.
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        y = bits.to(tl.float32, bitcast=True)
+    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+INTERPRET = isinstance(gemm_kernel, InterpretedFunction)
+
+_even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+
+gemm_fixed = _even_k(gemm_kernel)
+
+GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 256, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 8}, num_warps=4, num_stages=4),
+]
+
+gemm_tuned = triton.autotune(
+    configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "A_PACKED", "W_PACKED", "HAS_BIAS"])(gemm_fixed)
+
+ROTQ_CONFIGS = [
+    triton.Config({"BLOCK_M": 8, "BLOCK_K": 256}, num_warps=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_K": 256}, num_warps=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_K": 256}, num_warps=8),
+    triton.Config({"BLOCK_M": 32, "BLOCK_K": 256}, num_warps=8),
+]
+
+rotate_quantize_tuned = triton.autotune(
+    configs=ROTQ_CONFIGS, key=["M_BUCKET", "K", "G", "QMAX", "PACK"])(rotate_quantize_kernel)

@@ -1,0 +1,372 @@
+"""Portable Triton kernels for ConvRot: rotate + quantize, W4A4 and W8A8 GEMMs. No compiler at install time.
+
+Same meaning as convrot/reference.py (and the CUDA extension in convrot/kernels): the block-diagonal regular
+Hadamard of group size G in fp32, symmetric per-token quantization (scale = max(absmax, 1e-10) / qmax, codes
+round-half-even, clamped to +-qmax), int4 packing two codes per byte with the low nibble = even channel, exact
+int32 accumulation, then acc * a_scale[m] * w_scale[n] + bias[n] in fp32, cast to the output dtype.
+
+This module imports only torch at import time; triton is imported on first use, so the pack loads without it.
+
+API
+---
+available(device=None, probe=True) -> (ok: bool, reason: str)
+    Whether the Triton route can run on `device` (never raises). `reason` says why not (no triton, CPU tensor,
+    GPU older than sm_80, untested ROCm arch, TRITON_INTERPRET set, a failed probe compile) or what runs.
+    With probe=True the first call per device compiles and runs one tiny linear per bit width against a torch
+    computation (a few seconds, once per process and device).
+supports_shape(k, n=None, group_size=256, bits=4) -> bool
+    The shape limits in LIMITS, for dispatch.
+rotate_quantize(x2d, group_size, bits=4, *, packed=True, out=None, scale_out=None) -> (codes, scale fp32 [M])
+    bits=4: packed int8 [M, K/2] (packed=False: one int8 code per channel, [M, K], values in [-7, 7]);
+    bits=8: int8 [M, K] in [-127, 127]. x2d: [M, K] fp16/bf16/fp32, last dim contiguous.
+gemm(a, a_scale, w, w_scale, bias, out_dtype, *, k, out=None) -> y [M, N]
+    Integer GEMM with the epilogue. `k` = number of codes per row; an operand whose last dim is k/2 is packed
+    int4, one whose last dim is k is int8 codes (so W4A4 with int8 activation codes, packed or prepared weights,
+    and W8A8 all go through here).
+linear(x2d, w_q, w_scale, bias, group_size, bits=4, *, out=None) -> y2d (x's dtype)
+    The whole quantized linear: rotate + quantize (int8 codes) then gemm. w_q: bits=4 packed [N, K/2] or
+    prepare_weight's int8 codes [N, K]; bits=8 int8 [N, K].
+linear_fn(group_size, bits) -> f(x2d, w, w_scale, bias) -> y2d
+    The contract of convrot.kernels.linear_fn: the caller has checked device and shape (x2d contiguous CUDA
+    [M, K] fp16/bf16, w/w_scale as stored, bias None or [N]).
+prepare_weight(w_packed) -> int8 codes [N, K]
+    Optional: unpacks a W4 weight once (2x the packed bytes, half of bf16) so the GEMM skips the in-register
+    sign extension; gemm / linear accept either form.
+
+Limits (LIMITS, a TritonLimits): group_size in {16, 64, 256}; K % group_size == 0 and 0 < K <= 65536 (int32
+accumulator exact for int8 codes up to K = 133,000); any N >= 1 (N % 8 recommended: cuBLAS/extension parity,
+aligned stores); M >= 0; activations fp16/bf16 for linear (fp32 too for rotate_quantize, e.g. offline weight
+quantization); codes int8; scales fp32 (others are converted); bias any float dtype, read as fp32; CUDA sm_80+
+(Ampere, Ada, Hopper, Blackwell incl. sm_120) or ROCm CDNA2/3 (gfx90a/gfx942/gfx950, not measured).
+
+Notes for dispatch: the first call per (shape bucket, dtype) autotunes a few block configs (benchmark runs,
+hundreds of ms each), so warm up before CUDA-graph capture; afterwards a call is two kernel launches. The
+rotation is tensor-core matmuls with exact +-1 products and fp32 accumulation (fp32 inputs split into three
+bf16 pieces), so codes equal the reference's except at rare rounding ties (r / scale within an ulp of k + 0.5).
+Under TRITON_INTERPRET=1 (set before this module first imports triton) the same kernels run on CPU tensors in
+Triton's interpreter: for tests only, far slower than the reference.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import torch
+
+__all__ = ["LIMITS", "TritonLimits", "available", "supports_shape", "rotate_quantize", "gemm", "linear",
+           "linear_fn", "prepare_weight"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonLimits:
+    group_sizes: tuple = (16, 64, 256)
+    bits: tuple = (4, 8)
+    k_multiple_of_group: bool = True  # K % group_size == 0 (then K is even, as packing needs)
+    max_k: int = 65536
+    n_multiple: int = 1  # any N works (masked); 8 is what the other routes need
+    min_cuda_cc: tuple = (8, 0)
+    rocm_archs: tuple = ("gfx90a", "gfx942", "gfx950")
+    linear_dtypes: tuple = (torch.float16, torch.bfloat16)
+    rotate_dtypes: tuple = (torch.float16, torch.bfloat16, torch.float32)
+    gemm_out_dtypes: tuple = (torch.float16, torch.bfloat16, torch.float32)
+
+
+LIMITS = TritonLimits()
+
+_QMAX = {4: 7, 8: 127}
+_H4 = ((1, 1, 1, -1), (1, 1, -1, 1), (1, -1, 1, 1), (-1, 1, 1, 1))
+_lock = threading.Lock()
+_jit_mod = []
+_h_cache: dict = {}
+_avail_cache: dict = {}
+
+
+def _jit():
+    """The kernels module (imports triton). Raises ImportError without triton."""
+    if not _jit_mod:
+        with _lock:
+            if not _jit_mod:
+                from . import _triton_jit
+
+                _jit_mod.append(_triton_jit)
+    return _jit_mod[0]
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+    except Exception:
+        return None
+    return triton.__version__
+
+
+def supports_shape(k: int, n: int | None = None, group_size: int = 256, bits: int = 4) -> bool:
+    """K, N, G and bits inside LIMITS."""
+    ok = (group_size in LIMITS.group_sizes and bits in LIMITS.bits and 0 < k <= LIMITS.max_k
+          and k % group_size == 0)
+    return ok and (n is None or (n >= 1 and n % LIMITS.n_multiple == 0))
+
+
+def _hadamard_pm1(size: int, device) -> torch.Tensor:
+    """Unnormalized regular Hadamard (+-1, fp32) of order 16 or 64: the H4 Kronecker powers of hadamard.py."""
+    key = (size, str(device))
+    h = _h_cache.get(key)
+    if h is None:
+        h4 = torch.tensor(_H4, dtype=torch.float32)
+        h = h4
+        while h.shape[0] < size:
+            h = torch.kron(h, h4)
+        h = _h_cache[key] = h.to(device).contiguous()
+    return h
+
+
+def _m_bucket(m: int) -> int:
+    b = 16
+    while b < m and b < 16384:
+        b *= 2
+    return b
+
+
+def _check_group(group_size: int, k: int) -> None:
+    if group_size not in LIMITS.group_sizes:
+        raise ValueError(f"group_size must be one of {LIMITS.group_sizes}, got {group_size}")
+    if k % group_size or k <= 0 or k > LIMITS.max_k:
+        raise ValueError(f"K={k} must be a positive multiple of group_size={group_size}, at most {LIMITS.max_k}")
+
+
+def rotate_quantize(x2d: torch.Tensor, group_size: int, bits: int = 4, *, packed: bool = True,
+                    out: torch.Tensor | None = None, scale_out: torch.Tensor | None = None):
+    """(codes, scale fp32 [M]) = reference.rotate_quantize(x2d, group_size, bits) (packed=False: unpacked int4).
+
+    `out` / `scale_out`, when given, are written in place (shape [M, K/2] or [M, K] int8, [M] fp32) and returned.
+    """
+    if x2d.dim() != 2:
+        raise ValueError(f"expected a 2-D [M, K] tensor, got shape {tuple(x2d.shape)}")
+    if x2d.dtype not in LIMITS.rotate_dtypes:
+        raise ValueError(f"dtype must be one of {LIMITS.rotate_dtypes}, got {x2d.dtype}")
+    if bits not in _QMAX:
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    m, k = x2d.shape
+    _check_group(group_size, k)
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    pack = bits == 4 and packed
+    cols = k // 2 if pack else k
+    if out is None:
+        out = torch.empty((m, cols), device=x2d.device, dtype=torch.int8)
+    elif out.shape != (m, cols) or out.dtype != torch.int8 or out.stride(1) != 1:
+        raise ValueError(f"out must be int8 [{m}, {cols}] with a contiguous last dim")
+    if scale_out is None:
+        scale_out = torch.empty((m,), device=x2d.device, dtype=torch.float32)
+    elif scale_out.shape != (m,) or scale_out.dtype != torch.float32 or not scale_out.is_contiguous():
+        raise ValueError(f"scale_out must be contiguous float32 [{m}]")
+    if m == 0:
+        return out, scale_out
+    _launch_rotate_quantize(x2d, out, scale_out, group_size, _QMAX[bits], pack)
+    return out, scale_out
+
+
+def _launch_rotate_quantize(x2d, out, scale_out, group_size, qmax, pack, fixed=False):
+    """One launch of the rotate+quantize kernel; `fixed` (the interpreter, the probe) skips autotuning."""
+    j = _jit()
+    m, k = x2d.shape
+    hs = 64 if group_size == 64 else 16
+    h = _hadamard_pm1(hs, x2d.device)
+    args = (x2d, h, out, scale_out, m, k, x2d.stride(0), out.stride(0), _m_bucket(m))
+    consts = dict(G=group_size, HS=hs, NORM=1.0 / (group_size ** 0.5), QMAX=qmax, PACK=pack,
+                  DOT_F32=j.INTERPRET)
+    if fixed or j.INTERPRET:
+        j.rotate_quantize_kernel[(triton_cdiv(m, 32),)](*args, **consts, BLOCK_M=32, BLOCK_K=256, num_warps=4)
+    else:
+        j.rotate_quantize_tuned[lambda meta: (triton_cdiv(m, meta["BLOCK_M"]),)](*args, **consts)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _operand_packed(t: torch.Tensor, k: int, name: str) -> bool:
+    if t.dim() != 2 or t.dtype != torch.int8 or t.stride(1) != 1:
+        raise ValueError(f"{name} must be a 2-D int8 tensor with a contiguous last dim")
+    if t.shape[1] * 2 == k:
+        return True
+    if t.shape[1] == k:
+        return False
+    raise ValueError(f"{name} has {t.shape[1]} bytes per row; expected {k // 2} (packed int4) or {k} (int8 codes)")
+
+
+def gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+         bias: torch.Tensor | None, out_dtype: torch.dtype, *, k: int, out: torch.Tensor | None = None):
+    """y[M, N] = (a_codes @ w_codesᵀ) * a_scale[m] * w_scale[n] + bias[n] (fp32 math), in out_dtype.
+
+    k: codes per row. a [M, k/2 or k], w [N, k/2 or k]: last dim k/2 = packed int4, k = int8 codes.
+    """
+    if out_dtype not in LIMITS.gemm_out_dtypes:
+        raise ValueError(f"out_dtype must be one of {LIMITS.gemm_out_dtypes}, got {out_dtype}")
+    if k <= 0 or k % 2 or k > LIMITS.max_k:
+        raise ValueError(f"k={k} must be even, positive and at most {LIMITS.max_k}")
+    a_packed = _operand_packed(a, k, "a")
+    w_packed = _operand_packed(w, k, "w")
+    m, n = a.shape[0], w.shape[0]
+    if a_scale.numel() != m or w_scale.numel() != n:
+        raise ValueError(f"a_scale has {a_scale.numel()} entries for M={m}, w_scale {w_scale.numel()} for N={n}")
+    if bias is not None and bias.numel() != n:
+        raise ValueError(f"bias has {bias.numel()} entries for N={n}")
+    if out is None:
+        out = torch.empty((m, n), device=a.device, dtype=out_dtype)
+    elif out.shape != (m, n) or out.dtype != out_dtype or out.stride(1) != 1:
+        raise ValueError(f"out must be {out_dtype} [{m}, {n}] with a contiguous last dim")
+    if m == 0 or n == 0:
+        return out
+    a_scale = a_scale.reshape(m).to(torch.float32).contiguous()
+    w_scale = w_scale.reshape(n).to(torch.float32).contiguous()
+    if bias is not None:
+        bias = bias.reshape(n).contiguous()
+    _launch_gemm(a, a_scale, w, w_scale, bias, out, k, a_packed, w_packed)
+    return out
+
+
+def _launch_gemm(a, a_scale, w, w_scale, bias, out, k, a_packed, w_packed, fixed=False):
+    """One launch of the GEMM kernel (a_scale/w_scale fp32 contiguous, bias None or contiguous [N])."""
+    j = _jit()
+    m, n = a.shape[0], w.shape[0]
+    args = (a, w, a_scale, w_scale, a_scale if bias is None else bias, out, m, n, k,
+            a.stride(0), w.stride(0), out.stride(0), _m_bucket(m))
+    consts = dict(A_PACKED=a_packed, W_PACKED=w_packed, HAS_BIAS=bias is not None,
+                  BF16_RTNE=j.INTERPRET and out.dtype == torch.bfloat16)
+    if fixed or j.INTERPRET:
+        grid = (triton_cdiv(m, 32) * triton_cdiv(n, 64),)
+        j.gemm_fixed[grid](*args, **consts, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4)
+    else:
+        j.gemm_tuned[lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * triton_cdiv(n, meta["BLOCK_N"]),)](
+            *args, **consts)
+
+
+def prepare_weight(w_packed: torch.Tensor) -> torch.Tensor:
+    """Packed int4 [N, K/2] -> int8 codes [N, K] (torch ops, once per weight)."""
+    p = w_packed.view(torch.uint8).to(torch.int16)
+    both = torch.stack((p & 0xF, p >> 4), dim=-1).reshape(w_packed.shape[0], w_packed.shape[1] * 2)
+    return torch.where(both >= 8, both - 16, both).to(torch.int8).contiguous()
+
+
+def linear(x2d: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+           group_size: int, bits: int = 4, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """reference.convrot_linear for a 2-D input: rotate + quantize x per token, integer GEMM, epilogue.
+
+    Output dtype = x's (fp16/bf16). The activation codes go through memory as int8 (one byte per code) so the
+    GEMM's A operand needs no unpacking; the weight may be packed [N, K/2] or prepared int8 [N, K].
+    """
+    if x2d.dtype not in LIMITS.linear_dtypes:
+        raise ValueError(f"linear returns x's dtype, which must be float16 or bfloat16, got {x2d.dtype}")
+    if bits == 8 and w_q.shape[-1] != x2d.shape[-1]:
+        raise ValueError(f"W8A8 weight has {w_q.shape[-1]} codes per row; expected K={x2d.shape[-1]}")
+    a, a_scale = rotate_quantize(x2d, group_size, bits, packed=False)
+    return gemm(a, a_scale, w_q, w_scale, bias, x2d.dtype, k=x2d.shape[1], out=out)
+
+
+def linear_fn(group_size: int, bits: int, *, _fixed: bool = False):
+    """f(x2d, w, w_scale, bias) -> y2d with convrot.kernels.linear_fn's contract (checks left to the caller).
+
+    x2d contiguous [M, K] fp16/bf16 on a device where available() is True, K inside LIMITS for group_size;
+    w packed [N, K/2] or int8 [N, K] (bits=8: int8 [N, K]); w_scale [N] (fp32 avoids a conversion);
+    bias None or contiguous [N] (x's dtype avoids nothing: it is read as fp32 in any float dtype).
+    """
+    if group_size not in LIMITS.group_sizes or bits not in _QMAX:
+        raise ValueError(f"unsupported group_size={group_size} / bits={bits}")
+    _jit()
+    qmax = _QMAX[bits]
+
+    def f(x, w, w_scale, bias):
+        m, k = x.shape
+        dev = x.device
+        y = torch.empty((m, w.shape[0]), device=dev, dtype=x.dtype)
+        if m == 0:
+            return y
+        a = torch.empty((m, k), device=dev, dtype=torch.int8)
+        a_s = torch.empty((m,), device=dev, dtype=torch.float32)
+        _launch_rotate_quantize(x, a, a_s, group_size, qmax, False, _fixed)
+        if w_scale.dtype != torch.float32:
+            w_scale = w_scale.float()
+        _launch_gemm(a, a_s, w, w_scale, bias, y, k, False, w.shape[1] != k, _fixed)
+        return y
+
+    return f
+
+
+def _resolve(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if isinstance(device, torch.Tensor):
+        return device.device
+    if isinstance(device, int):
+        return torch.device("cuda", device)
+    return torch.device(device)
+
+
+def available(device=None, probe: bool = True) -> tuple[bool, str]:
+    """(ok, reason) for running these kernels on `device` (torch.device, str, index, tensor or None = current)."""
+    try:
+        dev = _resolve(device)
+        ver = triton_version()
+        if ver is None:
+            return False, "triton is not installed (pip install triton; on Windows: pip install triton-windows)"
+        if dev.type != "cuda":
+            return False, (f"{dev.type} tensors: the Triton kernels run on GPUs (TRITON_INTERPRET=1 runs them on "
+                           "the CPU for tests only, slower than the PyTorch reference)")
+        if not torch.cuda.is_available():
+            return False, "no GPU visible to PyTorch"
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        if torch.version.hip:
+            arch = getattr(props, "gcnArchName", "").split(":")[0]
+            if arch not in LIMITS.rocm_archs:
+                return False, (f"ROCm GPU {arch or '?'}: int8 tl.dot is only expected on CDNA2/3 "
+                               f"({', '.join(LIMITS.rocm_archs)}); not enabled elsewhere")
+            what = f"Triton {ver} on ROCm {arch} (correctness probe only; speed not measured)"
+        else:
+            cc = (props.major, props.minor)
+            if cc < LIMITS.min_cuda_cc:
+                return False, (f"GPU sm_{cc[0]}{cc[1]} is older than sm_80: Triton's int8 tensor-core dot needs "
+                               "Ampere or newer")
+            what = f"Triton {ver} on sm_{cc[0]}{cc[1]} ({props.name})"
+        try:
+            j = _jit()
+        except Exception as e:
+            return False, f"triton import failed ({type(e).__name__}: {e})"
+        if j.INTERPRET:
+            return False, "TRITON_INTERPRET=1 was set when the kernels were loaded: they would run in the interpreter"
+        if not probe:
+            return True, what
+        key = ("probe", index)
+        if key not in _avail_cache:
+            _avail_cache[key] = _probe(torch.device("cuda", index))
+        err = _avail_cache[key]
+        return (True, what) if err is None else (False, f"Triton probe failed on {what}: {err}")
+    except Exception as e:  # never raise into dispatch
+        return False, f"Triton availability check failed ({type(e).__name__}: {e})"
+
+
+def _probe(dev: torch.device) -> str | None:
+    """Compile and run one tiny W4A4 and W8A8 linear; compare with a plain torch computation. None when fine."""
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(5, 64, generator=g).to(dev, torch.bfloat16)
+        for bits in (4, 8):
+            qmax = _QMAX[bits]
+            codes = torch.randint(-qmax, qmax + 1, (16, 64), generator=g, dtype=torch.int8).to(dev)
+            w = codes if bits == 8 else (((codes[:, 1::2].to(torch.int16) & 0xF) << 4)
+                                         | (codes[:, 0::2].to(torch.int16) & 0xF)).to(torch.uint8).view(torch.int8)
+            ws = torch.rand(16, generator=g).to(dev) + 0.5
+            y = linear_fn(16, bits, _fixed=True)(x.contiguous(), w.contiguous(), ws, None).float()
+            h = _hadamard_pm1(16, dev) * 0.25
+            r = (x.float().reshape(5, 4, 16) @ h).reshape(5, 64)
+            s = r.abs().amax(1).clamp_min(1e-10) / qmax
+            a = torch.round(r / s[:, None]).clamp(-qmax, qmax)
+            ref = (a @ codes.float().t()) * s[:, None] * ws
+            if not torch.allclose(y, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()):
+                return f"W{bits}A{bits} result differs from torch (max abs err {(y - ref).abs().max().item():.3g})"
+        torch.cuda.synchronize(dev)
+        return None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"{type(e).__name__}: {first[:300]}"
