@@ -1,27 +1,38 @@
 """File-level work: recognise a FLUX transformer, quantize a file tensor by tensor, report what a file holds."""
 from __future__ import annotations
 
+import collections
 import json
 import logging
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from .checkpoint import (
-    LAYER_SIDE_KEYS, CheckpointError, StreamingWriter, TensorInfo, TensorReader, convrot_params, decode_conf,
-    encode_conf, float_weight, layer_conf, layer_getter, nbytes,
+    LAYER_SIDE_KEYS, CheckpointError, StreamingWriter, TensorInfo, TensorReader, check_conf_size, check_fp8_scale,
+    convrot_params, decode_conf, encode_conf, float_weight, layer_conf, layer_getter, loads_json, nbytes,
     quantize_layer, read_header)
-from .policy import BF16, W4A4, LayerPolicy, strip_prefix
+from .policy import BF16, W4A4, LayerPolicy, clip, strip_prefix
 
 log = logging.getLogger("convrot")
 
 FLUX_MARKERS = ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight")
 
 
-def check_flux(names, file_name: str) -> None:
+def _missing_markers(names) -> list[str]:
     stripped = {strip_prefix(n) for n in names}
-    missing = [m for m in FLUX_MARKERS if m not in stripped]
+    return [m for m in FLUX_MARKERS if m not in stripped]
+
+
+def is_flux(names) -> bool:
+    return not _missing_markers(names)
+
+
+def check_flux(names, file_name: str) -> None:
+    missing = _missing_markers(names)
     if missing:
         raise CheckpointError(f"{file_name}: not a FLUX.1 transformer (missing {', '.join(missing)}); ConvRot W4A4 "
                               f"supports FLUX.1 dev/schnell/Kontext-style models")
@@ -32,11 +43,18 @@ def header_layer_confs(meta: dict[str, str], file_name: str) -> dict[str, dict]:
     raw = meta.get("_quantization_metadata")
     if not raw:
         return {}
-    try:
-        layers = json.loads(raw).get("layers", {})
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise CheckpointError(f"{file_name}: unreadable _quantization_metadata header ({e})") from e
-    return {k: v for k, v in layers.items() if isinstance(v, dict)}
+    where = f"{file_name}: _quantization_metadata header"
+    if not isinstance(raw, str):
+        raise CheckpointError(f"{where} must be a JSON string, got {type(raw).__name__}")
+    doc = loads_json(raw, where, "it")
+    layers = doc.get("layers", {}) if isinstance(doc, dict) else None
+    if not isinstance(layers, dict):
+        raise CheckpointError(f"{where}: expected an object with a \"layers\" object, got {clip(raw)}")
+    for k, v in layers.items():
+        if not isinstance(v, dict):
+            raise CheckpointError(f"{file_name}: {clip(k)}: its config in the _quantization_metadata header must "
+                                  f"be a JSON object, got {clip(json.dumps(v))}")
+    return dict(layers)
 
 
 def linear_layers(infos: dict[str, TensorInfo]) -> list[str]:
@@ -60,21 +78,161 @@ _REPLACED = ("weight",) + LAYER_SIDE_KEYS
 def layer_confs(f, infos, meta, file_name: str) -> dict[str, dict]:
     """Every layer's quantization config, from comfy_quant tensors or the header form (tensors win)."""
     confs = header_layer_confs(meta, file_name)
-    for k in infos:
+    for k, info in infos.items():
         if k.endswith(".comfy_quant"):
             layer = k[: -len(".comfy_quant")]
+            check_conf_size(nbytes(info), f"{file_name}: {layer}")  # before reading: it may be gigabytes
             confs[layer] = decode_conf(f.get_tensor(k), f"{file_name}: {layer}")
     return confs
 
 
+# ---------------------------------------------------------------- what a FLUX file's tensors must look like
+
+# Every FLUX tensor's shape in the architecture's sizes: H hidden, M MLP hidden, D attention head, C image input
+# channels (latent x patch), X text context, V pooled text vector, T timestep embedding, O final-layer outputs.
+# A shape is checked like torch's load_state_dict does for stock ComfyUI ("size mismatch"): a wrong bias would
+# otherwise broadcast into a wrong image, a wrong weight fail deep inside the sampler.
+_DB = r"double_blocks\.\d+\.(?:img|txt)_"
+_SB = r"single_blocks\.\d+\."
+_EMBED = r"(?:time_in|guidance_in|vector_in)\."
+FLUX_SHAPES = tuple((re.compile(p), shape) for p, shape in (
+    (r"img_in\.weight", ("H", "C")), (r"img_in\.bias", ("H",)),
+    (r"txt_in\.weight", ("H", "X")), (r"txt_in\.bias", ("H",)),
+    (r"(?:time_in|guidance_in)\.in_layer\.weight", ("H", "T")), (r"vector_in\.in_layer\.weight", ("H", "V")),
+    (_EMBED + r"out_layer\.weight", ("H", "H")), (_EMBED + r"(?:in|out)_layer\.bias", ("H",)),
+    (_DB + r"mod\.lin\.weight", ("6H", "H")), (_DB + r"mod\.lin\.bias", ("6H",)),
+    (_DB + r"attn\.qkv\.weight", ("3H", "H")), (_DB + r"attn\.qkv\.bias", ("3H",)),
+    (rf"(?:{_DB}attn\.|{_SB})norm\.(?:query|key)_norm\.(?:scale|weight)", ("D",)),
+    (_DB + r"attn\.proj\.weight", ("H", "H")), (_DB + r"attn\.proj\.bias", ("H",)),
+    (_DB + r"mlp\.0\.weight", ("M", "H")), (_DB + r"mlp\.0\.bias", ("M",)),
+    (_DB + r"mlp\.2\.weight", ("H", "M")), (_DB + r"mlp\.2\.bias", ("H",)),
+    (_SB + r"linear1\.weight", ("3H+M", "H")), (_SB + r"linear1\.bias", ("3H+M",)),
+    (_SB + r"linear2\.weight", ("H", "H+M")), (_SB + r"linear2\.bias", ("H",)),
+    (_SB + r"modulation\.lin\.weight", ("3H", "H")), (_SB + r"modulation\.lin\.bias", ("3H",)),
+    (r"final_layer\.linear\.weight", ("O", "H")), (r"final_layer\.linear\.bias", ("O",)),
+    (r"final_layer\.adaLN_modulation\.1\.weight", ("2H", "H")), (r"final_layer\.adaLN_modulation\.1\.bias", ("2H",)),
+))
+_DIM_NAMES = (("H", "hidden"), ("D", "head dim"), ("M", "MLP"), ("C", "in channels"), ("X", "context"),
+              ("V", "vector"), ("T", "time embedding"), ("O", "out channels"))
+
+
+def _size(expr: str, dims: dict[str, int]) -> int | None:
+    """An entry of FLUX_SHAPES ("3H+M") in numbers; None when one of its sizes is unknown."""
+    total = 0
+    for coef, sym in re.findall(r"(\d*)([A-Z])", expr):
+        if sym not in dims:
+            return None
+        total += int(coef or 1) * dims[sym]
+    return total
+
+
+def logical_shapes(infos: dict[str, TensorInfo], confs: dict[str, dict], file_name: str) -> dict[str, tuple]:
+    """Each tensor's shape as the model sees it: a quantized layer's packed int4 weight counts two inputs a byte."""
+    shapes = {k: i.shape for k, i in infos.items()}
+    for layer, conf in confs.items():
+        params = convrot_params(conf, f"{file_name}: {layer}")
+        w = shapes.get(f"{layer}.weight")
+        if params and params[0] == 4 and w is not None and len(w) == 2:
+            shapes[f"{layer}.weight"] = (w[0], w[1] * 2)
+    return shapes
+
+
+def flux_dims(shapes: dict[str, tuple]) -> dict[str, int]:
+    """The architecture's sizes, each the value most tensors agree on (so one bad tensor is the one named, not
+    every tensor that disagrees with it)."""
+    votes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for k, shape in shapes.items():
+        for pat, want in FLUX_SHAPES:
+            if pat.fullmatch(strip_prefix(k)):
+                if len(shape) == len(want):
+                    for sym, d in zip(want, shape):
+                        if len(sym) == 1:
+                            votes[sym][d] += 1
+                break
+    return {sym: c.most_common(1)[0][0] for sym, c in votes.items()}
+
+
+def check_flux_shapes(shapes: dict[str, tuple], file_name: str) -> dict[str, int]:
+    """Refuse any FLUX tensor whose shape the architecture (derived from the file itself) does not imply."""
+    dims = flux_dims(shapes)
+    arch = ", ".join(f"{label} {dims[s]}" for s, label in _DIM_NAMES if s in dims)
+    if "H" in dims and "D" in dims and (dims["D"] == 0 or dims["H"] % dims["D"]):
+        raise CheckpointError(f"{file_name}: size mismatch: hidden size {dims['H']} is not a whole number of "
+                              f"attention heads of {dims['D']} (the q/k norm size); the file is corrupt")
+    for k, shape in shapes.items():
+        for pat, want in FLUX_SHAPES:
+            if pat.fullmatch(strip_prefix(k)):
+                expect = tuple(_size(e, dims) for e in want)
+                if tuple(shape) != expect:
+                    layer = k.rsplit(".", 1)[0]
+                    raise CheckpointError(
+                        f"{file_name}: {layer}: size mismatch for {k}: shape {list(shape)} in the file, "
+                        f"{[e if e is not None else '?' for e in expect]} in this FLUX model ({arch})")
+                break
+    return dims
+
+
+def check_quantized_layers(f, infos: dict[str, TensorInfo], confs: dict[str, dict], file_name: str) -> None:
+    """Layers stored quantized are used as they are, so their tensors are checked here: int8 codes of a sensible
+    shape and one finite, positive fp32 scale per output row (a NaN, zero or missing scale gives NaN or zero
+    outputs, with no error anywhere). fp8 scales are checked for shape (see check_fp8_scale)."""
+    for layer, conf in confs.items():
+        where = f"{file_name}: {layer}"
+        params = convrot_params(conf, where)
+        w = infos.get(f"{layer}.weight")
+        if w is None:
+            raise CheckpointError(f"{where}: has a quantization config but no weight tensor")
+        if params is None:
+            for sub in ("weight_scale", "scale_weight"):
+                if f"{layer}.{sub}" in infos:
+                    check_fp8_scale(infos[f"{layer}.{sub}"].shape, w.shape, where)
+            continue
+        bits, g = params
+        if w.dtype != torch.int8 or len(w.shape) != 2:
+            raise CheckpointError(f"{where}: a W{bits}A{bits} layer needs an int8 [out, in{'/2' if bits == 4 else ''}]"
+                                  f" weight, the file has {str(w.dtype).replace('torch.', '')} {list(w.shape)}")
+        out_f, in_f = w.shape[0], w.shape[1] * (2 if bits == 4 else 1)
+        if out_f == 0 or in_f == 0 or in_f % g:
+            raise CheckpointError(f"{where}: weight {list(w.shape)} does not hold whole groups of {g} inputs "
+                                  f"({in_f} inputs)")
+        s = infos.get(f"{layer}.weight_scale")
+        if s is None:
+            raise CheckpointError(f"{where}: quantized weight without its weight_scale")
+        if not s.dtype.is_floating_point or s.shape not in ((out_f,), (out_f, 1)):
+            raise CheckpointError(f"{where}: weight_scale must be float [{out_f}] (one per output row), the file "
+                                  f"has {str(s.dtype).replace('torch.', '')} {list(s.shape)}")
+        scale = f.get_tensor(f"{layer}.weight_scale").to(torch.float32)
+        bad = int((~torch.isfinite(scale) | (scale <= 0)).sum())
+        if bad:
+            raise CheckpointError(f"{where}: weight_scale has {bad} of {out_f} values that are NaN, infinite, zero "
+                                  f"or negative; the file is corrupt")
+    for k, info in infos.items():  # the old scaled-fp8 form carries no config
+        if k.endswith(".scale_weight"):
+            layer = k[: -len(".scale_weight")]
+            w = infos.get(f"{layer}.weight")
+            check_fp8_scale(info.shape, w.shape if w is not None else (), f"{file_name}: {layer}")
+
+
+def check_file(f, infos: dict[str, TensorInfo], confs: dict[str, dict], file_name: str) -> None:
+    """Everything a FLUX file's header and its small tensors can tell about its validity, before any weight."""
+    check_quantized_layers(f, infos, confs, file_name)
+    check_flux_shapes(logical_shapes(infos, confs, file_name), file_name)
+
+
 def plan_file(path: str, group_size: int, preset: str, overrides=None) -> tuple[Plan, dict, dict]:
-    """Decide every layer's fate from the header (and the tiny comfy_quant tensors) before touching weights."""
-    name = path.rsplit("/", 1)[-1]
+    """Decide every layer's fate from the header (and the tiny comfy_quant and scale tensors) before touching
+    weights; every tensor's shape and every stored quantized layer is checked on the way."""
+    name = os.path.basename(path)
     infos, meta = read_header(path)
     check_flux(infos, name)
     with TensorReader(path, infos) as f:
         confs = layer_confs(f, infos, meta, name)
+        check_file(f, infos, confs, name)
     policy = LayerPolicy.for_names(infos, preset, overrides)
+    unmatched = policy.unmatched_overrides(linear_layers(infos))
+    if unmatched:
+        log.warning("ConvRot: %s: these override patterns match no linear layer and change nothing: %s",
+                    name, ", ".join(clip(p, 80) for p in unmatched))
     plan = Plan()
     for layer in sorted(linear_layers(infos)):
         conf = confs.get(layer)
@@ -112,10 +270,25 @@ def plan_file(path: str, group_size: int, preset: str, overrides=None) -> tuple[
     return plan, infos, meta
 
 
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (symlinks and hard links included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # b does not exist yet (or cannot be examined): it cannot be a
+        return False
+
+
 def quantize_file(src: str, dst: str, group_size: int = 256, preset: str = "mixed", overrides=None,
-                  device: str | None = None, progress: Callable[[int, int, str], None] | None = None) -> Plan:
-    """Quantize a FLUX safetensors file into the native ConvRot format, holding one layer in memory at a time."""
-    name = src.rsplit("/", 1)[-1]
+                  device: str | None = None, progress: Callable[[int, int, str], None] | None = None,
+                  overwrite: bool = False) -> Plan:
+    """Quantize a FLUX safetensors file into the native ConvRot format, holding one layer in memory at a time.
+
+    Writing over the input itself is refused unless `overwrite`: the result replaces the original only once it
+    is complete, but the original is gone then."""
+    name = os.path.basename(src)
+    if not overwrite and same_file(src, dst):
+        raise CheckpointError(f"{dst}: is the input file itself; write to another file (or pass --overwrite to "
+                              f"replace the input once the new file is complete)")
     plan, infos, meta = plan_file(src, group_size, preset, overrides)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out_meta = {k: v for k, v in meta.items() if k != "_quantization_metadata"}
@@ -134,7 +307,7 @@ def quantize_file(src: str, dst: str, group_size: int = 256, preset: str = "mixe
                     continue
                 if not k.endswith(".weight"):
                     continue  # written together with the weight below
-                weight = float_weight(layer_getter(f, infos, layer), layer in confs).to(device)
+                weight = float_weight(layer_getter(f, infos, layer), layer in confs, f"{name}: {layer}").to(device)
                 entries = quantize_layer(weight, None, act, group_size, f"{name}: {layer}")
                 for sub in ("weight", "weight_scale", "comfy_quant"):
                     w.write(f"{layer}.{sub}", entries[sub])
@@ -150,11 +323,14 @@ def quantize_file(src: str, dst: str, group_size: int = 256, preset: str = "mixe
 
 def inspect_file(path: str) -> dict:
     """Per-layer format and byte counts of a safetensors file, without reading tensor data."""
-    name = path.rsplit("/", 1)[-1]
+    name = os.path.basename(path)
     infos, meta = read_header(path)
     rows = []
     with TensorReader(path, infos) as f:
         confs = layer_confs(f, infos, meta, name)
+        check_quantized_layers(f, infos, confs, name)
+        if is_flux(infos):  # other models are listed too, without FLUX's shape rules
+            check_flux_shapes(logical_shapes(infos, confs, name), name)
         for layer in sorted(linear_layers(infos)):
             w = infos[f"{layer}.weight"]
             conf = confs.get(layer)

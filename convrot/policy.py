@@ -39,6 +39,19 @@ def strip_prefix(name: str) -> str:
     return name
 
 
+# Text echoed back from user input or a file (an override line, a key) is cut to this many characters: a 1 MB line
+# must not become a 1 MB error message, stored again by every log handler.
+ECHO_CHARS = 200
+
+
+def clip(text, limit: int = ECHO_CHARS) -> str:
+    """repr() of `text`, cut to about `limit` characters with the full length said."""
+    text = str(text)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -61,13 +74,19 @@ class LayerPolicy:
             raise ValueError(f"unknown ConvRot preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         for pat, act in self.overrides:
             if act not in ACTIONS:
-                raise ValueError(f"override {pat!r}: unknown action {act!r}; choose one of {ACTIONS}")
+                raise ValueError(f"override {clip(pat)}: unknown action {clip(act)}; choose one of {ACTIONS}")
 
     @classmethod
     def for_names(cls, names, preset: str = DEFAULT_PRESET, overrides=None) -> "LayerPolicy":
         names = list(names)
         return cls(preset, count_blocks(names, "double_blocks"), count_blocks(names, "single_blocks"),
                    parse_overrides(overrides))
+
+    def unmatched_overrides(self, layer_names) -> list[str]:
+        """The override patterns that match none of `layer_names` (linear layers, prefixes allowed): a typo there
+        would otherwise change nothing without a word."""
+        names = [strip_prefix(n.removesuffix(".weight")) for n in layer_names]
+        return [pat for pat, _ in self.overrides if not any(fnmatch.fnmatchcase(n, pat) for n in names)]
 
     def action(self, name: str) -> str:
         """The action for a linear layer named like `double_blocks.3.img_attn.qkv` (prefix allowed)."""
@@ -105,16 +124,22 @@ def parse_overrides(spec) -> list[tuple[str, str]]:
     text = str(spec).strip()
     if text.startswith("{"):
         try:
-            return [(str(p), str(a).lower()) for p, a in json.loads(text).items()]
-        except json.JSONDecodeError as e:
-            raise ValueError(f"layer overrides are not valid JSON: {e}") from e
+            doc = json.loads(text)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; deep nesting recurses
+            raise ValueError(f"layer overrides are not valid JSON: {str(e)[:ECHO_CHARS]}") from e
+        if not isinstance(doc, dict):
+            raise ValueError("layer overrides in JSON must be one object {\"pattern\": \"action\"}")
+        return [(str(p), str(a).lower()) for p, a in doc.items()]
     out = []
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        m = re.match(r"^(\S+)\s*[:=]\s*(\S+)$", line)
-        if not m:
-            raise ValueError(f"cannot read layer override line {line!r}; write 'pattern = action'")
-        out.append((m.group(1), m.group(2).lower()))
+        # split at the last separator by hand: a regex with two greedy runs backtracks quadratically on a long
+        # line made of separators
+        cut = max(line.rfind("="), line.rfind(":"))
+        pat, act = line[:cut].strip(), line[cut + 1:].strip()
+        if cut < 0 or not pat or not act or any(c.isspace() for c in pat + act):
+            raise ValueError(f"cannot read layer override line {clip(line)}; write 'pattern = action'")
+        out.append((pat, act.lower()))
     return out
