@@ -31,7 +31,8 @@ def _gb(n: int) -> str:
 
 def cmd_quantize(a) -> int:
     from .convert import quantize_file
-    plan = quantize_file(a.input, a.output, a.group_size, a.preset, a.overrides, a.device, Progress("quantize"))
+    plan = quantize_file(a.input, a.output, a.group_size, a.preset, a.overrides, a.device, Progress("quantize"),
+                         overwrite=a.overwrite)
     counts = {}
     for act in plan.actions.values():
         counts[act] = counts.get(act, 0) + 1
@@ -52,7 +53,9 @@ def cmd_inspect(a) -> int:
               f"{row['bf16_bytes'] / max(row['bytes'], 1):>7.2f}x")
     q = sum(r["bytes"] for r in r["layers"])
     b = sum(r["bf16_bytes"] for r in r["layers"])
-    print(f"linear layers: {_gb(q)} stored vs {_gb(b)} in bf16 ({b / max(q, 1):.2f}x smaller)")
+    # a bf16 (or fp32) file is not "1.00x smaller": that reads as a quantization that did nothing
+    print(f"linear layers: {_gb(q)} stored vs {_gb(b)} in bf16 ("
+          + (f"{b / max(q, 1):.2f}x smaller" if q < b else "not quantized") + ")")
     return 0
 
 
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(q)
     q.add_argument("--overrides", default=None, help="'pattern = action' lines or JSON {pattern: action}")
     q.add_argument("--device", default=None, help="where to quantize (default: cuda if available, else cpu)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="allow OUT to be IN itself (replaced once the new file is complete)")
     q.set_defaults(func=cmd_quantize)
 
     i = sub.add_parser("inspect", help="list which layers of a file are quantized and their sizes")
@@ -110,6 +115,6 @@ def main(argv=None) -> int:
             return importlib.import_module(f".{argv[0]}", __package__).main(argv[1:]) or 0
         args = build_parser().parse_args(argv or ["demo"])
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, OSError, ValueError) as e:  # OSError: missing or unreadable files, full disks
         print(f"error: {e}", file=sys.stderr)
         return 2
