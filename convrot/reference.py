@@ -5,7 +5,18 @@ Numerics (shared with ComfyUI's native `convrot_w4a4` format, so files are inter
 - symmetric quantization per row: scale = absmax / qmax (absmax clamped to 1e-10 so zero rows stay finite),
   code = round_half_even(r / scale) clamped to [-qmax, qmax]; qmax = 7 for int4, 127 for int8;
 - int4 packing: two codes per byte, the low nibble holds the even input channel;
-- GEMM: exact integer accumulation, then acc * a_scale[m] * w_scale[n] + bias[n] in fp32, cast to the output dtype.
+- GEMM: exact integer accumulation, then acc * a_scale[m] * w_scale[n] + bias[n] in fp32, cast to the output dtype
+  once, at the very end: an fp16 output is inf only where the fp32 result itself exceeds fp16's range (65504), as
+  with F.linear; intermediate products never round through the output dtype.
+
+Non-finite inputs (NaN/inf in x) are not part of the contract, and the paths differ on them:
+- the rotation spreads a NaN over its whole group of G channels; here torch's amax propagates it, so that token's
+  scale and its whole output row are NaN;
+- the CUDA kernels take the row maximum with fmaxf, which drops NaN: the scale comes from the other groups (or the
+  1e-10 floor), the NaN values are clamped into the code range by the same fminf/fmaxf, and the output row is
+  finite but wrong;
+- an inf gives an inf scale on both paths, so that row's outputs are inf or NaN.
+GPU and reference agree on finite inputs only; callers that must see NaN have to check x themselves.
 """
 from __future__ import annotations
 
