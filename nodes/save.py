@@ -1,9 +1,11 @@
-"""ConvRot Save Quantized: write a ConvRot MODEL as a native-format safetensors file into models/diffusion_models/.
+"""ConvRot Save Quantized: write a ConvRot MODEL as a native-format safetensors file into the first folder ComfyUI
+lists for `diffusion_models`: `models/unet/` on a default install (ComfyUI lists `models/unet/` before
+`models/diffusion_models/` and both loaders read both), or the first `diffusion_models` path of extra_model_paths.yaml.
 
 Key names are those of a stock FLUX transformer file (`double_blocks.0.img_attn.qkv.weight`, `...query_norm.scale`),
 quantized layers carry `weight` (int8), `weight_scale` (fp32) and `comfy_quant`, so both ComfyUI's stock
-"Load Diffusion Model" and the ConvRot loader read the file. The file is streamed to `<name>.part` and renamed only
-when complete.
+"Load Diffusion Model" and the ConvRot loader read the file. The file is streamed to a temporary
+`<name>.<random>.part` beside it and renamed only when complete.
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ def save_convrot_model(patcher, path: str, metadata: dict | None = None) -> str:
     with StreamingWriter(path, specs, meta) as w:
         for k, v in tensors.items():
             w.write(k, v)
-    log.info("ConvRot: saved %s (%d quantized layers)", path, len(layers))
+    log.info("ConvRot: saved %s (%d quantized layers; the loaders list it under diffusion_models)", path, len(layers))
     return path
 
 
@@ -72,11 +74,14 @@ class ConvRotSaveQuantized(io.ComfyNode):
             node_id="ConvRotSaveQuantized",
             display_name="ConvRot Save Quantized",
             category="advanced/model_merging",
-            description="Save a MODEL from ConvRot W4A4 Loader as a native ConvRot safetensors file in "
-                        "models/diffusion_models, loadable by Load Diffusion Model and ConvRot W4A4 Loader.",
+            description="Save a MODEL from ConvRot W4A4 Loader as a native ConvRot safetensors file in the first "
+                        "diffusion_models folder (models/unet on a default install), listed by Load Diffusion "
+                        "Model and ConvRot W4A4 Loader like any file in models/diffusion_models.",
             inputs=[
                 io.Model.Input("model"),
-                io.String.Input("filename_prefix", default="convrot/flux_w4a4"),
+                io.String.Input("filename_prefix", default="convrot/flux_w4a4",
+                                tooltip="Subfolder and name under the first diffusion_models folder (models/unet "
+                                        "on a default install); a counter is appended."),
             ],
             outputs=[],
             is_output_node=True,
@@ -84,7 +89,7 @@ class ConvRotSaveQuantized(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, filename_prefix="convrot/flux_w4a4") -> io.NodeOutput:
-        out_dir = folder_paths.get_folder_paths("diffusion_models")[0]
+        out_dir = folder_paths.get_folder_paths("diffusion_models")[0]  # models/unet on a default install
         full_dir, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
         path = os.path.join(full_dir, f"{filename}_{counter:05}_.safetensors")
         save_convrot_model(model, path)
