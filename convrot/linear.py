@@ -59,17 +59,8 @@ class ConvRotLinear(nn.Module):
         m.bias = bias
         return m
 
-    _fast = None  # ((device, dtype), kernel call or None): the route decided once, see ops.fast_linear_fn
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() and not torch.compiler.is_compiling():
-            self._fast, fn = ops.cached_fast_linear_fn(self._fast, x.device, x.dtype, self.in_features,
-                                                       self.out_features, self.group_size, self.bits)
-            if fn is not None and self.weight.device == x.device:
-                bias = None if self.bias is None else self.bias.to(x.dtype)
-                y = fn(x.reshape(-1, self.in_features).contiguous(), self.weight, self.weight_scale, bias)
-                return y.view(*x.shape[:-1], self.out_features)
-        return ops.linear(x, self.weight, self.weight_scale, self.bias, self.group_size, self.bits)
+        return ops.qlinear(x, self.weight, self.weight_scale, self.bias, self.group_size, self.bits)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return reference.dequantize_weight(self.weight, self.weight_scale, self.group_size, self.bits, dtype)

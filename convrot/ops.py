@@ -84,14 +84,32 @@ def fast_linear_fn(device: torch.device, dtype: torch.dtype, k: int, n: int, gro
     return None if kern is None else kern.linear_fn(group_size, bits)
 
 
-def cached_fast_linear_fn(cache, device: torch.device, dtype: torch.dtype, k: int, n: int, group_size: int,
-                          bits: int):
-    """(cache, fn): a layer keeps `cache` = ((device, dtype), fn) and asks fast_linear_fn again only when the
-    device or dtype of its input changes."""
-    key = (device, dtype)
-    if cache is None or cache[0] != key:
-        cache = (key, fast_linear_fn(device, dtype, k, n, group_size, bits))
-    return cache, cache[1]
+_routes: dict[tuple, object] = {}
+
+
+def qlinear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+            group_size: int, bits: int) -> torch.Tensor:
+    """The quantized linear every host calls (engine ConvRotLinear, the ComfyUI layers, ComfyUI's own
+    QuantizedTensor dispatch): y = x·Wᵀ + bias in x's dtype, W given as ConvRot codes + per-row scales.
+
+    The kernel route is decided once per (device, dtype, K, N, G, bits) and kept (`fast_linear_fn`), so a call
+    costs a dict lookup besides the kernels; under torch.compile the checked `linear` is traced instead (its Python
+    runs once per compilation). A bias in another dtype is cast here, so callers may pass the stored one.
+    """
+    n = w_scale.shape[0]
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if x.numel() and not torch.compiler.is_compiling() and w_q.device == x.device:
+        key = (x.device, x.dtype, x.shape[-1], n, group_size, bits)
+        fn = _routes.get(key, _routes)
+        if fn is _routes:
+            fn = _routes[key] = fast_linear_fn(x.device, x.dtype, x.shape[-1], n, group_size, bits)
+        if fn is not None:
+            x2d = x.reshape(-1, x.shape[-1])
+            if not x2d.is_contiguous():
+                x2d = x2d.contiguous()
+            return fn(x2d, w_q, w_scale, bias).view(*x.shape[:-1], n)
+    return linear(x, w_q, w_scale, bias, group_size, bits)
 
 
 def linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,

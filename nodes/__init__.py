@@ -3,10 +3,13 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from . import layout
 from .compile import ConvRotCompileBlocks
 from .graph import ConvRotCUDAGraph
 from .loader import ConvRotW4A4Loader
 from .save import ConvRotSaveQuantized
+
+layout.register()  # ConvRot QuantizedTensors (ours, and native files under stock loaders) run on ConvRot kernels
 
 NODES = [ConvRotW4A4Loader, ConvRotSaveQuantized, ConvRotCompileBlocks, ConvRotCUDAGraph]
 

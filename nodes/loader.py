@@ -6,13 +6,15 @@ import logging
 import os
 
 
+import torch
+
 import comfy.model_management
 import comfy.sd
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..convrot.checkpoint import CheckpointError
+from ..convrot.checkpoint import FP8_DTYPES, CheckpointError
 from ..convrot.convert import header_layer_confs, plan_file
 from ..convrot.hadamard import SUPPORTED_GROUP_SIZES, check_group_size
 from ..convrot.policy import PRESETS, parse_overrides
@@ -29,6 +31,16 @@ def _quant_device():
     """Quantize on the GPU ComfyUI computes on (not under --cpu, and not a different card than it uses)."""
     dev = comfy.model_management.get_torch_device()
     return dev if dev.type == "cuda" else None
+
+
+def compute_dtype(infos, device) -> torch.dtype:
+    """The dtype ComfyUI would run this file's float weights in (fp8 files: their bf16/fp16 compute dtype)."""
+    floats = [i.dtype for k, i in infos.items() if k.endswith(".weight") and i.dtype.is_floating_point]
+    src = max(set(floats), key=floats.count) if floats else torch.bfloat16
+    if src in FP8_DTYPES:
+        src = torch.bfloat16
+    return comfy.model_management.unet_dtype(device=device, supported_dtypes=[torch.bfloat16, torch.float16,
+                                                                              torch.float32], weight_dtype=src)
 
 
 def load_convrot_model(path: str, preset: str = "mixed", group_size: int | str = 256, overrides: str = "",
@@ -58,7 +70,9 @@ def load_convrot_model(path: str, preset: str = "mixed", group_size: int | str =
         quant_device=_quant_device(),
         progress=(lambda layer: pbar.update(1)) if pbar is not None else None)
     try:
-        patcher = comfy.sd.load_diffusion_model(path, model_options={"custom_operations": make_ops(spec)})
+        dtype = compute_dtype(infos, comfy.model_management.get_torch_device())
+        patcher = comfy.sd.load_diffusion_model(path, model_options={"custom_operations": make_ops(spec, dtype),
+                                                                     "dtype": dtype})
     except CheckpointError:
         raise
     except Exception as e:

@@ -86,6 +86,7 @@ def test_pack_registers_v3_nodes(comfy):
 
 
 def test_loader_quantizes_on_load_and_samples_close_to_bf16(comfy, tiny, base, pack):
+    from comfy.quant_ops import QuantizedTensor
     path, sd = tiny
     ours, stock = base["ours"], base["stock"]
     dm = ours.model.diffusion_model
@@ -95,9 +96,11 @@ def test_loader_quantizes_on_load_and_samples_close_to_bf16(comfy, tiny, base, p
     want = {k: a for k, a in plan.actions.items() if a in ("w4a4", "w8a8")}
     assert {k: f"w{m.convrot_bits}a{m.convrot_bits}" for k, m in layers.items()} == want
     for name, m in layers.items():
-        assert m.weight.dtype == torch.int8 and "weight" in m._buffers and "weight" not in m._parameters
+        # ComfyUI's own quantized tensor, as a parameter: its memory manager and saver handle it
+        assert isinstance(m.weight, QuantizedTensor) and "weight" in m._parameters, name
+        assert m.weight._qdata.dtype == torch.int8
         q, s = pack.convrot.ops.quantize_weight(sd[f"{name}.weight"], 256, m.convrot_bits)
-        assert torch.equal(m.weight, q) and torch.equal(m.weight_scale, s), name  # same codes as the engine
+        assert torch.equal(m.weight._qdata, q) and torch.equal(m.weight_scale, s), name  # same codes as the engine
     assert not isinstance(dm.img_in, ops.ConvRotLinearOp) or dm.img_in.convrot_bits is None
     y, y_ref = base["y_ours"], base["y_stock"]
     assert torch.isfinite(y).all()
@@ -185,7 +188,9 @@ def test_save_node_roundtrip_through_ours_and_stock(comfy, tiny, base, loader, p
     stock_sd = {k: v for k, v in stock.model.diffusion_model.state_dict().items()}
     assert stock_sd["double_blocks.0.img_attn.qkv.weight"].dtype == torch.int8
     cu.save_torch_file(stock_sd, str(comfy.models_dir / "diffusion_models" / "stock_written.safetensors"))
-    assert torch.equal(sample(comfy, load_ours(loader, "stock_written.safetensors")), base["y_ours"])
+    # same codes and float values; ComfyUI writes the float layers in its compute dtype (fp32 here), which moves
+    # the CPU matmuls' summation order by a few ulps (measured 1e-5 relative)
+    assert rel(sample(comfy, load_ours(loader, "stock_written.safetensors")), base["y_ours"]) < 1e-4
 
 
 def test_save_refuses_models_it_cannot_write(comfy, base):
@@ -235,7 +240,7 @@ def test_stock_written_native_file_loads_as_stored(comfy, tiny, base, loader, pa
     m = load_ours(loader, name, preset="mixed")
     q = dict(pack.nodes.ops.quantized_layers(m.model.diffusion_model))
     for layer in layers:  # adopted, not requantized (the preset would have made some of them 8-bit)
-        assert q[layer].convrot_bits == 4 and torch.equal(q[layer].weight, sd[f"{layer}.weight"]), layer
+        assert q[layer].convrot_bits == 4 and torch.equal(q[layer].weight._qdata, sd[f"{layer}.weight"]), layer
     err = rel(sample(comfy, m), base["y_stock"])
     assert err < MIXED_BOUND * 1.5, err
 
