@@ -8,14 +8,21 @@ Routes by GPU architecture:
 - anything else, CPU tensors, a failed build or no nvcc: `available()` is False and callers use the reference.
 
 The extension is compiled with ninja through torch.utils.cpp_extension.load into
-~/.cache/convrot/<torch>-cu<cuda>-sm<arch>/ (CONVROT_CACHE_DIR overrides the root) and reused afterwards.
-Set CONVROT_DISABLE_KERNELS=1 to never build or use it.
+~/.cache/convrot/<torch>-cu<cuda>-sm<arch>/ (CONVROT_CACHE_DIR overrides the root) and reused afterwards
+(`build_cached`: one process builds at a time, a killed build never blocks later starts, a damaged cached library is
+rebuilt, a read-only cache with a valid build is used as it is). Set CONVROT_DISABLE_KERNELS=1 to never build or
+use it.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import re
+import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -89,8 +96,195 @@ def build_flags(cc: tuple[int, int], cutlass_dirs: list[str] | None) -> tuple[li
 
 def _cache_dir(cc: tuple[int, int]) -> Path:
     root = Path(os.environ.get("CONVROT_CACHE_DIR", Path.home() / ".cache" / "convrot"))
-    tag = f"{torch.__version__.split('+')[0]}-cu{(torch.version.cuda or 'none').replace('.', '')}-sm{cc[0]}{cc[1]}"
+    # torch's full version, local suffix included: 2.9.0+cu128 and 2.9.0+cu130 (or a nightly) have different ABIs
+    version = re.sub(r"[^A-Za-z0-9._-]", "_", torch.__version__)
+    tag = f"{version}-cu{(torch.version.cuda or 'none').replace('.', '')}-sm{cc[0]}{cc[1]}"
     return root / tag
+
+
+# ---------------------------------------------------------------- cached builds
+
+LOCK_NAME = "convrot.lock"       # ours: an OS lock (flock), released by the kernel when its holder dies
+STAMP_NAME = "convrot_build.json"  # written after a successful build: which sources and flags the library is from
+TORCH_LOCK_NAME = "lock"          # cpp_extension's FileBaton: a plain file, left behind forever by a killed build
+BUILD_WAIT_S = float(os.environ.get("CONVROT_BUILD_WAIT_S", 1800))  # longest wait for another process's build
+
+
+class BuildLock:
+    """An exclusive lock on a build folder, held while one process builds or loads the library there.
+
+    cpp_extension's own lock is a file that only its creator removes, and its waiters poll it without a timeout:
+    a build killed by the user (Ctrl-C during a long compile, a closed terminal, an OOM kill) hangs every later
+    start. This lock is flock/msvcrt based, so the OS drops it with its holder; waiting for a live holder has a
+    limit. `writable` is False when the folder cannot be written (a read-only cache): then nothing is built.
+    """
+
+    def __init__(self, folder: Path, wait_s: float = BUILD_WAIT_S):
+        self.folder, self.wait_s, self.fd, self.writable = Path(folder), wait_s, None, False
+
+    def __enter__(self) -> "BuildLock":
+        path = self.folder / LOCK_NAME
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            self.writable = os.access(self.folder, os.W_OK)
+        except OSError:
+            try:  # a read-only cache: lock (shared with readers) only if a lock file is already there
+                self.fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                self.fd = None
+        if self.fd is not None:
+            self._acquire(path)
+        return self
+
+    def _acquire(self, path: Path) -> None:
+        t0, told = time.monotonic(), False
+        while not _try_lock(self.fd):
+            if not told:
+                log.warning("ConvRot: waiting for another process that is building the CUDA kernels in %s%s",
+                            self.folder, _holder(path))
+                told = True
+            if time.monotonic() - t0 > self.wait_s:
+                os.close(self.fd)
+                self.fd = None
+                raise TimeoutError(f"another process{_holder(path)} has held the kernel build lock {path} for more "
+                                   f"than {self.wait_s:.0f} s (CONVROT_BUILD_WAIT_S sets the wait)")
+            time.sleep(0.2)
+        if self.writable:
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"{os.getpid()}\n".encode())  # for the waiting message of the next process
+
+    def __exit__(self, *_):
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without locks (some network mounts): build without one, as torch would
+        return True
+
+
+def _holder(path: Path) -> str:
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+def build_key(name: str, deps, cflags, cuda_cflags) -> str:
+    """What a library is built from: torch's full version and CUDA, the flags and every source and header byte."""
+    h = hashlib.sha256(json.dumps([name, torch.__version__, torch.version.cuda, list(cflags),
+                                   list(cuda_cflags)]).encode())
+    for d in sorted(str(p) for p in deps):
+        h.update(d.encode() + b"\0")
+        h.update(Path(d).read_bytes())
+    return h.hexdigest()
+
+
+def _read_stamp(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / STAMP_NAME).read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _write_stamp(folder: Path, key: str) -> None:
+    tmp = folder / f"{STAMP_NAME}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"key": key, "torch": torch.__version__}))
+    os.replace(tmp, folder / STAMP_NAME)
+
+
+def _wipe(folder: Path) -> None:
+    """Remove every build output (objects, library, ninja state) so the next build starts from scratch."""
+    for p in folder.iterdir():
+        if p.name == LOCK_NAME:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def build_cached(name: str, sources, deps, cflags, cuda_cflags, folder, verbose: bool = False,
+                 wait_s: float = BUILD_WAIT_S) -> str:
+    """Build (when needed) and load the library `name` from `sources` into `folder`; its path. Raises on failure.
+
+    Under BuildLock: a library whose stamp matches build_key(sources + deps, flags) is loaded as it is (no write,
+    so a read-only cache works); otherwise it is built with cpp_extension.load (ninja, incremental) and stamped
+    only once it loaded. A process that waited for another's build therefore loads that build only if it
+    succeeded for the same sources, never an older library. A cached library that fails to load (truncated by a
+    full disk or a kill) is removed with everything built beside it and rebuilt once. cpp_extension's own lock
+    file, if a killed build left one, is stale whenever this lock is held (every live builder holds it): removed.
+    """
+    from torch.utils import cpp_extension
+
+    folder = Path(folder)
+    so = folder / f"{name}{cpp_extension.LIB_EXT}"
+    key = build_key(name, list(sources) + list(deps), cflags, cuda_cflags)
+    with BuildLock(folder, wait_s) as lock:
+        if _read_stamp(folder) == key and so.is_file():
+            try:
+                torch.ops.load_library(str(so))
+                return str(so)
+            except OSError as e:
+                if not lock.writable:
+                    raise RuntimeError(f"the cached library {so} cannot be loaded ({_first_line(e)}) and its "
+                                       f"folder is read-only") from e
+                log.warning("ConvRot: the cached library %s cannot be loaded (%s); rebuilding it", so, _first_line(e))
+                _wipe(folder)
+        if not lock.writable:
+            raise RuntimeError(f"the kernel cache {folder} is read-only and holds no build of these sources")
+        stale = folder / TORCH_LOCK_NAME
+        if stale.exists():
+            log.warning("ConvRot: removing a stale build lock %s (%.0f s old) left by a build that was killed",
+                        stale, time.time() - stale.stat().st_mtime)
+            stale.unlink(missing_ok=True)
+        (folder / STAMP_NAME).unlink(missing_ok=True)  # a failed build must not leave the old stamp standing
+        log.warning("ConvRot: compiling %s into %s (first use, or its sources changed; about 1-3 minutes)",
+                    name, folder)
+        had_outputs = so.exists()
+        for attempt in (0, 1):
+            # cpp_extension skips the build (and only imports) when it built `name` earlier in this process; the
+            # stamp, not its in-process memory, decides here
+            versioner = getattr(cpp_extension, "JIT_EXTENSION_VERSIONER", None)
+            if versioner is not None:
+                versioner.entries.pop(name, None)
+            try:
+                cpp_extension.load(name=name, sources=[str(s) for s in sources], extra_cflags=list(cflags),
+                                   extra_cuda_cflags=list(cuda_cflags), build_directory=str(folder),
+                                   is_python_module=False, verbose=verbose)
+                break
+            except Exception as e:
+                if attempt or not had_outputs:
+                    raise
+                # ninja thought the old outputs were current, but they do not load or link: start clean
+                log.warning("ConvRot: the cached build in %s is damaged (%s); rebuilding from scratch", folder,
+                            _first_line(e))
+                _wipe(folder)
+        _write_stamp(folder, key)
+    return str(so)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def _register_fakes() -> None:
@@ -166,22 +360,8 @@ def _load(verbose: bool):
         return _not_available("sm_90 GEMM needs the CUTLASS headers: pip install nvidia-cutlass==4.2.0.0 "
                               "(or set CONVROT_CUTLASS_DIR to a CUTLASS checkout)")
     sources, nvcc, cxx = build_flags(cc, cutlass_dirs)
-    build_dir = _cache_dir(cc)
-    build_dir.mkdir(parents=True, exist_ok=True)
-    so = build_dir / f"convrot_kernels_sm{cc[0]}{cc[1]}.so"
-    fresh = so.exists() and all(so.stat().st_mtime >= Path(s).stat().st_mtime for s in sources + [str(CSRC / "convrot.h"), str(CSRC / "gemm_sm90.cuh")])
-    if not fresh:
-        log.warning("ConvRot: compiling CUDA kernels for sm_%d%d into %s (first use; about 1-3 minutes)",
-                    cc[0], cc[1], build_dir)
-    cpp_extension.load(
-        name=f"convrot_kernels_sm{cc[0]}{cc[1]}",
-        sources=sources,
-        extra_cflags=cxx,
-        extra_cuda_cflags=nvcc,
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=verbose,
-    )
+    headers = sorted(str(p) for p in CSRC.iterdir() if p.suffix in (".h", ".cuh"))
+    build_cached(f"convrot_kernels_sm{cc[0]}{cc[1]}", sources, headers, cxx, nvcc, _cache_dir(cc), verbose)
     _register_fakes()
     _state["cc"] = cc
     log.info("ConvRot: CUDA kernels loaded for sm_%d%d", cc[0], cc[1])
