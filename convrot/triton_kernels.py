@@ -79,6 +79,9 @@ _lock = threading.Lock()
 _jit_mod = []
 _h_cache: dict = {}
 _avail_cache: dict = {}
+# No multiply-add contraction: the epilogue (acc * a_scale) * w_scale + bias then rounds like the reference's
+# separate torch ops (bit-equal outputs), and nothing in these kernels needs float FMAs for speed.
+_NO_FUSION = {"enable_fp_fusion": False}
 
 
 def _jit():
@@ -176,9 +179,10 @@ def _launch_rotate_quantize(x2d, out, scale_out, group_size, qmax, pack, fixed=F
     consts = dict(G=group_size, HS=hs, NORM=1.0 / (group_size ** 0.5), QMAX=qmax, PACK=pack,
                   DOT_F32=j.INTERPRET)
     if fixed or j.INTERPRET:
-        j.rotate_quantize_kernel[(triton_cdiv(m, 32),)](*args, **consts, BLOCK_M=32, BLOCK_K=256, num_warps=4)
+        j.rotate_quantize_kernel[(triton_cdiv(m, 32),)](*args, **consts, BLOCK_M=32, BLOCK_K=256, num_warps=4,
+                                                         **({} if j.INTERPRET else _NO_FUSION))
     else:
-        j.rotate_quantize_tuned[lambda meta: (triton_cdiv(m, meta["BLOCK_M"]),)](*args, **consts)
+        j.rotate_quantize_tuned[lambda meta: (triton_cdiv(m, meta["BLOCK_M"]),)](*args, **consts, **_NO_FUSION)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -236,10 +240,11 @@ def _launch_gemm(a, a_scale, w, w_scale, bias, out, k, a_packed, w_packed, fixed
                   BF16_RTNE=j.INTERPRET and out.dtype == torch.bfloat16)
     if fixed or j.INTERPRET:
         grid = (triton_cdiv(m, 32) * triton_cdiv(n, 64),)
-        j.gemm_fixed[grid](*args, **consts, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4)
+        j.gemm_fixed[grid](*args, **consts, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4,
+                           **({} if j.INTERPRET else _NO_FUSION))
     else:
         j.gemm_tuned[lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * triton_cdiv(n, meta["BLOCK_N"]),)](
-            *args, **consts)
+            *args, **consts, **_NO_FUSION)
 
 
 def prepare_weight(w_packed: torch.Tensor) -> torch.Tensor:
