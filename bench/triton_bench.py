@@ -4,6 +4,7 @@
 
 For each (M, K, N): cuBLAS bf16 F.linear, then (times in µs, "x" = bf16 time / route time, > 1 is faster):
   tW4 op      Triton W4A4 whole linear (rotate+quantize to int8 codes, GEMM unpacking the packed int4 weight)
+  tW4 cop     tW4 op through the torch.library custom op (linear_op(): what torch.compile sees)
   tW4p op     the same with the weight prepared once as int8 codes (convrot.triton_kernels.prepare_weight)
   tW4 gemm    the Triton GEMM alone (int8 activation codes x packed weight), tW4p gemm with the prepared weight
   t rq        the Triton rotate+quantize pass alone
@@ -105,7 +106,8 @@ def main() -> int:
     e4 = ext.linear_fn(g, 4) if ext else None
     e8 = ext.linear_fn(g, 8) if ext else None
 
-    cols = ["bf16", "tW4 op", "tW4p op", "tW4 gemm", "tW4p gemm", "t rq", "tW8 op", "ext W4", "ext W8"]
+    top = tk.linear_op()
+    cols = ["bf16", "tW4 op", "tW4 cop", "tW4p op", "tW4 gemm", "tW4p gemm", "t rq", "tW8 op", "ext W4", "ext W8"]
     print()
     print(f"{'M x K x N':>20} " + " ".join(f"{c:>15}" for c in cols))
     for (m, k, n) in shapes:
@@ -115,6 +117,7 @@ def main() -> int:
         runs = {
             "bf16": lambda: F.linear(x, w, bias),
             "tW4 op": lambda: t4(x, w4, s4, bias),
+            "tW4 cop": lambda: top(x, w4, s4, bias, g, 4),
             "tW4p op": lambda: t4(x, w4p, s4, bias),
             "tW4 gemm": lambda: tk.gemm(a8, a_s, w4, s4, bias, torch.bfloat16, k=k),
             "tW4p gemm": lambda: tk.gemm(a8, a_s, w4p, s4, bias, torch.bfloat16, k=k),

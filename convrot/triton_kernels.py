@@ -29,6 +29,8 @@ linear(x2d, w_q, w_scale, bias, group_size, bits=4, *, out=None) -> y2d (x's dty
 linear_fn(group_size, bits) -> f(x2d, w, w_scale, bias) -> y2d
     The contract of convrot.kernels.linear_fn: the caller has checked device and shape (x2d contiguous CUDA
     [M, K] fp16/bf16, w/w_scale as stored, bias None or [N]).
+linear_op() -> torch.ops.convrot_triton.linear.default(x2d, w, w_scale, bias, group_size, bits) -> y2d
+    The same linear as one torch.library custom op with a fake (shape-only) kernel: opaque to torch.compile.
 prepare_weight(w_packed) -> int8 codes [N, K]
     Optional: unpacks a W4 weight once (2x the packed bytes, half of bf16) so the GEMM skips the in-register
     sign extension; gemm / linear accept either form.
@@ -54,7 +56,7 @@ import threading
 import torch
 
 __all__ = ["LIMITS", "TritonLimits", "available", "supports_shape", "rotate_quantize", "gemm", "linear",
-           "linear_fn", "prepare_weight"]
+           "linear_fn", "linear_op", "prepare_weight"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,6 +298,40 @@ def linear_fn(group_size: int, bits: int, *, _fixed: bool = False):
         return y
 
     return f
+
+
+_op_lock = threading.Lock()
+_op: list = []
+
+
+def linear_op():
+    """torch.ops.convrot_triton.linear.default: (x2d, w, w_scale, bias?, group_size, bits) -> y2d, as one opaque op.
+
+    The same computation as linear_fn(group_size, bits)(x2d.contiguous(), ...), registered as a torch.library
+    custom op with a shape-only fake, so torch.compile (ConvRot Compile Blocks) and FakeTensor tracing treat it
+    as one node instead of tracing into the Python launcher and the autotuner. Costs a few µs more per eager call.
+    """
+    if not _op:
+        with _op_lock:
+            if not _op:
+                fns: dict = {}
+
+                def impl(x, w, w_scale, bias, group_size, bits):
+                    f = fns.get((group_size, bits))
+                    if f is None:
+                        f = fns[(group_size, bits)] = linear_fn(group_size, bits)
+                    return f(x.contiguous(), w, w_scale, bias)
+
+                op = torch.library.custom_op(
+                    "convrot_triton::linear", impl, mutates_args=(),
+                    schema="(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, int group_size, int bits) -> Tensor")
+
+                @op.register_fake
+                def _(x, w, w_scale, bias, group_size, bits):
+                    return x.new_empty((x.shape[0], w.shape[0]))
+
+                _op.append(torch.ops.convrot_triton.linear.default)
+    return _op[0]
 
 
 def _resolve(device) -> torch.device:

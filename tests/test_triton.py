@@ -197,6 +197,20 @@ def test_linear_fn_contract(bits, m):
     assert f(x[:0], w_q, w_s, bias).shape == (0, n)
 
 
+def test_linear_op_is_opaque_to_tracing():
+    """linear_op(): the custom op gives the linear's result and has a shape-only fake for torch.compile."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op = tk.linear_op()
+    x = _acts(17, 256, torch.bfloat16, seed=3)
+    w_q, w_s = _weights(24, 256, 64, 4, seed=4)
+    _assert_linear_close(op(x, w_q, w_s, None, 64, 4), ref.convrot_linear(x, w_q, w_s, None, 64, 4))
+    with FakeTensorMode() as mode:
+        fx, fw, fs = mode.from_tensor(x), mode.from_tensor(w_q), mode.from_tensor(w_s)
+        y = op(fx, fw, fs, None, 64, 4)
+    assert y.shape == (17, 24) and y.dtype == torch.bfloat16
+
+
 def test_prepare_weight_is_unpack():
     wc = _codes(16, 64, 7, 4)
     assert torch.equal(tk.prepare_weight(ref.pack_int4(wc)), wc)
