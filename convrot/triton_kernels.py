@@ -41,7 +41,8 @@ aligned stores); M >= 0; activations fp16/bf16 for linear (fp32 too for rotate_q
 quantization); codes int8; scales fp32 (others are converted); bias any float dtype, read as fp32; CUDA sm_80+
 (Ampere, Ada, Hopper, Blackwell incl. sm_120) or ROCm CDNA2/3 (gfx90a/gfx942/gfx950, not measured).
 
-Notes for dispatch: the first call per (shape bucket, dtype) autotunes a few block configs (benchmark runs,
+Notes for dispatch: AUTOTUNE (env CONVROT_TRITON_AUTOTUNE, default on) picks per shape among a few block
+configs; off, one fixed config is used (fewer compiles, slower GEMMs). With it on, the first call per (shape bucket, dtype) autotunes a few block configs (benchmark runs,
 hundreds of ms each), so warm up before CUDA-graph capture; afterwards a call is two kernel launches. The
 rotation is tensor-core matmuls with exact +-1 products and fp32 accumulation (fp32 inputs split into three
 bf16 pieces), so codes equal the reference's except at rare rounding ties (r / scale within an ulp of k + 0.5).
@@ -51,6 +52,7 @@ Triton's interpreter: for tests only, far slower than the reference.
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 
 import torch
@@ -84,6 +86,8 @@ _avail_cache: dict = {}
 # No multiply-add contraction: the epilogue (acc * a_scale) * w_scale + bias then rounds like the reference's
 # separate torch ops (bit-equal outputs), and nothing in these kernels needs float FMAs for speed.
 _NO_FUSION = {"enable_fp_fusion": False}
+# False (or CONVROT_TRITON_AUTOTUNE=0): one fixed block config per kernel, no autotuning (fewer compiles; tests)
+AUTOTUNE = os.environ.get("CONVROT_TRITON_AUTOTUNE", "1") not in ("0", "")
 
 
 def _jit():
@@ -180,7 +184,7 @@ def _launch_rotate_quantize(x2d, out, scale_out, group_size, qmax, pack, fixed=F
     args = (x2d, h, out, scale_out, m, k, x2d.stride(0), out.stride(0), _m_bucket(m))
     consts = dict(G=group_size, HS=hs, NORM=1.0 / (group_size ** 0.5), QMAX=qmax, PACK=pack,
                   DOT_F32=j.INTERPRET)
-    if fixed or j.INTERPRET:
+    if fixed or j.INTERPRET or not AUTOTUNE:
         j.rotate_quantize_kernel[(triton_cdiv(m, 32),)](*args, **consts, BLOCK_M=32, BLOCK_K=256, num_warps=4,
                                                          **({} if j.INTERPRET else _NO_FUSION))
     else:
@@ -240,7 +244,7 @@ def _launch_gemm(a, a_scale, w, w_scale, bias, out, k, a_packed, w_packed, fixed
             a.stride(0), w.stride(0), out.stride(0), _m_bucket(m))
     consts = dict(A_PACKED=a_packed, W_PACKED=w_packed, HAS_BIAS=bias is not None,
                   BF16_RTNE=j.INTERPRET and out.dtype == torch.bfloat16)
-    if fixed or j.INTERPRET:
+    if fixed or j.INTERPRET or not AUTOTUNE:
         grid = (triton_cdiv(m, 32) * triton_cdiv(n, 64),)
         j.gemm_fixed[grid](*args, **consts, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4,
                            **({} if j.INTERPRET else _NO_FUSION))

@@ -34,6 +34,8 @@ def kernels():
         yield None
         return
     old = os.environ.get("TRITON_INTERPRET")
+    old_autotune = tk.AUTOTUNE
+    tk.AUTOTUNE = False  # one block config per kernel variant (compiles dominate on CUDA); see test_autotuned_*
     if not CUDA:
         os.environ["TRITON_INTERPRET"] = "1"
     try:
@@ -42,6 +44,7 @@ def kernels():
             pytest.skip("the kernels module was imported earlier with the other TRITON_INTERPRET setting")
         yield jit
     finally:
+        tk.AUTOTUNE = old_autotune
         if not CUDA:
             if old is None:
                 os.environ.pop("TRITON_INTERPRET", None)
@@ -195,6 +198,17 @@ def test_linear_fn_contract(bits, m):
     if bits == 4:
         _assert_linear_close(f(x, tk.prepare_weight(w_q), w_s, bias), want)
     assert f(x[:0], w_q, w_s, bias).shape == (0, n)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_autotuned_linear_fn(bits, monkeypatch):
+    """The production path: autotuned block configs (on the CPU the interpreter always uses the fixed one)."""
+    monkeypatch.setattr(tk, "AUTOTUNE", True)
+    m, k, n, g = (4096, 3072, 9216, 256) if CUDA else (17, 256, 24, 256)
+    x = _acts(m, k, torch.bfloat16, seed=21)
+    w_q, w_s = _weights(n, k, g, bits, seed=22)
+    bias = torch.randn(n, device=DEV).to(torch.bfloat16)
+    _assert_linear_close(tk.linear_fn(g, bits)(x, w_q, w_s, bias), ref.convrot_linear(x, w_q, w_s, bias, g, bits))
 
 
 def test_linear_op_is_opaque_to_tracing():
