@@ -42,8 +42,10 @@ quantization); codes int8; scales fp32 (others are converted); bias any float dt
 (Ampere, Ada, Hopper, Blackwell incl. sm_120) or ROCm CDNA2/3 (gfx90a/gfx942/gfx950, not measured).
 
 Notes for dispatch: AUTOTUNE (env CONVROT_TRITON_AUTOTUNE, default on) picks per shape among a few block
-configs; off, one fixed config is used (fewer compiles, slower GEMMs). With it on, the first call per (shape bucket, dtype) autotunes a few block configs (benchmark runs,
-hundreds of ms each), so warm up before CUDA-graph capture; afterwards a call is two kernel launches. The
+configs; off, one fixed config is used (fewer compiles, slower GEMMs). With it on, the first call per (shape
+bucket, dtype) compiles and benchmarks each config (seconds per new kernel variant, once per process; compiled
+kernels are cached on disk by Triton), so warm up before CUDA-graph capture; afterwards a call is two kernel
+launches (int8 activation codes between them). The
 rotation is tensor-core matmuls with exact +-1 products and fp32 accumulation (fp32 inputs split into three
 bf16 pieces), so codes equal the reference's except at rare rounding ties (r / scale within an ulp of k + 0.5).
 Under TRITON_INTERPRET=1 (set before this module first imports triton) the same kernels run on CPU tensors in
