@@ -17,15 +17,15 @@ from comfy_env import comfy  # noqa: E402,F401  (session fixture: ComfyUI + this
 # (cause, what to do) by the first matching needle in a skip reason (lower case)
 _CAUSES = [
     (("comfyui not found",), "ComfyUI absent",
-     "clone this pack into ComfyUI/custom_nodes/ or set COMFYUI_PATH"),
+     "to run them, clone this pack into ComfyUI/custom_nodes/ or set COMFYUI_PATH"),
     (("cuda gpu", "no cuda device", "kernels not available", "needs the sm_90 build", "other gpu"), "no CUDA GPU",
-     "run on a machine with an NVIDIA GPU (sm_80/86/89/90)"),
+     "they run on a machine with an NVIDIA GPU (sm_80/86/89/90)"),
     (("nvcc", "cuda toolkit", "cuda runtime headers", "c++ headers", "no c++ compiler"), "no CUDA toolkit",
      "install the CUDA toolkit (nvcc) or set CUDA_HOME"),
     (("shared/weights",), "no trained FLUX weights",
-     "only runs where ../shared/weights/ holds a FLUX file"),
+     "they need a FLUX file under ../shared/weights/"),
     (("sm_120",), "sm_120 did not build",
-     "informational: sm_120 is not a supported target"),
+     "for information only, sm_120 is not a supported target"),
     (("nvidia-cutlass", "cutlass"), "no CUTLASS headers",
      "pip install -r requirements.txt"),
 ]
@@ -71,12 +71,12 @@ def skip_summary(skipped, total=None) -> str:
     for (cause, hint), items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         files = Counter(nodeid.split("::")[0].rsplit("/", 1)[-1] for nodeid, _ in items)
         where = ", ".join(f"{f} {n}" if n > 1 else f for f, n in files.most_common())
-        text = f"{len(items)} skipped because {cause} ({where})"
+        text = f"{len(items)} skipped, {cause} ({where})"
         if cause == "other":
             reasons = sorted({r.splitlines()[0][:160] for _, r in items})
             text += ": " + "; ".join(reasons[:5]) + ("; ..." if len(reasons) > 5 else "")
         elif hint:
-            text += f"; to run them: {hint}"
+            text += f": {hint}"
         parts.append(text)
     of = f" of {total}" if total else ""
     return (f"NOT RUN: {len(skipped)}{of} tests were skipped, so this run does not cover them. "
