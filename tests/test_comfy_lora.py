@@ -139,14 +139,14 @@ def _quantized(env):
 @pytest.mark.parametrize("name", list(LORAS))
 def test_lora_formats_match_bf16_lora(env, name, monkeypatch):
     ops = env["comfy"].pack.nodes.ops
-    before = {n: m.weight.clone() for n, m in _quantized(env)}
+    before = {n: m.weight._qdata.clone() for n, m in _quantized(env)}
 
     def no_dequant(self, *a, **k):
         raise AssertionError("a plain LoRA must not dequantize the 4-bit weight")
     monkeypatch.setattr(ops.ConvRotLinearOp, "dequantized_weight", no_dequant)
     check_lora(env, (name, 1.0))
     for n, m in _quantized(env):  # the packed weights are untouched
-        assert m.weight.dtype == torch.int8 and torch.equal(m.weight, before[n]), n
+        assert m.convrot_bits and torch.equal(m.weight._qdata, before[n]), n
 
 
 def test_folded_lora_branches_match_bf16_lora(env, monkeypatch):

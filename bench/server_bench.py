@@ -1,0 +1,411 @@
+"""The pack measured where users run it: a real ComfyUI server (`python main.py`), over HTTP and the websocket.
+
+    python bench/server_bench.py --comfy /path/to/ComfyUI [--modes default,disable-dynamic,...] [--variants ...]
+    python bench/server_bench.py --comfy /path/to/ComfyUI --tiny --modes cpu      # the CPU twin (CI)
+
+For every memory mode it starts ComfyUI's own `main.py` with that mode's flags (a second server with custom nodes
+disabled for the `stock_native_nopack` row), queues API-format prompts of the FLUX.1-dev text-to-image workflow
+(workflows/flux1_dev_text_to_image.json: FluxGuidance 3.5, euler/simple, 20 steps, 1024², batch 1) with fixed
+conditioning tensors in place of the text encoders (a benchmark-only node, bench/server_nodes), and reads from the
+websocket when each node starts and each sampling step ends. Per row: steady it/s (median step interval after the
+first step), the time from the loader node's start to the next node's (load + quantize), the device's memory peak
+while the prompt runs (cudaMemGetInfo through NVML, polled every 20 ms, whole device), and the final latent's
+relative error against bf16 in the same mode and against bf16 in the default mode (SaveLatent files). Models are
+unloaded (POST /free) between prompts so each row loads its own.
+
+Weights: a FLUX.1-dev-size transformer (12B) with seeded random bf16 weights (bench/e2e_comfy.py writes it), a
+rank-32 LoRA on every block linear, and a native ConvRot `mixed` file written by `python -m convrot quantize`;
+`--tiny` uses a tiny model of the same layout (seconds on a CPU). Prints a markdown table; JSON lines to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+FLUX = "flux1-dev-random.safetensors"
+NATIVE = "flux1-dev-random-convrot-mixed.safetensors"
+LORA = "convrot-bench-rank32.safetensors"
+PACK_LINK = "ComfyUI-ConvRot"
+BENCH_NODES = "convrot_bench_nodes"
+
+# mode -> ComfyUI flags; "pressure" gets --reserve-vram computed from the device so the bf16 model cannot fit
+MODES = {
+    "default": [],
+    "pressure": None,
+    "disable-dynamic": ["--disable-dynamic-vram"],
+    "lowvram": ["--lowvram"],
+    "novram": ["--novram"],
+    "highvram": ["--highvram"],
+    "cpu": ["--cpu"],
+}
+VARIANTS = ["bf16", "fp8_fast", "mixed", "compact", "mixed+lora", "stock_native", "stock_native_nopack"]
+
+
+# ---------------------------------------------------------------- prompts (API format)
+
+def prompt_for(variant: str, cond: str, steps: int, res: int, prefix: str) -> dict:
+    if variant in ("bf16", "fp8_fast", "stock_native", "stock_native_nopack"):
+        loader = {"class_type": "UNETLoader", "inputs": {
+            "unet_name": NATIVE if variant.startswith("stock_native") else FLUX,
+            "weight_dtype": "fp8_e4m3fn_fast" if variant == "fp8_fast" else "default"}}
+    else:
+        preset = variant.split("+")[0]
+        loader = {"class_type": "ConvRotW4A4Loader", "inputs": {
+            "unet_name": FLUX, "preset": preset, "group_size": "256", "overrides": ""}}
+    g = {"1": loader}
+    model = ["1", 0]
+    if variant.endswith("+lora"):
+        g["2"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model, "lora_name": LORA,
+                                                                  "strength_model": 1.0}}
+        model = ["2", 0]
+    g["3"] = {"class_type": "ConvRotBenchConditioning", "inputs": {"path": cond}}
+    g["4"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["3", 0], "guidance": 3.5}}
+    g["5"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": res, "height": res, "batch_size": 1}}
+    g["6"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": 0, "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+        "positive": ["4", 0], "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}}
+    g["7"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": prefix}}
+    return g
+
+
+# ---------------------------------------------------------------- preparing the files
+
+def prepare(work: Path, comfy: Path, tiny: bool) -> Path:
+    import torch
+    from safetensors.torch import save_file
+    sys.path.insert(0, str(REPO / "bench"))
+    import e2e_comfy
+
+    models = work / "models"
+    dm, loras = models / "diffusion_models", models / "loras"
+    dm.mkdir(parents=True, exist_ok=True)
+    loras.mkdir(parents=True, exist_ok=True)
+    flux = dm / FLUX
+    if not flux.exists():
+        e2e_comfy.write_random_flux(flux, tiny)
+    if not (loras / LORA).exists():
+        e2e_comfy.write_random_lora(loras / LORA, flux)
+    if not (dm / NATIVE).exists():
+        t = time.time()
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        subprocess.run([sys.executable, "-m", "convrot", "quantize", str(flux), str(dm / NATIVE), "--preset",
+                        "mixed", "--device", dev], cwd=REPO, check=True)
+        print(f"native file written in {time.time() - t:.0f} s", flush=True)
+    cond = work / "cond.safetensors"
+    if not cond.exists():
+        gen = torch.Generator().manual_seed(0)
+        ctx, vec = (4096, 768)
+        save_file({"cond": torch.randn(1, 256 if not tiny else 16, ctx, generator=gen),
+                   "pooled": torch.randn(1, vec, generator=gen)}, str(cond))
+    # the pack and the benchmark node, as custom nodes of this ComfyUI
+    cn = comfy / "custom_nodes"
+    cn.mkdir(exist_ok=True)
+    for name, target in ((PACK_LINK, REPO), (BENCH_NODES, REPO / "bench" / "server_nodes")):
+        link = cn / name
+        if link.is_symlink() or link.exists():
+            if link.resolve() == target.resolve():
+                continue
+            link.unlink()
+        link.symlink_to(target, target_is_directory=True)
+    (work / "extra_model_paths.yaml").write_text(
+        f"convrot_bench:\n    base_path: {models}\n    diffusion_models: diffusion_models\n    loras: loras\n")
+    return cond
+
+
+# ---------------------------------------------------------------- device memory
+
+class MemPoll:
+    """The whole device's used memory (NVML, like nvidia-smi), polled every 20 ms between start() and stop()."""
+
+    def __init__(self):
+        self.h = None
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            idx = int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or 0)
+            self.h, self._mem = pynvml.nvmlDeviceGetHandleByIndex(idx), pynvml.nvmlDeviceGetMemoryInfo
+        except Exception:
+            pass
+        self.peak, self._run = 0, False
+
+    def used(self) -> int:
+        return self._mem(self.h).used if self.h is not None else 0
+
+    def start(self):
+        self.peak, self._run = self.used(), True
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self):
+        while self._run:
+            self.peak = max(self.peak, self.used())
+            time.sleep(0.02)
+
+    def stop(self) -> float:
+        self._run = False
+        time.sleep(0.05)
+        return self.peak / 2**30
+
+
+# ---------------------------------------------------------------- one server, several prompts
+
+class Server:
+    def __init__(self, comfy: Path, work: Path, flags: list[str], port: int, log: Path, no_pack: bool):
+        self.comfy, self.work, self.port, self.log = comfy, work, port, log
+        fe = work / "frontend"
+        fe.mkdir(exist_ok=True)
+        (fe / "index.html").write_text("<html>benchmark server</html>")
+        self.out_dir = work / "output"
+        launcher = REPO / "bench" / "server_launch.py"
+        cmd = [sys.executable, str(launcher), str(comfy / "main.py"), "--listen", "127.0.0.1", "--port", str(port),
+               "--front-end-root", str(fe), "--output-directory", str(self.out_dir),
+               "--extra-model-paths-config", str(work / "extra_model_paths.yaml"), "--disable-auto-launch",
+               *flags]
+        if no_pack:
+            cmd += ["--disable-all-custom-nodes", "--whitelist-custom-nodes", BENCH_NODES]
+        self.cmd = cmd
+        self.logf = open(log, "w")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(cmd, cwd=comfy, stdout=self.logf, stderr=subprocess.STDOUT, env=env)
+        self.base = f"http://127.0.0.1:{port}"
+
+    async def wait_ready(self, session, timeout: float):
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log}")
+            try:
+                async with session.get(f"{self.base}/system_stats") as r:
+                    if r.status == 200:
+                        return await r.json()
+            except Exception:
+                pass
+            await asyncio.sleep(0.5)
+        raise RuntimeError(f"server not ready after {timeout:.0f} s; see {self.log}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.logf.close()
+
+
+async def run_prompt(session, ws, server: Server, graph: dict, client_id: str, mem: MemPoll, timeout: float):
+    async with session.post(f"{server.base}/free", json={"unload_models": True, "free_memory": True}) as r:
+        await r.read()
+    await asyncio.sleep(1.0)
+    mem.start()
+    t_queue = time.time()
+    async with session.post(f"{server.base}/prompt", json={"prompt": graph, "client_id": client_id}) as r:
+        body = await r.json()
+    if "prompt_id" not in body:
+        mem.stop()
+        return {"error": f"refused: {json.dumps(body)[:600]}"}
+    pid = body["prompt_id"]
+    starts, steps, error = [], [], None
+    deadline = t_queue + timeout
+    while True:
+        left = deadline - time.time()
+        if left <= 0:
+            error = f"timed out after {timeout:.0f} s"
+            async with session.post(f"{server.base}/interrupt") as r:
+                await r.read()
+            break
+        try:
+            msg = await ws.receive(timeout=left)
+        except asyncio.TimeoutError:
+            continue
+        if msg.type != 1:  # aiohttp.WSMsgType.TEXT; binary frames are previews
+            if msg.type in (8, 256, 257, 258):  # close / closing / closed / error
+                error = "websocket closed"
+                break
+            continue
+        m = json.loads(msg.data)
+        data = m.get("data", {})
+        if data.get("prompt_id") not in (None, pid):
+            continue
+        now = time.time()
+        if m["type"] == "executing" and data.get("node") is not None:
+            starts.append((data["node"], now))
+        elif m["type"] == "progress" and data.get("node") == "6":
+            steps.append((data["value"], now))
+        elif m["type"] == "execution_error":
+            error = f"{data.get('exception_type')}: {data.get('exception_message', '')}"[:1500]
+            break
+        elif m["type"] in ("execution_success",) or (m["type"] == "executing" and data.get("node") is None
+                                                      and data.get("prompt_id") == pid):
+            break
+    peak = mem.stop()
+    res = {"prompt_id": pid, "wall_s": time.time() - t_queue, "peak_vram_gb": peak}
+    if error:
+        res["error"] = error
+    order = [n for n, _ in starts]
+    if "1" in order and order.index("1") + 1 < len(starts):
+        i = order.index("1")
+        res["load_s"] = starts[i + 1][1] - starts[i][1]
+    ts = [t for _, t in sorted(steps)]
+    if len(ts) >= 3:
+        gaps = [b - a for a, b in zip(ts[1:], ts[2:])] if len(ts) > 3 else [ts[2] - ts[1]]
+        res["s_per_it"] = statistics.median(gaps)
+        res["it_s"] = 1.0 / res["s_per_it"]
+        res["first_step_s"] = ts[0] - (starts[order.index("6")][1] if "6" in order else t_queue)
+    return res
+
+
+def read_latent(out_dir: Path, prefix: str):
+    from safetensors.torch import load_file
+    files = sorted((out_dir / "latents").glob(f"{Path(prefix).name}_*.latent")) if (out_dir / "latents").exists() \
+        else []
+    files = files or sorted(out_dir.glob(f"{prefix}_*.latent"))
+    return load_file(str(files[-1]))["latent_tensor"].float() if files else None
+
+
+def rel(a, b) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+async def run_mode(mode: str, flags: list[str], variants: list[str], a, cond: Path, mem: MemPoll, rows: list):
+    import aiohttp
+    groups = [(False, [v for v in variants if v != "stock_native_nopack"]),
+              (True, [v for v in variants if v == "stock_native_nopack"])]
+    for no_pack, vs in groups:
+        if not vs:
+            continue
+        tag = f"{mode}{'-nopack' if no_pack else ''}"
+        log = Path(a.log_dir) / f"server-{tag}.log"
+        server = Server(Path(a.comfy), Path(a.workdir), flags, a.port, log, no_pack)
+        print(f"== {tag}: {' '.join(server.cmd[2:])}", flush=True)
+        try:
+            async with aiohttp.ClientSession() as session:
+                t0 = time.time()
+                stats = await server.wait_ready(session, a.start_timeout)
+                start_s = time.time() - t0
+                cid = uuid.uuid4().hex
+                async with session.ws_connect(f"{server.base}/ws?clientId={cid}", max_msg_size=0) as ws:
+                    for v in vs:
+                        prefix = f"bench/{tag}_{v.replace('+', '_')}_{uuid.uuid4().hex[:6]}"
+                        graph = prompt_for(v, str(cond), a.steps, a.res, prefix)
+                        r = await run_prompt(session, ws, server, graph, cid, mem, a.prompt_timeout)
+                        r.update(mode=mode, variant=v, flags=" ".join(flags), server_start_s=start_s, prefix=prefix,
+                                 device=stats.get("devices", [{}])[0].get("name", "?"))
+                        r["latent"] = read_latent(server.out_dir, prefix)
+                        if a.keep_latents and r["latent"] is not None:
+                            from safetensors.torch import save_file
+                            d = Path(a.workdir) / "latents"
+                            d.mkdir(exist_ok=True)
+                            save_file({"latent": r["latent"].contiguous()},
+                                      str(d / f"{prefix.replace('/', '_')}.safetensors"))
+                        rows.append(r)
+                        print(f"   {v}: " + ", ".join(f"{k}={r[k]:.3f}" if isinstance(r[k], float) else f"{k}={r[k]}"
+                                                      for k in ("it_s", "load_s", "peak_vram_gb", "error")
+                                                      if k in r), flush=True)
+        except Exception as e:
+            rows.append({"mode": mode, "variant": ",".join(vs), "flags": " ".join(flags),
+                         "error": f"server: {type(e).__name__}: {e}"})
+            print(f"   server failed: {e}", flush=True)
+        finally:
+            server.stop()
+
+
+def table(rows: list, env: str) -> str:
+    ref = {r["mode"]: r["latent"] for r in rows if r.get("variant") == "bf16" and r.get("latent") is not None}
+    glob = ref.get("default")
+    mixed_default = next((r["latent"] for r in rows if r.get("mode") == "default" and r.get("variant") == "mixed"
+                          and r.get("latent") is not None), None)
+    out = [env, "", "| mode | variant | it/s | vs bf16 (same mode) | load s | peak VRAM GB | latent err vs bf16 "
+           "(same mode) | vs bf16 default | mixed vs mixed default |", "|---|---|---|---|---|---|---|---|---|"]
+    bf = {r["mode"]: r.get("it_s") for r in rows if r.get("variant") == "bf16"}
+    for r in rows:
+        lat = r.get("latent")
+        f = lambda x, d=2: "–" if x is None else f"{x:.{d}f}"  # noqa: E731
+        ratio = r["it_s"] / bf[r["mode"]] if r.get("it_s") and bf.get(r["mode"]) else None
+        e_mode = rel(lat, ref[r["mode"]]) * 100 if lat is not None and r["mode"] in ref else None
+        e_glob = rel(lat, glob) * 100 if lat is not None and glob is not None else None
+        e_mix = rel(lat, mixed_default) * 100 if (lat is not None and mixed_default is not None
+                                                  and r.get("variant") == "mixed") else None
+        err = r.get("error")
+        out.append(f"| {r['mode']} | {r['variant']} | {f(r.get('it_s'))} | "
+                   f"{f(ratio) + 'x' if ratio else '–'} | {f(r.get('load_s'), 1)} | {f(r.get('peak_vram_gb'), 1)} | "
+                   f"{f(e_mode, 1) + '%' if e_mode is not None else '–'} | "
+                   f"{f(e_glob, 1) + '%' if e_glob is not None else '–'} | "
+                   f"{f(e_mix, 2) + '%' if e_mix is not None else ''}"
+                   f"{' FAILED: ' + err.replace('|', '/')[:300] if err else ''} |")
+    return "\n".join(out)
+
+
+def environment(comfy: Path) -> str:
+    import torch
+    ver = (comfy / "comfyui_version.py").read_text().split('"')[1] if (comfy / "comfyui_version.py").exists() else "?"
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    pk = []
+    for name in ("comfy_aimdo", "comfy_kitchen", "triton"):
+        try:
+            from importlib.metadata import version
+            pk.append(f"{name} {version(name.replace('_', '-'))}")
+        except Exception:
+            pass
+    return (f"device: {dev}; torch {torch.__version__} (CUDA {torch.version.cuda}); ComfyUI {ver} server "
+            f"(main.py); {', '.join(pk)}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--comfy", required=True)
+    p.add_argument("--workdir", default="/tmp/convrot_server")
+    p.add_argument("--modes", default="default")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--res", type=int, default=1024)
+    p.add_argument("--tiny", action="store_true", help="a tiny FLUX-layout model (CPU twin, CI)")
+    p.add_argument("--port", type=int, default=8388)
+    p.add_argument("--start-timeout", type=float, default=180)
+    p.add_argument("--prompt-timeout", type=float, default=300)
+    p.add_argument("--pressure-budget-gb", type=float, default=7.0,
+                   help="--reserve-vram leaves this much of the device to ComfyUI in the pressure mode")
+    p.add_argument("--keep-latents", action="store_true", help="also write each final latent to WORKDIR/latents")
+    p.add_argument("--out", default=None)
+    p.add_argument("--log-dir", default=None)
+    a = p.parse_args(argv)
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    a.log_dir = a.log_dir or str(work / "logs")
+    Path(a.log_dir).mkdir(parents=True, exist_ok=True)
+    comfy = Path(a.comfy).resolve()
+    cond = prepare(work, comfy, a.tiny)
+    mem = MemPoll()
+    rows: list = []
+    variants = [v for v in a.variants.split(",") if v]
+    for mode in [m for m in a.modes.split(",") if m]:
+        flags = MODES[mode]
+        if flags is None:  # pressure: leave the budget only
+            total = mem._mem(mem.h).total / 2**30 if mem.h is not None else 0
+            flags = ["--reserve-vram", f"{max(total - a.pressure_budget_gb, 0):.1f}"]
+        asyncio.run(run_mode(mode, flags, variants, a, cond, mem, rows))
+    text = table(rows, environment(comfy) + f"; FLUX.1-dev-size random weights{' (tiny)' if a.tiny else ''}, "
+                       f"{a.res}², {a.steps} steps, euler/simple, FluxGuidance 3.5")
+    print(text, flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            for r in rows:
+                f.write(json.dumps({k: v for k, v in r.items() if k != "latent"}) + "\n")
+        Path(a.out).with_suffix(".md").write_text(text + "\n")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
