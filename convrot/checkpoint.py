@@ -21,7 +21,7 @@ import torch
 
 from . import ops
 from .hadamard import check_group_size
-from .policy import BF16, W4A4, W8A8
+from .policy import BF16, ECHO_CHARS, W4A4, W8A8
 
 FORMAT_W4A4 = "convrot_w4a4"
 FORMAT_INT8 = "int8_tensorwise"
@@ -111,7 +111,7 @@ def loads_json(raw, where: str, what: str):
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
-        raise CheckpointError(f"{where}: {what} is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
+        raise CheckpointError(f"{where}: {what} is not valid JSON ({type(e).__name__}: {str(e)[:ECHO_CHARS]})") from e
 
 
 def decode_conf(t: torch.Tensor, where: str) -> dict:
@@ -193,7 +193,7 @@ def _no_duplicates(pairs):
     d = {}
     for k, v in pairs:
         if k in d:
-            raise ValueError(f"duplicate key {k[:200]!r}")
+            raise ValueError(f"duplicate key {k[:ECHO_CHARS]!r}")
         d[k] = v
     return d
 
@@ -204,18 +204,18 @@ def _is_uint(v) -> bool:
 
 def _entry(name: str, k: str, v) -> tuple[torch.dtype, tuple[int, ...], int, int]:
     """(dtype, shape, begin, end) of one header entry, every field checked for type and range."""
-    where = f"{name}: tensor {k[:200]!r}"
+    where = f"{name}: tensor {k[:ECHO_CHARS]!r}"
     if not isinstance(v, dict) or set(v) != _ENTRY_KEYS:
         raise CheckpointError(f"{where}: a header entry must be an object with exactly {sorted(_ENTRY_KEYS)}, "
-                              f"got {str(v)[:200]}")
+                              f"got {str(v)[:ECHO_CHARS]}")
     dt, shape, offs = v["dtype"], v["shape"], v["data_offsets"]
     if not isinstance(dt, str) or dt not in _ST_DTYPES:
         raise CheckpointError(f"{where}: unsupported dtype {str(dt)[:40]!r} (readable: {sorted(_ST_DTYPES)})")
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
-        raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {str(shape)[:200]}")
+        raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {str(shape)[:ECHO_CHARS]}")
     if not isinstance(offs, list) or len(offs) != 2 or not all(_is_uint(o) for o in offs) or offs[1] < offs[0]:
         raise CheckpointError(f"{where}: data_offsets must be two non-negative integers [begin, end] with "
-                              f"begin <= end, got {str(offs)[:200]}")
+                              f"begin <= end, got {str(offs)[:ECHO_CHARS]}")
     n = 1
     for d in shape:
         n *= max(d, 1)  # zero-size tensors too: torch cannot even describe a shape whose numel overflows int64
@@ -247,27 +247,27 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         header = json.loads(text, object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{name}: cannot read the safetensors header ({type(e).__name__}: "
-                              f"{str(e)[:200]})") from e
+                              f"{str(e)[:ECHO_CHARS]})") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{name}: corrupt safetensors header")
     meta = header.pop("__metadata__", None)
     if meta is None:
         meta = {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise CheckpointError(f"{name}: __metadata__ must map strings to strings, got {str(meta)[:200]}")
+        raise CheckpointError(f"{name}: __metadata__ must map strings to strings, got {str(meta)[:ECHO_CHARS]}")
     infos, spans = {}, []
     for k, v in header.items():
         dt, shape, b, e = _entry(name, k, v)
         infos[k] = TensorInfo(dt, shape, 8 + n + b)
         if e - b != nbytes(infos[k]):
-            raise CheckpointError(f"{name}: tensor {k[:200]!r} has {e - b} bytes for shape {list(shape)} "
+            raise CheckpointError(f"{name}: tensor {k[:ECHO_CHARS]!r} has {e - b} bytes for shape {list(shape)} "
                                   f"{v['dtype']}")
         spans.append((b, e, k))
     end = 0
     for b, e, k in sorted(spans):
         if b != end:
             what = "overlaps another tensor" if b < end else f"leaves a gap of {b - end} bytes before it"
-            raise CheckpointError(f"{name}: tensor {k[:200]!r} {what} (data_offsets [{b}, {e}]); the file is "
+            raise CheckpointError(f"{name}: tensor {k[:ECHO_CHARS]!r} {what} (data_offsets [{b}, {e}]); the file is "
                                   f"corrupt")
         end = e
     if 8 + n + end > size:

@@ -213,10 +213,12 @@ def check_quantized_layers(f, infos: dict[str, TensorInfo], confs: dict[str, dic
             check_fp8_scale(info.shape, w.shape if w is not None else (), f"{file_name}: {layer}")
 
 
-def check_file(f, infos: dict[str, TensorInfo], confs: dict[str, dict], file_name: str) -> None:
-    """Everything a FLUX file's header and its small tensors can tell about its validity, before any weight."""
+def check_file(f, infos: dict[str, TensorInfo], confs: dict[str, dict], file_name: str, flux: bool = True) -> None:
+    """Everything a file's header and its small tensors can tell about its validity, before any weight is read
+    (with `flux`, FLUX's shape rules too)."""
     check_quantized_layers(f, infos, confs, file_name)
-    check_flux_shapes(logical_shapes(infos, confs, file_name), file_name)
+    if flux:
+        check_flux_shapes(logical_shapes(infos, confs, file_name), file_name)
 
 
 def plan_file(path: str, group_size: int, preset: str, overrides=None) -> tuple[Plan, dict, dict]:
@@ -328,9 +330,7 @@ def inspect_file(path: str) -> dict:
     rows = []
     with TensorReader(path, infos) as f:
         confs = layer_confs(f, infos, meta, name)
-        check_quantized_layers(f, infos, confs, name)
-        if is_flux(infos):  # other models are listed too, without FLUX's shape rules
-            check_flux_shapes(logical_shapes(infos, confs, name), name)
+        check_file(f, infos, confs, name, flux=is_flux(infos))  # other models are listed, without FLUX's rules
         for layer in sorted(linear_layers(infos)):
             w = infos[f"{layer}.weight"]
             conf = confs.get(layer)
