@@ -26,9 +26,13 @@ class StubModule(types.ModuleType):
         if name.startswith("__"):
             raise AttributeError(name)
         full = f"{self.__name__}.{name}"
-        m = sys.modules.get(full) or StubModule(full)
-        m.__spec__ = importlib.machinery.ModuleSpec(full, None)
-        sys.modules[full] = m
+        m = sys.modules.get(full)
+        if m is None:
+            # a package, so that `import a.b.c` works after `a.b` was first reached as an attribute
+            m = StubModule(full)
+            m.__spec__ = importlib.machinery.ModuleSpec(full, StubFinder, is_package=True)
+            m.__path__ = []
+            sys.modules[full] = m
         setattr(self, name, m)
         return m
 
