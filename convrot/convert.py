@@ -181,7 +181,9 @@ def check_quantized_layers(f, infos: dict[str, TensorInfo], confs: dict[str, dic
         params = convrot_params(conf, where)
         w = infos.get(f"{layer}.weight")
         if w is None:
-            raise CheckpointError(f"{where}: has a quantization config but no weight tensor")
+            if f"{layer}.comfy_quant" in infos:
+                raise CheckpointError(f"{where}: has a comfy_quant config but no weight tensor")
+            continue  # a header-form entry for a layer this file does not hold: ComfyUI ignores it too
         if params is None:
             for sub in ("weight_scale", "scale_weight"):
                 if f"{layer}.{sub}" in infos:
