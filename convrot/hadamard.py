@@ -23,20 +23,29 @@ def check_group_size(group_size: int) -> int:
     return group_size
 
 
-@functools.lru_cache(maxsize=None)
-def _regular_hadamard_cpu(size: int) -> torch.Tensor:
+def _build(size: int, device=None) -> torch.Tensor:
     if size < 4 or size & (size - 1) or (size.bit_length() - 1) % 2:
         raise ValueError(f"regular Hadamard size must be a power of 4 (>= 4), got {size}")
-    h4 = torch.tensor(H4, dtype=torch.float64)
+    h4 = torch.tensor(H4, dtype=torch.float64, device=device)
     h = h4
     while h.shape[0] < size:
         h = torch.kron(h, h4)
     return (h / size**0.5).to(torch.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def _cached(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return _build(size, device).to(dtype)
+
+
 def regular_hadamard(size: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Normalized regular Hadamard of order `size` (a power of 4): orthogonal, symmetric, equal row sums."""
-    return _regular_hadamard_cpu(size).to(device=device, dtype=dtype)
+    """Normalized regular Hadamard of order `size` (a power of 4): orthogonal, symmetric, equal row sums.
+
+    Kept per device and dtype in eager code; built afresh while torch.compile traces (a cached real tensor inside
+    a traced op, e.g. the QuantizedTensor dispatch, is not allowed among fake tensors)."""
+    if torch.compiler.is_compiling():
+        return _build(size, device).to(dtype)
+    return _cached(size, torch.device(device if device is not None else "cpu"), dtype)
 
 
 def fast_regular_hadamard(x: torch.Tensor, size: int) -> torch.Tensor:
