@@ -1,0 +1,39 @@
+#!/bin/bash
+# One device call for the server harness: install the carried packages and ComfyUI into /tmp (kept while the machine
+# stays warm), build the extension while the 12B random checkpoint is written, run GPU tests, then the harness.
+# Usage on the device: bash bench/gpu_server.sh "<modes>" "<variants>" "<pytest files or none>" [harness args]
+# Carries .gpu/ (see bench/NOTES.md "Server harness": wheels, comfy-kitchen with its xz'd CUDA library, ComfyUI).
+set -o pipefail
+modes=$1; variants=$2; tests=${3:-none}; shift 3
+export PYTHONUNBUFFERED=1 MAX_JOBS=16 CONVROT_CACHE_DIR=/tmp/convrot_cache PYTHONPATH=/tmp/site
+W=/tmp/srv
+t0=$(date +%s)
+if [ ! -f /tmp/site/.done ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl 2>&1 | tail -2
+  cp -r .gpu/kitchen/. /tmp/site/
+  xz -dc .gpu/kitchen/comfy_kitchen/backends/cuda/_C.abi3.so.xz > /tmp/site/comfy_kitchen/backends/cuda/_C.abi3.so
+  rm -f /tmp/site/comfy_kitchen/backends/cuda/_C.abi3.so.xz && touch /tmp/site/.done
+fi
+[ -f /tmp/ComfyUI/main.py ] || tar -xJf .gpu/comfyui.tar.xz -C /tmp
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} | tee -a $OUT/env.txt
+python3 -c "
+import time; t=time.time(); from convrot import kernels
+print('kernels:', kernels.load() is not None, kernels.unavailable_reason(), f'{time.time()-t:.0f} s')" >> $OUT/env.txt 2>&1 &
+build=$!
+mkdir -p $W/models/diffusion_models
+[ -f $W/models/diffusion_models/flux1-dev-random.safetensors ] || python3 -c "
+import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import e2e_comfy as e
+e.write_random_flux(Path('$W/models/diffusion_models/flux1-dev-random.safetensors'), False)" 2>&1 | tail -1
+wait $build; tail -1 $OUT/env.txt; echo "setup $(( $(date +%s) - t0 )) s"
+if [ "$tests" != none ]; then
+  COMFYUI_PATH=/tmp/ComfyUI timeout 200 python3 -m pytest -q -x -p no:cacheprovider $tests 2>&1 | tail -15 \
+    | tee $OUT/tests.txt
+fi
+[ "$modes" = none ] || timeout $(( 590 - ($(date +%s) - t0) )) python3 bench/server_bench.py --comfy /tmp/ComfyUI \
+  --workdir $W --modes "$modes" --variants "$variants" --out $OUT/server.jsonl --log-dir /tmp/srv_logs "$@" \
+  2>&1 | grep -v "^quantize \[" | tail -60
+for f in /tmp/srv_logs/*.log; do echo "=== $f"; grep -v "it/s\]\|s/it\]" $f | tail -c 60000; done \
+  > $OUT/server_logs.txt 2>/dev/null; rm -rf /tmp/srv_logs
+echo "total $(( $(date +%s) - t0 )) s"
