@@ -98,12 +98,26 @@ def search_scales(weight: torch.Tensor, group_size: int, bits: int = 4) -> tuple
     return rotate_quantize_weight(weight, group_size, bits, scale_search=True)
 
 
-def _top_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """m [N, K] fp32 -> (up [N, r], down [r, K]) with up @ down the best rank-r approximation (balanced sqrt(S))."""
+def _top_svd(m: torch.Tensor, rank: int, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """m [N, K] fp32 -> (up [N, r], down [r, K]), up @ down ~ the best rank-r approximation (balanced sqrt(S)).
+
+    By default a seeded randomized SVD (torch.svd_lowrank, rank + 16 columns, 4 power iterations, fp32): within a
+    fraction of a percent of the exact truncation on weight spectra and ~10x cheaper than a full SVD; exact=True
+    takes the full fp64 SVD."""
     rank = min(rank, *m.shape)
-    u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
-    root = s[:rank].sqrt()
-    return (u[:, :rank] * root).float(), (root.unsqueeze(1) * vh[:rank]).float()
+    if exact or rank + 16 >= min(m.shape):
+        u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
+        u, s, v = u[:, :rank].float(), s[:rank].float(), vh[:rank].t().float()
+    else:
+        state = torch.random.get_rng_state()  # svd_lowrank draws from the global generator: seed it, restore it
+        torch.manual_seed(0)
+        try:
+            u, s, v = torch.svd_lowrank(m.float(), q=rank + 16, niter=4)
+        finally:
+            torch.random.set_rng_state(state)
+        u, s, v = u[:, :rank], s[:rank], v[:, :rank]
+    root = s.clamp_min(0).sqrt()
+    return u * root, (v * root).t().contiguous()
 
 
 def quantize_with_correction(weight: torch.Tensor, group_size: int, bits: int = 4, rank: int = 32,

@@ -558,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "images":  # `python -m convrot quality images ...`: image-level report on the testbed
+        return images_main(argv[1:])
     args = build_parser().parse_args(argv)
     say = (lambda m: None) if args.quiet else (lambda m: print(f"[quality] {m}", file=sys.stderr, flush=True))
     if args.threads:
@@ -613,6 +616,554 @@ def main(argv=None) -> int:
     if args.png:
         save_png(rep, args.png)
         say(f"wrote {args.png}")
+    return 0
+
+
+# ================================================================================================ images (testbed)
+#
+# `python -m convrot quality images`: image-level quality on the trained CIFAR-10 testbed in ../shared/weights/
+# (see its README): every variant samples the same noise with the testbed's exact sampler (Euler, t 1 -> 0, CFG
+# against the empty-prompt row); the images are compared with bf16's (paired PSNR, SSIM), classified by a small CNN
+# trained once on the CIFAR-10 train split (class accuracy), and their CNN features compared with the test split's
+# (Fréchet distance, with bf16-from-other-seeds as its noise floor).
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TESTBED_FILE = "flux_cifar10.safetensors"
+CONTEXT_FILE = "cifar10_context.safetensors"
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CACHE = Path(os.environ.get("CONVROT_CACHE", Path.home() / ".cache" / "convrot"))
+CLASSIFIER_VERSION = 2
+DEFAULT_VARIANTS = ("bf16", "bf16-seeds", "fp8", "w8a8", "mixed", "w4a4", "compact", "w4a4-norot", "comfy-kitchen",
+                    "mixed+lr", "w4a4+lr", "compact+lr")
+VARIANT_HELP = {
+    "bf16": "the reference: bf16 weights",
+    "bf16-seeds": "bf16 from other noise seeds (the noise floor of the distribution metrics; no pairing)",
+    "fp8": "every linear weight cast to float8_e4m3fn (ComfyUI's fp8 weight dtype), computed at the compute dtype",
+    "w4a4-norot": "plain round-to-nearest int4 per channel / per token, no rotation, on the w4a4 preset's layers",
+    "comfy-kitchen": "comfy-kitchen's TensorCoreConvRotW4A4Layout quantization + its convrot_w4a4_linear, on the "
+                     "w4a4 preset's layers",
+    "+lr": "the preset with the calibration-free correction (convrot/correction.py) on its W4A4 layers",
+}
+
+
+def testbed_paths(shared: Path | None = None) -> tuple[Path, Path, Path] | None:
+    """(weights file, context file, data folder) of the testbed, or None when any is absent."""
+    shared = Path(shared or SHARED)
+    w, c, d = shared / "weights" / TESTBED_FILE, shared / "weights" / CONTEXT_FILE, shared / "data"
+    ok = w.is_file() and c.is_file() and (d / "cifar10_test_jpg.npz").is_file()
+    return (w, c, d) if ok else None
+
+
+def load_context(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from safetensors.torch import load_file
+    c = load_file(str(path))
+    return c["txt"].float(), c["vec"].float()
+
+
+def _unpatchify(x: torch.Tensor) -> torch.Tensor:  # B,256,12 -> B,3,32,32 (the testbed's patch order c, ph, pw)
+    b = x.shape[0]
+    return x.reshape(b, 16, 16, 3, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, 3, 32, 32)
+
+
+def testbed_noise(n: int, seed: int) -> torch.Tensor:
+    """The starting noise of n samples, drawn on the CPU (the same on every device and for every batch size)."""
+    return torch.randn(n, 256, 12, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def sample_testbed(model: nn.Module, labels: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, noise: torch.Tensor,
+                   steps: int = 30, cfg_scale: float = 3.0, batch: int = 64, dtype: torch.dtype = torch.float32,
+                   device="cpu") -> torch.Tensor:
+    """The testbed's reference sampler (weights/train_testbed.py: sample()): Euler over t = 1 -> 0 in `steps`
+    uniform steps, classifier-free guidance against context row 10 (the empty prompt), the state kept in fp32 and the
+    model run at `dtype`. Returns images [n, 3, 32, 32] in [-1, 1] on the CPU."""
+    out = []
+    ts = torch.linspace(1, 0, steps + 1, device=device)
+    txt, vec = txt.to(device, dtype), vec.to(device, dtype)
+    for s in range(0, len(labels), batch):
+        lab = labels[s:s + batch].to(device)
+        b = len(lab)
+        x = noise[s:s + batch].to(device, torch.float32)
+        lab2 = torch.cat([lab, torch.full_like(lab, 10)])
+        img_ids = torch.zeros(16, 16, 3, device=device)
+        img_ids[..., 1] = torch.arange(16, device=device)[:, None]
+        img_ids[..., 2] = torch.arange(16, device=device)[None]
+        img_ids = img_ids.reshape(1, 256, 3).expand(2 * b, -1, -1)
+        txt_ids = torch.zeros(2 * b, txt.shape[1], 3, device=device)
+        for i in range(steps):
+            t = ts[i].expand(2 * b)
+            v = model(torch.cat([x, x]).to(dtype), img_ids, txt[lab2], txt_ids, t, vec[lab2]).float()
+            vc, vu = v.chunk(2)
+            x = x + (ts[i + 1] - ts[i]) * (vu + cfg_scale * (vc - vu))
+        out.append(_unpatchify(x).clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------- image metrics
+
+def image_psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (peak = the range, 2), over the whole set (one MSE over all pixels)."""
+    mse = float((x.double() - ref.double()).pow(2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+def ssim(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, per channel, valid region)
+    of images in [-1, 1], mapped to [0, 1] first."""
+    a, b = (x.double() + 1) / 2, (ref.double() + 1) / 2
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+    g = g / g.sum()
+    win = (g[:, None] * g[None, :]).expand(3, 1, 11, 11).contiguous()
+    f = lambda t: F.conv2d(t, win, groups=3)  # noqa: E731
+    mu_a, mu_b = f(a), f(b)
+    saa, sbb, sab = f(a * a) - mu_a**2, f(b * b) - mu_b**2, f(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (saa + sbb + c2))
+    return float(s.mean())
+
+
+def frechet_distance(mu1, s1, mu2, s2) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), in float64 (eigen-decompositions, no scipy)."""
+    mu1, s1, mu2, s2 = (t.double() for t in (mu1, s1, mu2, s2))
+    ev, evec = torch.linalg.eigh(s1)
+    r1 = (evec * ev.clamp_min(0).sqrt()) @ evec.t()
+    m = r1 @ s2 @ r1
+    tr_cross = torch.linalg.eigvalsh((m + m.t()) / 2).clamp_min(0).sqrt().sum()
+    return max(0.0, float((mu1 - mu2).pow(2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * tr_cross))
+
+
+def feature_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    f = feats.double()
+    return f.mean(0), torch.cov(f.t())
+
+
+# ---------------------------------------------------------------- classifier
+
+class CifarNet(nn.Module):
+    """A small CNN (4 conv stages of 16-128 channels, 0.1 M parameters, ~4 M multiply-adds per image: trains in
+    minutes on a CPU); `features` = the 128-d global-average-pooled last stage."""
+
+    def __init__(self):
+        super().__init__()
+        chans = (3, 16, 32, 64, 128)
+        layers = []
+        for i in range(4):
+            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False), nn.BatchNorm2d(chans[i + 1]),
+                       nn.ReLU(inplace=True)]
+            if i < 3:
+                layers.append(nn.MaxPool2d(2))
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(128, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mean((2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def load_cifar(path: Path, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CIFAR-10 split from the shared .npz of JPEG bytes: (images uint8 [n, 3, 32, 32], labels int64 [n])."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    d = np.load(str(path))
+    data, offs, labels = d["data"], d["offsets"], d["labels"]
+    n = len(labels) if not limit else min(limit, len(labels))
+    imgs = np.stack([np.asarray(Image.open(io.BytesIO(data[offs[i]:offs[i + 1]].tobytes())).convert("RGB"))
+                     for i in range(n)])
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels[:n].astype("int64"))
+
+
+def _to_input(u8: torch.Tensor) -> torch.Tensor:
+    return u8.float().div(127.5).sub(1)
+
+
+@torch.no_grad()
+def classify(net: CifarNet, imgs: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted labels, 128-d features) of images in [-1, 1] (float) or uint8."""
+    net.eval()
+    preds, feats = [], []
+    for s in range(0, len(imgs), batch):
+        x = imgs[s:s + batch]
+        x = _to_input(x) if x.dtype == torch.uint8 else x.float()
+        f = net.features(x)
+        feats.append(f)
+        preds.append(net.head(f).argmax(1))
+    return torch.cat(preds), torch.cat(feats)
+
+
+def train_classifier(data_dir: Path, epochs: int = 2, seed: int = 0, say=lambda m: None) -> dict:
+    """Train CifarNet on the CIFAR-10 train split (SGD + one-cycle LR, flips and 2-pixel shifts); returns the state
+    with its test accuracy and the test split's feature statistics."""
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    x_tr, y_tr = load_cifar(data_dir / "cifar10_train_jpg.npz")
+    x_te, y_te = load_cifar(data_dir / "cifar10_test_jpg.npz")
+    say(f"classifier: decoded {len(x_tr)} train / {len(x_te)} test images ({time.perf_counter() - t0:.0f}s)")
+    net = CifarNet()
+    bs = 128
+    steps = epochs * (len(x_tr) // bs)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.2, total_steps=steps, pct_start=0.25)
+    gen = torch.Generator().manual_seed(seed)
+    step = 0
+    for ep in range(epochs):
+        net.train()
+        perm = torch.randperm(len(x_tr), generator=gen)
+        for s in range(0, len(perm) - bs + 1, bs):
+            idx = perm[s:s + bs]
+            x = _to_input(x_tr[idx])
+            flip = torch.rand(bs, generator=gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
+            x = torch.roll(F.pad(x, (2, 2, 2, 2)), (dy, dx), (2, 3))[..., 2:34, 2:34]
+            loss = F.cross_entropy(net(x), y_tr[idx], label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if step % 100 == 0:
+                say(f"classifier: step {step}/{steps}, loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)")
+        pred, _ = classify(net, x_te[:2000])
+        say(f"classifier: epoch {ep + 1}/{epochs}, loss {loss.item():.3f}, test acc (2k) "
+            f"{(pred == y_te[:2000]).float().mean().item():.1%} ({time.perf_counter() - t0:.0f}s)")
+    pred, feats = classify(net, x_te)
+    mu, cov = feature_stats(feats)
+    return {"version": CLASSIFIER_VERSION, "state": net.state_dict(), "epochs": epochs,
+            "test_acc": float((pred == y_te).float().mean()), "test_mu": mu, "test_cov": cov,
+            "train_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def get_classifier(data_dir: Path, epochs: int = 2, retrain: bool = False, say=lambda m: None,
+                   cache: Path | None = None) -> tuple[CifarNet, dict]:
+    """The cached classifier (~/.cache/convrot/cifar10_cnn_v2.pt; trained on first use: minutes on a CPU)."""
+    path = Path(cache or CACHE) / f"cifar10_cnn_v{CLASSIFIER_VERSION}.pt"
+    info = None
+    if path.is_file() and not retrain:
+        try:
+            info = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a damaged cache is retrained, not fatal
+            say(f"classifier cache {path} unreadable ({e}); retraining")
+    if info is None or info.get("version") != CLASSIFIER_VERSION:
+        say(f"classifier: training on the CIFAR-10 train split ({epochs} epochs; cached at {path})")
+        info = train_classifier(data_dir, epochs, say=say)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(info, tmp)
+        os.replace(tmp, path)
+    net = CifarNet()
+    net.load_state_dict(info["state"])
+    return net.eval(), info
+
+
+# ---------------------------------------------------------------- variants
+
+class NoRotW4A4Linear(nn.Module):
+    """Plain round-to-nearest W4A4 without rotation: int4 per output channel (weight) and per token (activation),
+    exact products (codes · codes in fp32: 7 · 7 · K stays below 2^24 for K < 342k), then the scales."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        codes, self.w_scale = reference.quantize_rows(weight, 4)
+        self.w32 = codes.to(torch.float32)
+        self.bias = bias
+        self.out_features = weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        a, sa = reference.quantize_rows(x.reshape(-1, x.shape[-1]), 4)
+        out = (a.to(torch.float32) @ self.w32.t()) * sa.unsqueeze(-1) * self.w_scale
+        if self.bias is not None:
+            out = out + self.bias.to(device=x.device, dtype=torch.float32)
+        return out.to(x.dtype).reshape(*lead, self.out_features)
+
+
+class KitchenConvRotLinear(nn.Module):
+    """comfy-kitchen's own ConvRot W4A4: TensorCoreConvRotW4A4Layout.quantize of the weight and its
+    convrot_w4a4_linear (the registry picks the backend: eager on CPU, its CUDA kernels on a GPU)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int):
+        super().__init__()
+        from comfy_kitchen.tensor import TensorCoreConvRotW4A4Layout
+        from comfy_kitchen.tensor.convrot_w4a4 import convrot_w4a4_linear
+        self._linear = convrot_w4a4_linear
+        self.qdata, self.params = TensorCoreConvRotW4A4Layout.quantize(weight, convrot_groupsize=group_size)
+        self.bias, self.group_size = bias, group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return self._linear(x, self.qdata, self.params.scale, bias, convrot_groupsize=self.group_size,
+                            quant_group_size=self.params.quant_group_size)
+
+
+def kitchen_version() -> str | None:
+    """comfy_kitchen's version when its ConvRot layout imports, else None."""
+    try:
+        from comfy_kitchen.tensor import TensorCoreConvRotW4A4Layout  # noqa: F401
+        from comfy_kitchen.tensor.convrot_w4a4 import convrot_w4a4_linear  # noqa: F401
+    except Exception:  # noqa: BLE001 - any failure means "not usable here"
+        return None
+    try:
+        from importlib.metadata import version
+        return version("comfy-kitchen")
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+@dataclass
+class Correction:
+    """The calibration-free correction the `+lr` variants apply (convrot.correction.quantize_with_correction)."""
+    rank: int = 32
+    mode: str = "weight"
+    iters: int = 2
+    scale_search: bool = True
+
+    def describe(self) -> str:
+        return (f"rank {self.rank} ({'SVD of the weight, residual quantized' if self.mode == 'weight' else 'SVD of the quantization error'}"
+                f"{f', {self.iters} refits' if self.mode == 'weight' and self.iters else ''})"
+                + (", per-row MSE scale search" if self.scale_search else ""))
+
+
+def build_variant(base: nn.Module, variant: str, group_size: int, correction: Correction, device) -> tuple[nn.Module, dict]:
+    """A copy of the bf16 `base` model as `variant`; returns (model, {w4a4_layers, w8a8_layers, bytes, extra})."""
+    from .correction import CorrectedLinear, quantize_with_correction
+    model = copy.deepcopy(base)
+    names = _linear_names(model)
+    info = {"w4a4_layers": 0, "w8a8_layers": 0, "branch_values": 0}
+    if variant in ("bf16", "bf16-seeds"):
+        info["bytes"] = linear_bytes(model, {})
+        return model, info
+    if variant == "fp8":
+        for n in names:
+            m = model.get_submodule(n)
+            m.weight.data = m.weight.data.to(torch.float8_e4m3fn).to(m.weight.dtype)
+        info["bytes"] = sum(model.get_submodule(n).weight.numel() for n in names)
+        return model, info
+    preset, _, suffix = variant.partition("+")
+    if variant in ("w4a4-norot", "comfy-kitchen"):
+        pol = LayerPolicy.for_names([f"{n}.weight" for n in names], "w4a4")
+        todo = [n for n in names if pol.action(n) == W4A4 and model.get_submodule(n).in_features % group_size == 0]
+        for n in todo:
+            m = model.get_submodule(n)
+            w, b = m.weight.data, None if m.bias is None else m.bias.data
+            _replace(model, n, NoRotW4A4Linear(w, b) if variant == "w4a4-norot" else KitchenConvRotLinear(w, b, group_size))
+        info["w4a4_layers"] = len(todo)
+        info["bytes"] = linear_bytes(base, {n: W4A4 for n in todo})
+        return model, info
+    if preset not in PRESET_ORDER or suffix not in ("", "lr"):
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(DEFAULT_VARIANTS)} "
+                         f"(or PRESET+lr for any preset)")
+    floats = {n: (model.get_submodule(n).weight.data, model.get_submodule(n).bias) for n in names}
+    plan = quantize_model(model, group_size, LayerPolicy.for_names([f"{n}.weight" for n in names], preset))
+    acts = list(plan.values())
+    info.update(w4a4_layers=acts.count(W4A4), w8a8_layers=acts.count(W8A8), bytes=linear_bytes(base, plan))
+    if suffix == "lr":
+        for n, act in plan.items():
+            if act != W4A4:
+                continue
+            w, b = floats[n]
+            cw = quantize_with_correction(w, group_size, 4, rank=correction.rank, mode=correction.mode,
+                                          iters=correction.iters, scale_search=correction.scale_search)
+            q = ConvRotLinear.from_quantized(cw.codes.contiguous(), cw.scale, None if b is None else b.data,
+                                             group_size, 4)
+            _replace(model, n, CorrectedLinear(q, cw.down, cw.up))
+            info["branch_values"] += cw.branch_values()
+        info["bytes"] += 2 * info["branch_values"]
+    if torch.device(device).type == "cpu":
+        use_cached_codes(model)
+    return model, info
+
+
+# ---------------------------------------------------------------- report
+
+def grid_png(rows: list[tuple[str, torch.Tensor]], path: str, per_row: int = 10, zoom: int = 2) -> None:
+    """One row of samples per variant (the first `per_row` images, one per class), labelled; PIL only."""
+    from PIL import Image, ImageDraw
+    side = 32 * zoom
+    label_w = 150
+    canvas = Image.new("RGB", (label_w + per_row * (side + 2), len(rows) * (side + 2) + 14), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c in range(per_row):
+        draw.text((label_w + c * (side + 2) + 2, 1), CIFAR_CLASSES[c % 10][:9], fill="black")
+    for r, (name, imgs) in enumerate(rows):
+        y = 14 + r * (side + 2)
+        draw.text((4, y + side // 2 - 6), name, fill="black")
+        u8 = ((imgs[:per_row] + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        for c, im in enumerate(u8):
+            canvas.paste(Image.fromarray(im).resize((side, side), Image.NEAREST), (label_w + c * (side + 2), y))
+    canvas.save(path)
+
+
+def run_images(*, variants=DEFAULT_VARIANTS, samples: int = 100, steps: int = 30, cfg_scale: float = 3.0,
+               seed: int = 0, group_size: int = 256, correction: Correction | None = None, device="cpu",
+               dtype: torch.dtype | None = None, batch: int = 50, classifier: tuple | None = None,
+               classifier_epochs: int = 2, shared: Path | None = None, grid: str | None = None,
+               progress=None) -> dict:
+    """Sample the testbed with every variant and measure it; see the section comment above."""
+    say = progress or (lambda m: None)
+    paths = testbed_paths(shared)
+    if paths is None:
+        raise FileNotFoundError(f"testbed not found under {shared or SHARED} (weights/{TESTBED_FILE}, "
+                                f"weights/{CONTEXT_FILE}, data/cifar10_test_jpg.npz)")
+    wfile, cfile, data_dir = paths
+    correction = correction or Correction()
+    dev = torch.device(device)
+    dtype = dtype or (torch.float32 if dev.type == "cpu" else torch.bfloat16)
+    variants = list(variants)
+    if "comfy-kitchen" in variants and kitchen_version() is None:
+        say("comfy-kitchen's ConvRot layout does not import here: its row is skipped")
+        variants.remove("comfy-kitchen")
+    if "bf16" not in variants:
+        variants.insert(0, "bf16")
+    net, cinfo = classifier if classifier is not None else get_classifier(data_dir, classifier_epochs, say=say)
+    base = load_flux_file(str(wfile)).to(dev)  # bf16; variants are built on the device
+    txt, vec = load_context(cfile)
+    labels = torch.arange(samples) % 10
+    noise = testbed_noise(samples, seed)
+    rows, images = [], {}
+    for v in variants:
+        t0 = time.perf_counter()
+        model, info = build_variant(base, v, group_size, correction, dev)
+        if dtype != torch.bfloat16:
+            model = model.to(dtype)  # floating buffers only: codes stay int8, weight scales fp32
+        model = model.eval()
+        t_build = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        nz = testbed_noise(samples, seed + 1000) if v == "bf16-seeds" else noise
+        imgs = sample_testbed(model, labels, txt, vec, nz, steps, cfg_scale, batch, dtype, dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t_sample = time.perf_counter() - t1
+        del model
+        images[v] = imgs
+        pred, feats = classify(net, imgs)
+        mu, cov = feature_stats(feats)
+        row = {"variant": v, **info, "build_s": round(t_build, 2), "sample_s": round(t_sample, 2),
+               "class_acc": float((pred == labels).float().mean()),
+               "fd_test": frechet_distance(mu, cov, cinfo["test_mu"], cinfo["test_cov"]), "_stats": (mu, cov)}
+        if v != "bf16-seeds":
+            row["psnr_db"], row["ssim"] = image_psnr(imgs, images["bf16"]), ssim(imgs, images["bf16"])
+        rows.append(row)
+        say(f"{v}: build {t_build:.1f}s, {samples} samples x {steps} steps {t_sample:.1f}s, "
+            + (f"PSNR {row['psnr_db']:.2f} dB, " if "psnr_db" in row else "")
+            + f"acc {row['class_acc']:.1%}, FD {row['fd_test']:.2f}")
+    mu0, cov0 = rows[0]["_stats"]
+    for r in rows:
+        r["fd_bf16"] = frechet_distance(*r.pop("_stats"), mu0, cov0)
+    if grid:
+        grid_png([(r["variant"], images[r["variant"]]) for r in rows], grid)
+        say(f"wrote {grid}")
+    kv = kitchen_version()
+    return {"model": f"{wfile.name} ({sum(p.numel() for p in base.parameters()) / 1e6:.1f} M parameters)",
+            "device": (torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"),
+            "torch": torch.__version__, "comfy_kitchen": kv, "dtype": str(dtype).replace("torch.", ""),
+            "samples": samples, "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "group_size": group_size,
+            "correction": asdict(correction), "correction_desc": correction.describe(),
+            "classifier": {"test_acc": cinfo["test_acc"], "epochs": cinfo["epochs"]},
+            "rows": rows}
+
+
+def images_markdown(rep: dict) -> str:
+    lines = [
+        "## ConvRot image quality on the CIFAR-10 testbed", "",
+        f"- model: {rep['model']}; G = {rep['group_size']}; {rep['samples']} samples ({rep['samples'] // 10 if rep['samples'] >= 10 else '<1'} "
+        f"per class), {rep['steps']} Euler steps, CFG {rep['cfg_scale']:g}, noise seed {rep['seed']} (the same noise for every variant)",
+        f"- device {rep['device']}, compute dtype {rep['dtype']}, torch {rep['torch']}, comfy-kitchen "
+        f"{rep['comfy_kitchen'] or 'not importable'}",
+        f"- classifier: small CNN trained on the CIFAR-10 train split, test accuracy {rep['classifier']['test_acc']:.1%}; "
+        "Fréchet distance in its 128-d features",
+        f"- `+lr`: {rep['correction_desc']}",
+        "",
+        "| variant | W4A4 layers | W8A8 layers | linear weights MiB | PSNR dB | SSIM | class acc. | FD vs test | "
+        "FD vs bf16 | sample s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rep["rows"]:
+        p = r.get("psnr_db")
+        ps = "—" if p is None else ("inf" if math.isinf(p) else f"{p:.2f}")
+        ss = "—" if r.get("ssim") is None else f"{r['ssim']:.4f}"
+        lines.append(f"| {r['variant']} | {r['w4a4_layers']} | {r['w8a8_layers']} | {r['bytes'] / 2**20:.2f} | {ps} | "
+                     f"{ss} | {r['class_acc']:.1%} | {r['fd_test']:.2f} | {r['fd_bf16']:.2f} | {r['sample_s']:.1f} |")
+    lines += ["", "PSNR / SSIM: each variant's images against bf16's from the same noise (PSNR over the whole set, "
+              "images in [-1, 1], peak 2). `bf16-seeds`: bf16 from other noise, the noise floor of class accuracy "
+              "and of both Fréchet columns at this sample count. Weight bytes: every linear's weight (+ fp32 scales, "
+              "+ the `+lr` branches in bf16), biases excluded.", ""]
+    return "\n".join(lines)
+
+
+def build_images_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m convrot quality images",
+        description="Image-level quality of every variant on the CIFAR-10 testbed in ../shared/ (weights/README.md): "
+                    "paired PSNR/SSIM vs bf16, class accuracy and Fréchet distance under a small CIFAR-10 CNN.")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help="comma-separated; " + "; ".join(f"{k}: {v}" for k, v in VARIANT_HELP.items()))
+    ap.add_argument("--samples", type=int, default=0, help="images per variant (default 100 on CUDA, 20 on CPU)")
+    ap.add_argument("--steps", type=int, default=0, help="Euler steps (default 30 on CUDA, 10 on CPU)")
+    ap.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    ap.add_argument("--seed", type=int, default=0, help="noise seed (bf16-seeds uses seed + 1000)")
+    ap.add_argument("--group-size", type=int, default=256, choices=(16, 64, 256))
+    ap.add_argument("--rank", type=int, default=32, help="+lr variants: rank of the branch (default 32)")
+    ap.add_argument("--correction", choices=("weight", "error"), default="weight",
+                    help="+lr variants: SVD of the weight (residual quantized) or of the quantization error")
+    ap.add_argument("--iters", type=int, default=2, help="+lr, mode weight: refits of the branch (default 2)")
+    ap.add_argument("--no-scale-search", action="store_true", help="+lr variants: plain absmax scales")
+    ap.add_argument("--batch", type=int, default=50, help="images per sampler batch (x2 with CFG)")
+    ap.add_argument("--classifier-epochs", type=int, default=2, help="epochs when the classifier is first trained")
+    ap.add_argument("--retrain-classifier", action="store_true")
+    ap.add_argument("--shared", default=None, help=f"the shared folder (default {SHARED})")
+    ap.add_argument("--grid", metavar="PNG", help="write a picture grid (one row per variant)")
+    ap.add_argument("--json", metavar="PATH", help="write the report as JSON ('-' = stdout, instead of markdown)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="model compute dtype (auto: float32 on CPU, where bf16 matmuls are slow; bfloat16 on CUDA)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    ap.add_argument("-q", "--quiet", action="store_true")
+    return ap
+
+
+def images_main(argv=None) -> int:
+    a = build_images_parser().parse_args(argv)
+    say = (lambda m: None) if a.quiet else (lambda m: print(f"[quality images] {m}", file=sys.stderr, flush=True))
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cuda = torch.device(a.device).type == "cuda"
+    shared = Path(a.shared) if a.shared else None
+    if testbed_paths(shared) is None:
+        print(f"quality images: the CIFAR-10 testbed is not under {shared or SHARED} (needs weights/{TESTBED_FILE}, "
+              f"weights/{CONTEXT_FILE} and data/); see ../shared/README.md", file=sys.stderr)
+        return 2
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
+    corr = Correction(a.rank, a.correction, a.iters, not a.no_scale_search)
+    try:
+        clf = get_classifier(testbed_paths(shared)[2], a.classifier_epochs, a.retrain_classifier, say)
+        say(f"classifier test accuracy {clf[1]['test_acc']:.1%} (CIFAR-10 test split, 10,000 images)")
+        rep = run_images(variants=variants, samples=a.samples or (100 if cuda else 20), steps=a.steps or (30 if cuda else 10),
+                         cfg_scale=a.cfg, seed=a.seed, group_size=a.group_size, correction=corr, device=a.device,
+                         dtype=dtype, batch=a.batch, classifier=clf, shared=shared, grid=a.grid, progress=say)
+    except ValueError as e:
+        print(f"quality images: {e}", file=sys.stderr)
+        return 2
+    if a.json == "-":
+        print(to_json(rep))
+    else:
+        print(images_markdown(rep))
+        if a.json:
+            Path(a.json).write_text(to_json(rep))
+            say(f"wrote {a.json}")
     return 0
 
 
