@@ -51,7 +51,8 @@ MODES = {
     "highvram": ["--highvram"],
     "cpu": ["--cpu"],
 }
-VARIANTS = ["bf16", "fp8_fast", "mixed", "compact", "mixed+lora", "stock_native", "stock_native_nopack"]
+VARIANTS = ["bf16", "fp8_fast", "mixed", "mixed+eager", "compact", "mixed+lora", "stock_native",
+            "stock_native_nopack"]
 
 
 # ---------------------------------------------------------------- prompts (API format)
@@ -61,13 +62,14 @@ def prompt_for(variant: str, cond: str, steps: int, res: int, prefix: str) -> di
         loader = {"class_type": "UNETLoader", "inputs": {
             "unet_name": NATIVE if variant.startswith("stock_native") else FLUX,
             "weight_dtype": "fp8_e4m3fn_fast" if variant == "fp8_fast" else "default"}}
-    else:
-        preset = variant.split("+")[0]
+    else:  # ConvRot loader; "+eager" sets its speed input to eager (default: auto)
+        preset, *mods = variant.split("+")
         loader = {"class_type": "ConvRotW4A4Loader", "inputs": {
-            "unet_name": FLUX, "preset": preset, "group_size": "256", "overrides": ""}}
+            "unet_name": FLUX, "preset": preset, "group_size": "256", "overrides": "",
+            "speed": "eager" if "eager" in mods else "auto"}}
     g = {"1": loader}
     model = ["1", 0]
-    if variant.endswith("+lora"):
+    if "+lora" in variant:
         g["2"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model, "lora_name": LORA,
                                                                   "strength_model": 1.0}}
         model = ["2", 0]

@@ -198,7 +198,7 @@ def text_to_image(model_file: str, t5: str, steps: int, guidance: float | None, 
     """The shared txt2img graph: ConvRot loader [-> LoRA] -> KSampler, DualCLIP -> prompt [-> FluxGuidance]."""
     g = Graph()
     g.add("MarkdownNote", (-480, 40), (440, 620), [note], title="Read me: model files", color=YELLOW)
-    loader = g.add(LOADER, (0, 40), (360, 220), loader_widgets or [model_file, "mixed", "256", ""], color=GREEN)
+    loader = g.add(LOADER, (0, 40), (360, 220), loader_widgets or [model_file, "mixed", "256", "", "auto"], color=GREEN)
     model = loader
     y = 300
     if lora:
@@ -265,7 +265,7 @@ def quantize_and_save():
         "it too.\n"
     )
     g.add("MarkdownNote", (-480, 40), (440, 420), [note], title="Read me", color=YELLOW)
-    loader = g.add(LOADER, (0, 40), (360, 220), ["flux1-dev.safetensors", "mixed", "256", ""], color=GREEN)
+    loader = g.add(LOADER, (0, 40), (360, 220), ["flux1-dev.safetensors", "mixed", "256", "", "auto"], color=GREEN)
     save = g.add(SAVER, (420, 40), (380, 90), [SAVE_PREFIX], color=GREEN)
     g.link(loader, "MODEL", save, "model")
     return g
@@ -288,7 +288,7 @@ def kontext():
     g.add("MarkdownNote", (-480, 40), (440, 700),
           [note_text("flux1-kontext-dev.safetensors", "t5xxl_fp16.safetensors", extra, url=HF_KONTEXT)],
           title="Read me: model files", color=YELLOW)
-    loader = g.add(LOADER, (0, 40), (360, 220), ["flux1-kontext-dev.safetensors", "mixed", "256", ""], color=GREEN)
+    loader = g.add(LOADER, (0, 40), (360, 220), ["flux1-kontext-dev.safetensors", "mixed", "256", "", "auto"], color=GREEN)
     clip = g.add("DualCLIPLoader", (0, 300), (360, 130),
                  ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"])
     vae = g.add("VAELoader", (0, 470), (360, 60), ["ae.safetensors"])

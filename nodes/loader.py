@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import shutil
 
 
 import torch
@@ -24,6 +25,8 @@ from .ops import LoadSpec, make_ops, quantized_layers
 log = logging.getLogger("convrot")
 
 PRESET_CHOICES = ["mixed", "w4a4", "compact", "w8a8"]
+SPEED_CHOICES = ["auto", "eager"]
+ACTIVATION_HEADROOM = 6 * 2**30  # a 1024² FLUX step's activations, the text encoders' leftovers and cuDNN workspace
 GROUP_CHOICES = [str(g) for g in sorted(SUPPORTED_GROUP_SIZES, reverse=True)]  # "256", "64", "16"
 
 
@@ -43,8 +46,51 @@ def compute_dtype(infos, device) -> torch.dtype:
                                                                               torch.float32], weight_dtype=src)
 
 
+def fast_path_unavailable(patcher) -> str | None:
+    """Why the loader cannot compile the blocks and replay steps as CUDA graphs by itself, or None if it can.
+
+    Safe means: an NVIDIA GPU, a working torch.compile (Triton and the C compiler it builds launchers with), and the
+    whole model resident with room for a step (a CUDA graph replays fixed weight addresses, so weights that dynamic
+    VRAM streams or evicts cannot be captured)."""
+    dev = patcher.load_device
+    if dev.type != "cuda":
+        return f"the model runs on {dev.type}, not an NVIDIA GPU"
+    if os.environ.get("CONVROT_SPEED") == "eager":
+        return "CONVROT_SPEED=eager"
+    try:
+        import triton  # noqa: F401
+    except Exception as e:
+        return f"Triton is not importable ({type(e).__name__}), so torch.compile cannot build GPU kernels"
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        return "no C compiler was found (Triton compiles its kernel launchers with one)"
+    need = patcher.model_size() + ACTIVATION_HEADROOM
+    free = comfy.model_management.get_free_memory(dev) + patcher.loaded_size()
+    if free < need:
+        return (f"the model and a step need {need / 2**30:.1f} GB but {free / 2**30:.1f} GB of VRAM are free, so "
+                f"ComfyUI streams its weights (dynamic VRAM) and steps run eagerly")
+    return None
+
+
+def with_speed(patcher, speed: str):
+    """The patcher as `speed` asks: "auto" compiles every FLUX block and replays steps as CUDA graphs where that is
+    safe (fast_path_unavailable), with one log line either way; "eager" leaves it as ComfyUI made it."""
+    if speed == "eager":
+        return patcher
+    if speed != "auto":
+        raise ValueError(f"ConvRot speed must be one of {SPEED_CHOICES}, got {speed!r}")
+    reason = fast_path_unavailable(patcher)
+    if reason is not None:
+        log.info("ConvRot: steps run eagerly (no compiled blocks or CUDA graphs): %s", reason)
+        return patcher
+    from .compile import compile_blocks
+    from .graph import graph_model
+    log.info("ConvRot: blocks are compiled and steps replayed as CUDA graphs (the first step takes ~20 s longer "
+             "while compiling; set speed = eager on the loader to turn this off)")
+    return graph_model(compile_blocks(patcher))
+
+
 def load_convrot_model(path: str, preset: str = "mixed", group_size: int | str = 256, overrides: str = "",
-                       progress: bool = True):
+                       progress: bool = True, speed: str = "eager"):
     """Load a FLUX transformer file through ComfyUI with ConvRot layers; returns a ModelPatcher.
 
     Everything that can be checked from the header is checked before ComfyUI reads a tensor: truncation, FLUX
@@ -85,7 +131,7 @@ def load_convrot_model(path: str, preset: str = "mixed", group_size: int | str =
     log.info("ConvRot: %s loaded with preset %s, group size %d: %s quantized layers, %d kept in floating point",
              name, preset, g, dict(counts), n_layers - len(layers))
     lora.install(patcher)
-    return patcher
+    return with_speed(patcher, speed)
 
 
 class ConvRotW4A4Loader(io.ComfyNode):
@@ -108,11 +154,15 @@ class ConvRotW4A4Loader(io.ComfyNode):
                 io.String.Input("overrides", multiline=True, default="", optional=True,
                                 tooltip="Per-layer actions, one 'pattern = action' per line (action: bf16, w4a4, "
                                         "w8a8; glob patterns such as single_blocks.3*) or a JSON object."),
+                io.Combo.Input("speed", options=SPEED_CHOICES, default="auto", optional=True,
+                               tooltip="auto: on an NVIDIA GPU with room for the whole model, compile the FLUX "
+                                       "blocks and replay steps as CUDA graphs (first step ~20 s slower, then "
+                                       "faster); else, or with eager, ComfyUI's plain path. The log says which."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, unet_name, preset="mixed", group_size="256", overrides="") -> io.NodeOutput:
+    def execute(cls, unet_name, preset="mixed", group_size="256", overrides="", speed="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
-        return io.NodeOutput(load_convrot_model(path, preset, group_size, overrides or ""))
+        return io.NodeOutput(load_convrot_model(path, preset, group_size, overrides or "", speed=speed))
