@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -258,8 +259,22 @@ class _Progress:
             sys.__stderr__.flush()
 
 
+def _run_nvcc(cmd) -> tuple[int, str, float | None]:
+    """(exit status, stderr tail, CPU seconds of nvcc and the compilers it ran, where the OS reports them)."""
+    if not hasattr(os, "wait4"):
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        return p.returncode, p.stderr[-3000:], None
+    with tempfile.TemporaryFile() as errf:
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf)
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        errf.seek(0)
+        err = errf.read().decode(errors="replace")[-3000:]
+    return p.returncode, err, ru.ru_utime + ru.ru_stime
+
+
 def _compile_all(jobs, nvcc, inc, out_dir: Path, say, cache: Path | None):
-    """Run every (label, src, flags) job; returns [(label, src, status, seconds, stderr)], status ok/FAILED/cached."""
+    """Run every (label, src, flags) job; [(label, src, status, seconds, stderr, cpu seconds)], status ok/FAILED/cached."""
     toolchain = "\n".join([_tool_version([nvcc, "--version"]),
                            _tool_version([os.environ.get("NVCC_CCBIN") or shutil.which("c++") or "c++", "--version"]),
                            _versions()])
@@ -278,7 +293,7 @@ def _compile_all(jobs, nvcc, inc, out_dir: Path, say, cache: Path | None):
             base += ["--threads", str(min(n_arch, _cpus()))]
         key = _cache_key(base, CSRC / src, toolchain)
         if cache is not None and (cache / f"{key}.ok").exists():
-            results.append((label, src, "cached", 0.0, ""))
+            results.append((label, src, "cached", 0.0, "", None))
             say(f"{label} {src}: unchanged since a successful build, not recompiled (cache {key[:12]})")
             continue
         cost = timings.get(f"{label} {src}", _DEFAULT_COST.get((label, src), _DEFAULT_COST.get(label, 60.0)))
@@ -298,11 +313,10 @@ def _compile_all(jobs, nvcc, inc, out_dir: Path, say, cache: Path | None):
         events.put(("start", label, src))
         t0 = time.time()
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            rc, err = p.returncode, p.stderr[-3000:]
+            rc, err, cpu = _run_nvcc(cmd)
         except Exception as e:  # nvcc vanished, out of memory...
-            rc, err = -1, f"{type(e).__name__}: {e}"
-        events.put(("done", label, src, rc, time.time() - t0, err, key))
+            rc, err, cpu = -1, f"{type(e).__name__}: {e}", None
+        events.put(("done", label, src, rc, time.time() - t0, err, key, cpu))
 
     with ThreadPoolExecutor(max_workers=workers) as ex:
         futures = [ex.submit(run, w) for w in work]
@@ -318,12 +332,13 @@ def _compile_all(jobs, nvcc, inc, out_dir: Path, say, cache: Path | None):
                 running[f"{ev[1]} {ev[2]}"] = time.time()
                 say(f"started {ev[1]} {ev[2]}")
                 continue
-            _, label, src, rc, dt, err, key = ev
+            _, label, src, rc, dt, err, key, cpu = ev
             running.pop(f"{label} {src}", None)
             finished += 1
             status = "ok" if rc == 0 else "FAILED"
-            say(f"[{finished}/{n}] {label} {src}: {status} in {dt:.0f} s")
-            results.append((label, src, status, dt, err))
+            say(f"[{finished}/{n}] {label} {src}: {status} in {dt:.0f} s"
+                + (f" ({cpu:.0f} s of CPU)" if cpu is not None else ""))
+            results.append((label, src, status, dt, err, cpu))
             timings[f"{label} {src}"] = round(dt, 1)
             if rc == 0 and cache is not None:
                 (cache / f"{key}.ok").write_text(json.dumps({"label": label, "src": src, "seconds": round(dt, 1),
@@ -360,12 +375,13 @@ def test_compile_all_sources(tmp_path, pytestconfig):
     results = _compile_all(jobs, nvcc, inc, tmp_path, say, cache)
     total = time.time() - t0
     failures, sm120 = [], []
-    for label, src, status, dt, err in results:
+    for label, src, status, dt, err, _ in results:
         if status == "FAILED":
             (sm120 if label == "sm_120" else failures).append(f"{label} {src}:\n{err}")
     compiled = [r for r in results if r[2] != "cached"]
+    cpu = sum(r[5] or 0.0 for r in compiled)
     say(f"done: {len(jobs)} nvcc calls, {len(compiled)} compiled ({sum(r[3] for r in compiled):.0f} s of "
-        f"compiling), {len(results) - len(compiled)} from cache, {total:.0f} s wall"
+        f"compiling, {cpu:.0f} s of CPU), {len(results) - len(compiled)} from cache, {total:.0f} s wall"
         + (f"; cache {cache}" if cache else "; cache off"))
     say("")
     sys.stderr.flush()
