@@ -15,6 +15,7 @@ if [ ! -f /tmp/site/.done ]; then
   rm -f /tmp/site/comfy_kitchen/backends/cuda/_C.abi3.so.xz && touch /tmp/site/.done
 fi
 [ -f /tmp/ComfyUI/main.py ] || tar -xJf .gpu/comfyui.tar.xz -C /tmp
+[ -f .gpu/build.tar.xz ] && [ ! -d /tmp/convrot_cache ] && tar -xJf .gpu/build.tar.xz -C /tmp
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } | tee -a $OUT/env.txt
@@ -27,6 +28,8 @@ mkdir -p $W/models/diffusion_models
 import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import e2e_comfy as e
 e.write_random_flux(Path('$W/models/diffusion_models/flux1-dev-random.safetensors'), False)" 2>&1 | tail -1
 wait $build; tail -1 $OUT/env.txt; echo "setup $(( $(date +%s) - t0 )) s"
+# the built extension, for carrying into a later call as .gpu/cache (skips the 2-minute build on a fresh machine)
+[ -n "${SAVE_BUILD:-}" ] && tar -cJf $OUT/build.tar.xz -C /tmp convrot_cache 2>/dev/null
 if [ "$tests" != none ]; then
   COMFYUI_PATH=/tmp/ComfyUI timeout 200 python3 -m pytest -q -x -p no:cacheprovider $tests 2>&1 | tail -15 \
     | tee $OUT/tests.txt

@@ -14,7 +14,9 @@ if __name__ == "__main__":
     sys.path.insert(0, str(TOOLS))
     import cpu_torch_stubs
 
-    stubbed = cpu_torch_stubs.install(tuple(cpu_torch_stubs.DEFAULT) + ("av",))
+    # PyAV only where it is missing; torchvision/torchaudio only for a CPU server, because importing them imports
+    # torch, which must not happen before main.py configures CUDA's allocator
+    stubbed = cpu_torch_stubs.install(("av",) + (tuple(cpu_torch_stubs.DEFAULT) if "--cpu" in sys.argv else ()))
     sys.path.remove(str(TOOLS))
     if stubbed:
         print(f"server_launch: stubbed {', '.join(stubbed)}", flush=True)

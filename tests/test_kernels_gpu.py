@@ -365,8 +365,9 @@ def test_dispatch_uses_kernels_and_falls_back_by_shape(K_):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cached_fast_path_matches_checked_path(K_, bits, dtype):
-    """ConvRotLinear decides its kernel call once (ops.fast_linear_fn) and then skips the per-call checks: it must
-    compute exactly what the checked entry point computes, for 3-D, non-contiguous and empty inputs alike."""
+    """ops.qlinear (what ConvRotLinear, the ComfyUI layers and the QuantizedTensor dispatch call) decides its kernel
+    call once per shape (ops.fast_linear_fn) and then skips the per-call checks: it must compute exactly what the
+    checked entry point computes, for 3-D, non-contiguous and empty inputs alike."""
     from convrot import ops
     from convrot.linear import ConvRotLinear
     n, k, G = 520, 3072, 256
@@ -379,7 +380,8 @@ def test_cached_fast_path_matches_checked_path(K_, bits, dtype):
     x = make_act(2 * 77, k, dtype, seed=bits + 5).reshape(2, 77, k)
     poison(2 * 77 * n * 2, byte=0xFF)
     out = layer(x)
-    assert layer._fast is not None and layer._fast[1] is not None  # the cached route was taken
+    dev = torch.device("cuda", torch.cuda.current_device())
+    assert ops._routes.get((dev, dtype, k, n, G, bits)) is not None  # the cached route was taken
     assert out.shape == (2, 77, n) and out.dtype == dtype
     assert torch.equal(out.reshape(-1, n), checked(x.reshape(-1, k), layer.weight, layer.weight_scale, bias, G))
     xt = make_act(k, 33, dtype, seed=bits + 6).t()  # non-contiguous [33, k]
@@ -388,5 +390,5 @@ def test_cached_fast_path_matches_checked_path(K_, bits, dtype):
     # a shape outside the kernels (N % 8 != 0) gets no cached call and uses the reference path
     odd = ConvRotLinear.from_float(w[:12], bias[:12], G, bits)
     y = odd(x)
-    assert odd._fast[1] is None
+    assert (dev, dtype, k, 12, G, bits) in ops._routes and ops._routes[(dev, dtype, k, 12, G, bits)] is None
     assert torch.equal(y, reference.convrot_linear(x, odd.weight, odd.weight_scale, bias[:12], G, bits))
