@@ -634,7 +634,7 @@ CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 CACHE = Path(os.environ.get("CONVROT_CACHE", Path.home() / ".cache" / "convrot"))
 CLASSIFIER_VERSION = 2
 DEFAULT_VARIANTS = ("bf16", "bf16-seeds", "fp8", "w8a8", "mixed", "w4a4", "compact", "w4a4-norot", "comfy-kitchen",
-                    "mixed+lr", "w4a4+lr", "compact+lr")
+                    "compact+lr", "w4a4+lr", "mixed+lr")  # +lr widest first: the narrower ones reuse its corrections
 VARIANT_HELP = {
     "bf16": "the reference: bf16 weights",
     "bf16-seeds": "bf16 from other noise seeds (the noise floor of the distribution metrics; no pairing)",
@@ -936,8 +936,12 @@ class Correction:
                 + (", per-row MSE scale search" if self.scale_search else ""))
 
 
-def build_variant(base: nn.Module, variant: str, group_size: int, correction: Correction, device) -> tuple[nn.Module, dict]:
-    """A copy of the bf16 `base` model as `variant`; returns (model, {w4a4_layers, w8a8_layers, bytes, extra})."""
+def build_variant(base: nn.Module, variant: str, group_size: int, correction: Correction, device,
+                  cache: dict | None = None) -> tuple[nn.Module, dict]:
+    """A copy of the bf16 `base` model as `variant`; returns (model, {w4a4_layers, w8a8_layers, bytes, branch_values}).
+
+    `cache` (a dict) keeps each layer's corrected weight between calls, so `mixed+lr` after `compact+lr` (whose W4A4
+    layers include mixed's) computes nothing new."""
     from .correction import CorrectedLinear, quantize_with_correction
     model = copy.deepcopy(base)
     names = _linear_names(model)
@@ -974,8 +978,13 @@ def build_variant(base: nn.Module, variant: str, group_size: int, correction: Co
             if act != W4A4:
                 continue
             w, b = floats[n]
-            cw = quantize_with_correction(w, group_size, 4, rank=correction.rank, mode=correction.mode,
-                                          iters=correction.iters, scale_search=correction.scale_search)
+            key = (n, group_size, correction.rank, correction.mode, correction.iters, correction.scale_search)
+            cw = None if cache is None else cache.get(key)
+            if cw is None:
+                cw = quantize_with_correction(w, group_size, 4, rank=correction.rank, mode=correction.mode,
+                                              iters=correction.iters, scale_search=correction.scale_search)
+                if cache is not None:
+                    cache[key] = cw
             q = ConvRotLinear.from_quantized(cw.codes.contiguous(), cw.scale, None if b is None else b.data,
                                              group_size, 4)
             _replace(model, n, CorrectedLinear(q, cw.down, cw.up))
@@ -1032,10 +1041,10 @@ def run_images(*, variants=DEFAULT_VARIANTS, samples: int = 100, steps: int = 30
     txt, vec = load_context(cfile)
     labels = torch.arange(samples) % 10
     noise = testbed_noise(samples, seed)
-    rows, images = [], {}
+    rows, images, cache = [], {}, {}
     for v in variants:
         t0 = time.perf_counter()
-        model, info = build_variant(base, v, group_size, correction, dev)
+        model, info = build_variant(base, v, group_size, correction, dev, cache)
         if dtype != torch.bfloat16:
             model = model.to(dtype)  # floating buffers only: codes stay int8, weight scales fp32
         model = model.eval()

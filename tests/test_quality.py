@@ -276,3 +276,76 @@ def test_quality_through_the_convrot_cli(capsys):
     from convrot import cli
     assert cli.main(["quality"] + SMALL) == 0
     assert "| block type |" in capsys.readouterr().out
+
+
+# ---- image quality on the trained CIFAR-10 testbed (../shared/weights/, see its README)
+
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TESTBED_SHARED = REPO.parent / "shared"
+
+# Recorded on CPU (float32 compute, torch 2.13) for exactly this reduced setting: 4 samples (classes 0-3), 3 Euler
+# steps, CFG 3, noise seed 0, G = 256, `+lr` = rank 32, SVD of the weight, 2 refits, scale search. A drop of more
+# than 1 dB fails (other torch builds and CPUs moved these by far less than that).
+IMG_SAMPLES, IMG_STEPS = 4, 3
+RECORDED_PSNR = {"w8a8": 58.40, "mixed": 34.35, "w4a4": 33.79, "compact": 33.52, "compact+lr": 39.69, "mixed+lr": 40.25}
+
+
+@pytest.fixture(scope="module")
+def testbed_psnr():
+    import convrot.quality as q
+    if q.testbed_paths(TESTBED_SHARED) is None:
+        pytest.skip(f"the CIFAR-10 testbed is absent: no {TESTBED_SHARED}/weights/{q.TESTBED_FILE} (+ context, data); "
+                    "it exists beside the project checkout only (../shared/README.md)")
+    wfile, cfile, _ = q.testbed_paths(TESTBED_SHARED)
+    base = q.load_flux_file(str(wfile))
+    txt, vec = q.load_context(cfile)
+    labels = torch.arange(IMG_SAMPLES)
+    noise = q.testbed_noise(IMG_SAMPLES, 0)
+    corr, cache = q.Correction(), {}
+
+    def images(variant):
+        model, info = q.build_variant(base, variant, 256, corr, "cpu", cache)
+        return q.sample_testbed(model.float().eval(), labels, txt, vec, noise, IMG_STEPS), info
+
+    ref, _ = images("bf16")
+    out = {}
+    for v in RECORDED_PSNR:
+        imgs, info = images(v)
+        out[v] = (q.image_psnr(imgs, ref), q.ssim(imgs, ref), info)
+    return out
+
+
+@pytest.mark.parametrize("variant", list(RECORDED_PSNR))
+def test_testbed_psnr_not_below_recorded(testbed_psnr, variant):
+    psnr, ssim_v, _ = testbed_psnr[variant]
+    assert psnr >= RECORDED_PSNR[variant] - 1.0, (variant, psnr, RECORDED_PSNR[variant])
+    assert 0.9 < ssim_v <= 1.0
+
+
+def test_testbed_correction_pays_and_costs_what_it_says(testbed_psnr):
+    for p in ("mixed", "compact"):
+        assert testbed_psnr[f"{p}+lr"][0] > testbed_psnr[p][0] + 2.0, p
+        plain, lr = testbed_psnr[p][2], testbed_psnr[f"{p}+lr"][2]
+        assert lr["bytes"] - plain["bytes"] == 2 * lr["branch_values"] > 0
+    assert testbed_psnr["w8a8"][0] > testbed_psnr["mixed"][0] > testbed_psnr["compact"][0] - 0.5
+
+
+def test_image_metrics():
+    from convrot.quality import frechet_distance, feature_stats, image_psnr, ssim
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 3, 32, 32, generator=gen) * 2 - 1
+    assert ssim(a, a) == pytest.approx(1.0) and math.isinf(image_psnr(a, a))
+    b = (a + 0.02 * torch.randn(a.shape, generator=gen)).clamp(-1, 1)
+    assert 0.9 < ssim(b, a) < 1.0 and 35 < image_psnr(b, a) < 45
+    f = torch.randn(500, 8, generator=gen)
+    mu, cov = feature_stats(f)
+    assert frechet_distance(mu, cov, mu, cov) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(mu + 1, cov, mu, cov) == pytest.approx(8.0, rel=1e-6)   # ||1||^2 over 8 dims
+    assert frechet_distance(mu, 4 * cov, mu, cov) == pytest.approx(float(torch.trace(cov)), rel=1e-6)
+
+
+def test_images_command_refuses_a_missing_testbed(tmp_path, capsys):
+    assert main(["images", "--shared", str(tmp_path), "-q"]) == 2
+    assert "testbed is not under" in capsys.readouterr().err
