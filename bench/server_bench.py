@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import threading
@@ -260,13 +259,27 @@ async def run_prompt(session, ws, server: Server, graph: dict, client_id: str, m
     if "1" in order and order.index("1") + 1 < len(starts):
         i = order.index("1")
         res["load_s"] = starts[i + 1][1] - starts[i][1]
-    ts = [t for _, t in sorted(steps)]
-    if len(ts) >= 3:
-        gaps = [b - a for a, b in zip(ts[1:], ts[2:])] if len(ts) > 3 else [ts[2] - ts[1]]
-        res["s_per_it"] = statistics.median(gaps)
-        res["it_s"] = 1.0 / res["s_per_it"]
-        res["first_step_s"] = ts[0] - (starts[order.index("6")][1] if "6" in order else t_queue)
+    res.update(step_rate(steps, starts[order.index("6")][1] if "6" in order else t_queue))
     return res
+
+
+def step_rate(steps: list[tuple[int, float]], t_start: float) -> dict:
+    """Seconds per step from the sampler's progress messages [(step value, arrival time)].
+
+    ComfyUI sends the first and the last step always but the ones between at most every 100 ms, so faster steps
+    arrive thinned out: the rate is steps done over time taken between two messages, never the median gap. The
+    first step (warm-up, compiles) is left out: timing starts at the message of step 2 where one came, else 1."""
+    seen = sorted(dict(steps).items())
+    if not seen:
+        return {}
+    out = {"first_step_s": seen[0][1] - t_start}
+    last_v, last_t = seen[-1]
+    anchor = next(((v, t) for v, t in seen if v >= 2 and v < last_v), None) or \
+        next(((v, t) for v, t in seen if v >= 1 and v < last_v), None)
+    if anchor is not None and last_t > anchor[1]:
+        out["s_per_it"] = (last_t - anchor[1]) / (last_v - anchor[0])
+        out["it_s"] = 1.0 / out["s_per_it"]
+    return out
 
 
 def read_latent(out_dir: Path, prefix: str):

@@ -12,6 +12,15 @@ from collections import Counter, defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# Triton's interpreter works only if triton.language is first imported with TRITON_INTERPRET=1 (its standard
+# functions are bound then). Without CUDA, ComfyUI's comfy-kitchen imports triton long before tests/test_triton.py
+# runs, so the switch is set here, before anything imports triton.
+if "triton" not in sys.modules:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from comfy_env import comfy  # noqa: E402,F401  (session fixture: ComfyUI + this pack loaded as a custom node)
 
 # (cause, what to do) by the first matching needle in a skip reason (lower case)

@@ -67,7 +67,7 @@ def test_pack_registers_v3_nodes(comfy):
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS["ConvRotW4A4Loader"] == "ConvRot W4A4 Loader"
     s = ld.GET_SCHEMA()
     assert s.category == "model/loaders"
-    assert [i.id for i in s.inputs] == ["unet_name", "preset", "group_size", "overrides"]
+    assert [i.id for i in s.inputs] == ["unet_name", "preset", "group_size", "overrides", "speed"]
     preset, group = s.inputs[1], s.inputs[2]
     assert preset.options == ["mixed", "w4a4", "compact", "w8a8"] and preset.default == "mixed"
     assert group.options == ["256", "64", "16"] and group.default == "256"
@@ -79,7 +79,7 @@ def test_pack_registers_v3_nodes(comfy):
     # the V1-style info ComfyUI's /object_info serves is derivable (catches schema errors the frontend would hit)
     info = ld.GET_NODE_INFO_V1()
     assert list(info["input"]["required"]) == ["unet_name", "preset", "group_size"]
-    assert list(info["input"]["optional"]) == ["overrides"]
+    assert list(info["input"]["optional"]) == ["overrides", "speed"]
 
 
 # ---------------------------------------------------------------------------- loading and sampling
