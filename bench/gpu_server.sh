@@ -34,7 +34,7 @@ if [ "$tests" != none ]; then
   COMFYUI_PATH=/tmp/ComfyUI timeout 200 python3 -m pytest -q -x -p no:cacheprovider $tests 2>&1 | tail -15 \
     | tee $OUT/tests.txt
 fi
-[ "$modes" = none ] || timeout $(( 590 - ($(date +%s) - t0) )) python3 bench/server_bench.py --comfy /tmp/ComfyUI \
+[ "$modes" = none ] || timeout $(( ${BUDGET:-590} - ($(date +%s) - t0) )) python3 bench/server_bench.py --comfy /tmp/ComfyUI \
   --workdir $W --modes "$modes" --variants "$variants" --out $OUT/server.jsonl --log-dir /tmp/srv_logs "$@" \
   2>&1 | grep -v "^quantize \[" | tail -60
 for f in /tmp/srv_logs/*.log; do echo "=== $f"; grep -v "it/s\]\|s/it\]" $f | tail -c 60000; done \

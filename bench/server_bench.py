@@ -326,9 +326,17 @@ async def run_mode(mode: str, flags: list[str], variants: list[str], a, cond: Pa
                             save_file({"latent": r["latent"].contiguous()},
                                       str(d / f"{prefix.replace('/', '_')}.safetensors"))
                         rows.append(r)
+                        base = next((b["latent"] for b in rows if b.get("mode") == mode and b.get("variant") == "bf16"
+                                     and b.get("latent") is not None), None)
+                        if base is not None and r["latent"] is not None and v != "bf16":
+                            r["latent_err"] = rel(r["latent"], base)
                         print(f"   {v}: " + ", ".join(f"{k}={r[k]:.3f}" if isinstance(r[k], float) else f"{k}={r[k]}"
-                                                      for k in ("it_s", "load_s", "peak_vram_gb", "error")
+                                                      for k in ("it_s", "load_s", "peak_vram_gb", "first_step_s",
+                                                                "latent_err", "error")
                                                       if k in r), flush=True)
+                        if a.out:  # each row as soon as it is measured: a call that runs out of time keeps them
+                            with open(Path(a.out).with_suffix(".partial.jsonl"), "a") as f:
+                                f.write(json.dumps({k: x for k, x in r.items() if k != "latent"}) + "\n")
         except Exception as e:
             rows.append({"mode": mode, "variant": ",".join(vs), "flags": " ".join(flags),
                          "error": f"server: {type(e).__name__}: {e}"})
@@ -405,12 +413,13 @@ def main(argv=None) -> int:
     mem = MemPoll()
     rows: list = []
     variants = [v for v in a.variants.split(",") if v]
-    for mode in [m for m in a.modes.split(",") if m]:
+    for spec in [m for m in a.modes.split(",") if m]:
+        mode, _, only = spec.partition("@")  # "pressure@bf16|mixed+eager": that mode with those variants only
         flags = MODES[mode]
         if flags is None:  # pressure: leave the budget only
             total = mem._mem(mem.h).total / 2**30 if mem.h is not None else 0
             flags = ["--reserve-vram", f"{max(total - a.pressure_budget_gb, 0):.1f}"]
-        asyncio.run(run_mode(mode, flags, variants, a, cond, mem, rows))
+        asyncio.run(run_mode(mode, flags, only.split("|") if only else variants, a, cond, mem, rows))
     text = table(rows, environment(comfy) + f"; FLUX.1-dev-size random weights{' (tiny)' if a.tiny else ''}, "
                        f"{a.res}², {a.steps} steps, euler/simple, FluxGuidance 3.5")
     print(text, flush=True)
