@@ -8,13 +8,14 @@ modes=$1; variants=$2; tests=${3:-none}; shift 3
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 CONVROT_CACHE_DIR=/tmp/convrot_cache PYTHONPATH=/tmp/site
 W=/tmp/srv
 t0=$(date +%s)
-if [ ! -f /tmp/site/.done ]; then
+stamp=$(ls .gpu/whl | md5sum | cut -c1-8)  # a warm machine keeps /tmp/site: reinstall when the wheels change
+if [ "$(cat /tmp/site/.done 2>/dev/null)" != "$stamp" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl 2>&1 | tail -2
   cp -r .gpu/kitchen/. /tmp/site/
   xz -dc .gpu/kitchen/comfy_kitchen/backends/cuda/_C.abi3.so.xz > /tmp/site/comfy_kitchen/backends/cuda/_C.abi3.so
-  rm -f /tmp/site/comfy_kitchen/backends/cuda/_C.abi3.so.xz && touch /tmp/site/.done
+  rm -f /tmp/site/comfy_kitchen/backends/cuda/_C.abi3.so.xz && echo "$stamp" > /tmp/site/.done
 fi
-[ -f /tmp/ComfyUI/main.py ] || tar -xJf .gpu/comfyui.tar.xz -C /tmp
+[ -f /tmp/ComfyUI/comfy/text_encoders/spiece_tokenizer.py ] || { rm -rf /tmp/ComfyUI; tar -xJf .gpu/comfyui.tar.xz -C /tmp; }
 [ -f .gpu/build.tar.xz ] && [ ! -d /tmp/convrot_cache ] && tar -xJf .gpu/build.tar.xz -C /tmp
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
@@ -31,12 +32,13 @@ wait $build; tail -1 $OUT/env.txt; echo "setup $(( $(date +%s) - t0 )) s"
 # the built extension, for carrying into a later call as .gpu/cache (skips the 2-minute build on a fresh machine)
 [ -n "${SAVE_BUILD:-}" ] && tar -cJf $OUT/build.tar.xz -C /tmp convrot_cache 2>/dev/null
 if [ "$tests" != none ]; then
-  COMFYUI_PATH=/tmp/ComfyUI timeout 200 python3 -m pytest -q -x -p no:cacheprovider $tests 2>&1 | tail -15 \
-    | tee $OUT/tests.txt
+  COMFYUI_PATH=/tmp/ComfyUI timeout 200 python3 -m pytest -q -x -p no:cacheprovider $tests > $OUT/tests.txt 2>&1
+  tail -15 $OUT/tests.txt
 fi
 [ "$modes" = none ] || timeout $(( ${BUDGET:-590} - ($(date +%s) - t0) )) python3 bench/server_bench.py --comfy /tmp/ComfyUI \
   --workdir $W --modes "$modes" --variants "$variants" --out $OUT/server.jsonl --log-dir /tmp/srv_logs "$@" \
   2>&1 | grep -v "^quantize \[" | tail -60
-for f in /tmp/srv_logs/*.log; do echo "=== $f"; grep -v "it/s\]\|s/it\]" $f | tail -c 60000; done \
+# progress bars end in \r, not \n: split them off so that log lines printed during sampling are kept
+for f in /tmp/srv_logs/*.log; do echo "=== $f"; tr '\r' '\n' < $f | grep -v "it/s\]\|s/it\]" | tail -c 60000; done \
   > $OUT/server_logs.txt 2>/dev/null; rm -rf /tmp/srv_logs
 echo "total $(( $(date +%s) - t0 )) s"

@@ -125,6 +125,14 @@ def _first_difference(a: tuple, b: tuple) -> str:
     return "the number of arguments"
 
 
+def async_allocator() -> bool:
+    """Whether PyTorch uses the cudaMallocAsync allocator backend (ComfyUI's default on NVIDIA GPUs)."""
+    try:
+        return torch.cuda.is_available() and torch.cuda.get_allocator_backend() == "cudaMallocAsync"
+    except Exception:  # noqa: BLE001 - an uninitialisable CUDA: no graphs are captured anyway
+        return False
+
+
 @dataclass
 class _Graph:
     graph: "torch.cuda.CUDAGraph"
@@ -139,6 +147,7 @@ class GraphedCalls:
     # Set when a capture failed inside CUDA (not just in Python): the caching allocator may then still route a
     # stream's allocations to the graph pool, so no graph is captured again in this process.
     broken: str | None = None
+    _failed: list = []  # failed captures under cudaMallocAsync, never freed (see _capture)
 
     def __init__(self, name: str = "ConvRot CUDA Graph", max_graphs: int = 4, reraise: tuple = (), guard=None):
         self.name = name
@@ -245,6 +254,11 @@ class GraphedCalls:
                 g_out = fn(*s_args, **s_kwargs)
         except BaseException as e:
             self._recover(graph, cur, e)
+            if async_allocator():
+                # cudaMallocAsync: what the failed capture allocated was never launched, so freeing it is an
+                # invalid cudaFreeAsync inside a tensor deleter, which aborts the process. The exception's frames
+                # hold those tensors: kept for the life of the process (graphs are off after this anyway).
+                GraphedCalls._failed.append((graph, e))
             if isinstance(e, self.reraise) or not isinstance(e, Exception):
                 raise
             reason = ("out of GPU memory while capturing" if isinstance(e, torch.cuda.OutOfMemoryError) else
@@ -252,12 +266,21 @@ class GraphedCalls:
             self.disable(reason)
             torch.cuda.empty_cache()
             return out
+        # Replayed at once, before anything else runs: under the cudaMallocAsync allocator (ComfyUI's default) a
+        # buffer allocated while capturing exists only once the graph has been launched, so a captured tensor that
+        # Python frees before the first replay (a cache the call refreshed, a reference cycle collected late) is an
+        # invalid cudaFreeAsync, raised inside a tensor deleter: the process aborts (bench/NOTES.md, run S2).
+        self._first_launch(graph)
         torch.cuda.empty_cache()  # the warm-up's blocks cached for the side stream are not reusable by the model
         self.graphs[sig] = _Graph(graph, inputs, g_out, objects)
         self._guard_value = guard_value
         self.captures += 1
         log.info("%s: captured graph %d of this run", self.name, len(self.graphs))
         return out
+
+    @staticmethod
+    def _first_launch(graph) -> None:
+        graph.replay()
 
     def _recover(self, graph, cur, error) -> None:
         """Undo what an interrupted capture leaves behind: a failing capture_end skips restoring the current stream

@@ -63,9 +63,6 @@ def _not_capturable(model: torch.nn.Module, args, kwargs) -> str | None:
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
         return "the model runs on the CPU (CUDA graphs need an NVIDIA GPU)"
-    if async_allocator():
-        return ("ComfyUI runs with the cudaMallocAsync allocator (its default), under which capturing this model "
-                "aborted the process on an H200; start ComfyUI with --disable-cuda-malloc to use CUDA graphs")
     options = [a for a in list(args) + list(kwargs.values()) if isinstance(a, dict)]
     if any(o.get("multigpu_thread_device") is not None for o in options):
         # ComfyUI's multi-GPU sampling calls the model from one thread per device, all through this wrapper
@@ -74,14 +71,6 @@ def _not_capturable(model: torch.nn.Module, args, kwargs) -> str | None:
         if t.device.type != "cuda":
             return f"{name} is not on the GPU (low-VRAM offloading); load the model fully to use CUDA graphs"
     return None
-
-
-def async_allocator() -> bool:
-    """Whether PyTorch uses the cudaMallocAsync allocator backend (ComfyUI's default on NVIDIA)."""
-    try:
-        return torch.cuda.is_available() and torch.cuda.get_allocator_backend() == "cudaMallocAsync"
-    except Exception:
-        return False
 
 
 def weight_addresses(model: torch.nn.Module):

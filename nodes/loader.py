@@ -83,11 +83,7 @@ def with_speed(patcher, speed: str):
         log.info("ConvRot: steps run eagerly (no compiled blocks or CUDA graphs): %s", reason)
         return patcher
     from .compile import compile_blocks
-    from .graph import async_allocator, graph_model
-    if async_allocator():  # capture aborted the server process under cudaMallocAsync (H200, bench/NOTES.md)
-        log.info("ConvRot: blocks are compiled (the first step takes ~20 s longer; speed = eager turns this off); "
-                 "steps are not replayed as CUDA graphs under ComfyUI's cudaMallocAsync allocator")
-        return compile_blocks(patcher)
+    from .graph import graph_model
     log.info("ConvRot: blocks are compiled and steps replayed as CUDA graphs (the first step takes ~20 s longer "
              "while compiling; set speed = eager on the loader to turn this off)")
     return graph_model(compile_blocks(patcher))

@@ -293,3 +293,85 @@ def test_weights_updated_in_place_are_seen_replaced_ones_never_replayed():
     model.norm.weight = torch.nn.Parameter(model.norm.weight * 0.5)
     _check(run, model, 55, t=24)
     assert run.captures == 1 and "replaced since the last capture" in run.disabled
+
+
+_ASYNC_PROBE = r"""
+import sys, torch
+sys.path.insert(0, {tests!r}); sys.path.insert(0, {repo!r})
+assert torch.cuda.get_allocator_backend() == "cudaMallocAsync", torch.cuda.get_allocator_backend()
+import test_graphs as t
+from convrot import graphs
+scenario = {scenario!r}
+if scenario == "no-first-launch":  # the code before the fix: no launch between the capture and the next step
+    graphs.GraphedCalls._first_launch = staticmethod(lambda graph: None)
+cache = {{}}
+class Caching(torch.nn.Module):
+    # keeps a buffer made inside the call, as ComfyUI's caches and compiled code's state do
+    def __init__(self):
+        super().__init__(); self.model = t.Toy()
+    def forward(self, x, cond, opts):
+        y = self.model(x, cond, opts)
+        cache["last"] = y["y"] * 2
+        return y
+with torch.inference_mode():
+    m = Caching()
+    if scenario == "failed-capture":  # a host sync while capturing: eager from then on, and the process lives
+        run = graphs.GraphedCalls("probe")
+        def sync_while_capturing(y):  # warm-ups may synchronize once (lazy initialisation): only the capture
+            if torch.cuda.is_current_stream_capturing():
+                t._sync(y)
+        fn = t._Calls(m.model, range(1, 10), sync_while_capturing)
+        for i in range(3):
+            x, cond, opts = t._inputs(400 + i)
+            err = (run(fn, x, cond, opts)["y"].float() - m.model(x, cond, opts)["y"].float()).abs().max().item()
+            assert err < 2e-3, err
+            print("failed-capture call", i, "ok", flush=True)
+        assert run.disabled.startswith("capture failed"), run.disabled
+        import gc; gc.collect()
+    else:
+        for r in range(2):  # two sampling runs: graphs freed at the end of each
+            run = graphs.GraphedCalls("probe")
+            for i in range(4):
+                x, cond, opts = t._inputs(300 + 10 * r + i)
+                ref = m.model(x, cond, opts)["y"]
+                out = run(m, x, cond, opts)["y"]
+                cache.clear()  # a captured buffer freed right after the capture
+                torch.cuda.synchronize()
+                err = (out.float() - ref.float()).abs().max().item()
+                assert err < 2e-3, err
+                print("run", r, "call", i, "ok", flush=True)
+            assert (run.captures, run.replays, run.disabled) == (1, 3, None), (run.captures, run.replays, run.disabled)
+            run.close()
+    torch.cuda.synchronize()
+print("PROBE-OK")
+"""
+
+
+def _probe(scenario: str):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    tests = str(Path(__file__).parent)
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="backend:cudaMallocAsync")
+    code = _ASYNC_PROBE.format(tests=tests, repo=str(Path(tests).parent), scenario=scenario)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    return r, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[:3000]}"
+
+
+@cuda
+def test_capture_and_replay_under_the_cuda_malloc_async_allocator():
+    """ComfyUI runs with PyTorch's cudaMallocAsync backend by default; capturing there aborted the server process
+    (a captured buffer freed before the graph's first launch). The backend is chosen per process: a child runs
+    the replay check with a buffer freed right after the capture; with the first launch skipped (the old code) the
+    same child must fail, which shows the check can see the defect."""
+    r, text = _probe("replay")
+    assert r.returncode == 0 and "PROBE-OK" in r.stdout, text
+    r, text = _probe("no-first-launch")
+    assert r.returncode != 0, "the probe passed without the first launch: it cannot see the defect\n" + text
+
+
+@cuda
+def test_a_failed_capture_under_cuda_malloc_async_leaves_the_process_running():
+    r, text = _probe("failed-capture")
+    assert r.returncode == 0 and "PROBE-OK" in r.stdout, text
