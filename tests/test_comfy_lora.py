@@ -331,6 +331,32 @@ def test_compile_blocks_node(env):
         c.pack.nodes.compile.block_keys(type("P", (), {"get_model_object": lambda self, k: torch.nn.Linear(2, 2)})())
 
 
+def test_speed_auto_compile_steps_aside_for_lora_branches(env, caplog):
+    """The loader's speed=auto compiles blocks `for_graphs`: a run whose quantized layers carry LoRA branches runs
+    the blocks uncompiled (one log line), a run without them compiled; both sample as the plain model. A counting
+    Dynamo backend shows which ran."""
+    c = env["comfy"]
+    compiled = []
+
+    def counting(gm, example_inputs):
+        compiled.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    m = c.pack.nodes.compile.compile_blocks(env["ours"], backend=counting, for_graphs=True)
+    loras = (("kohya.safetensors", 0.8),)
+    y_lora = sample(c, with_loras(c, env["ours"], *loras), steps=1)
+    with caplog.at_level(logging.INFO, logger="convrot"):
+        y2 = sample(c, with_loras(c, m, *loras), steps=1)
+    assert torch.allclose(y2, y_lora, rtol=1e-4, atol=1e-4), rel(y2, y_lora)
+    assert not compiled
+    assert sum("run uncompiled" in r.message for r in caplog.records) == 1
+    assert c.pack.nodes.compile.has_lora_branches(with_loras(c, m, *loras).model.diffusion_model)
+    y = sample(c, m, steps=1)  # the same clone without LoRAs: compiled
+    assert compiled
+    assert torch.allclose(y, sample(c, env["ours"], steps=1), rtol=1e-4, atol=1e-4)
+
+
 def test_dynamo_sees_no_graph_breaks_in_convrot_layers(env):
     """torch.compile traces a quantized layer (reference path on CPU) in one graph; a LoRA-patched one runs outside
     the graph on purpose (see nodes/ops.py _forward_convrot_eager) and computes the same."""
