@@ -21,7 +21,7 @@ import torch
 
 from . import ops
 from .hadamard import check_group_size
-from .policy import BF16, ECHO_CHARS, W4A4, W8A8
+from .policy import BF16, ECHO_CHARS, W4A4, W8A8, clip
 
 FORMAT_W4A4 = "convrot_w4a4"
 FORMAT_INT8 = "int8_tensorwise"
@@ -142,7 +142,7 @@ def convrot_params(conf: dict, where: str) -> tuple[int, int] | None:
         return 8, check_layer_group(g, where)
     if fmt in ("float8_e4m3fn", "float8_e5m2"):
         return None
-    raise CheckpointError(f"{where}: unsupported quantization format {fmt!r} (ConvRot reads convrot_w4a4, ConvRot "
+    raise CheckpointError(f"{where}: unsupported quantization format {clip(fmt)} (ConvRot reads convrot_w4a4, ConvRot "
                           f"int8_tensorwise and float8 layers; start from a bf16/fp16/fp8 file instead)")
 
 

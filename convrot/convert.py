@@ -139,7 +139,8 @@ def logical_shapes(infos: dict[str, TensorInfo], confs: dict[str, dict], file_na
 
 def flux_dims(shapes: dict[str, tuple]) -> dict[str, int]:
     """The architecture's sizes, each the value most tensors agree on (so one bad tensor is the one named, not
-    every tensor that disagrees with it)."""
+    every tensor that disagrees with it). A weight's vote counts twice a bias's: where a size has only those two
+    voters (the final layer's output channels), a wrong bias is the tensor named."""
     votes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for k, shape in shapes.items():
         for pat, want in FLUX_SHAPES:
@@ -147,7 +148,7 @@ def flux_dims(shapes: dict[str, tuple]) -> dict[str, int]:
                 if len(shape) == len(want):
                     for sym, d in zip(want, shape):
                         if len(sym) == 1:
-                            votes[sym][d] += 1
+                            votes[sym][d] += 2 if k.endswith(".weight") else 1
                 break
     return {sym: c.most_common(1)[0][0] for sym, c in votes.items()}
 

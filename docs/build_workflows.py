@@ -258,8 +258,9 @@ def quantize_and_save():
         "Put **flux1-dev.safetensors** (or any FLUX.1 bf16/fp16/fp8 transformer) in `models/diffusion_models/` "
         "and press *Queue*.\n\n"
         "*ConvRot W4A4 Loader* quantizes it with the chosen preset and group size; *ConvRot Save Quantized* writes "
-        f"the result to\n\n`models/diffusion_models/{SAVED_FILE}`\n\n"
-        "(the counter goes up if the file exists). No image is made.\n\n"
+        f"the result to\n\n`models/unet/{SAVED_FILE}`\n\n"
+        "(ComfyUI's first `diffusion_models` folder on a default install; with extra_model_paths.yaml its first "
+        "diffusion_models path; the counter goes up if the file exists). No image is made.\n\n"
         "Then open the workflow **flux1_dev_load_saved_w4a4** (or refresh the node list with **R**) and pick "
         "that file in the loader: it loads without re-quantizing. The stock *Load Diffusion Model* node can load "
         "it too.\n"
@@ -273,7 +274,8 @@ def quantize_and_save():
 
 def load_saved():
     note = ("This graph loads the file written by the **flux1_dev_quantize_and_save** workflow: "
-            f"`models/diffusion_models/{SAVED_FILE}`. A ConvRot file loads as is; the loader's preset, group size "
+            f"`models/unet/{SAVED_FILE}` (the first `diffusion_models` folder; the loaders list it with the files "
+            "of `models/diffusion_models/`). A ConvRot file loads as is; the loader's preset, group size "
             "and overrides apply only when it quantizes a bf16/fp16/fp8 file.")
     text = note_text(SAVED_FILE, "t5xxl_fp16.safetensors", note, saved=True)
     return text_to_image(SAVED_FILE, "t5xxl_fp16.safetensors", 20, 3.5, PROMPT, text,

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import re
 import struct
 import subprocess
 import sys
@@ -186,6 +187,12 @@ def test_quantization_metadata_that_is_not_a_layer_table(tmp_path):
         header_layer_confs({"_quantization_metadata": 5}, "f.safetensors")
 
 
+def test_unknown_format_name_is_cut_in_the_error():
+    with pytest.raises(CheckpointError) as e:
+        convrot_params({"format": "f" * 300_000, "convrot_groupsize": 256}, "f: img_in")
+    assert "img_in" in str(e.value) and len(str(e.value)) < ECHO_CHARS + 300
+
+
 def test_comfy_quant_json_that_cannot_be_decoded():
     deep = torch.frombuffer(bytearray(b"[" * 50000), dtype=torch.uint8)
     with pytest.raises(CheckpointError, match="img_in"):
@@ -295,8 +302,8 @@ def test_wrong_float_shape_is_a_size_mismatch_at_plan_time(tmp_path, tiny_sd, ke
     sd[key] = torch.zeros(shape, dtype=torch.bfloat16)
     src = write(tmp_path, sd)
     layer = key.rsplit(".", 1)[0]
-    with pytest.raises(CheckpointError, match=f"a.safetensors: {layer}: size mismatch"):
-        plan_file(str(src), 256, "mixed")
+    with pytest.raises(CheckpointError, match=f"a.safetensors: {layer}: size mismatch for {re.escape(key)}:"):
+        plan_file(str(src), 256, "mixed")  # the wrong tensor is the one named (a bias, not its layer's weight)
 
 
 def test_shape_check_accepts_prefixed_and_quantized_files(tmp_path, tiny_sd, quantized_sd):
@@ -348,6 +355,20 @@ def test_fp16_output_is_the_fp32_epilogue_cast_once():
     assert torch.isfinite(ref).all() and torch.isfinite(y16).all()
 
 
+def test_a_nan_token_gives_a_nan_row_on_the_reference_path_and_leaves_other_rows():
+    """What reference.py documents for non-finite inputs (the CUDA kernels differ: fmaxf drops NaN)."""
+    from convrot import ops
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(32, 256, generator=g) / 16
+    wq, ws = ops.quantize_weight(w, 256)
+    x = torch.randn(4, 256, generator=g)
+    x[1, 7] = float("nan")
+    y = ops.linear(x, wq, ws, None, 256)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2, 3]]).all()
+    clean = ops.linear(x[[0, 2, 3]], wq, ws, None, 256)
+    torch.testing.assert_close(y[[0, 2, 3]], clean, rtol=1e-5, atol=1e-6)  # per-token: other rows unaffected
+
+
 # ---------------------------------------------------------------- 12: quantize IN IN
 
 def test_quantize_into_its_own_input_is_refused(tmp_path, tiny_sd):
@@ -371,6 +392,17 @@ def test_save_node_says_where_it_writes():
     assert "models/unet" in page and "first" in page
     desc = node.split("description=", 1)[1].split("inputs=", 1)[0]
     assert "models/unet" in desc
+    # every other text that names where the saved file goes says the same
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    save_par = readme.split("**ConvRot Save Quantized**", 1)[1].split("\n\n", 1)[0]
+    assert "models/unet/" in save_par
+    texts = [readme] + [open(os.path.join(REPO, "workflows", f), encoding="utf-8").read()
+                        for f in os.listdir(os.path.join(REPO, "workflows")) if f.endswith(".json")]
+    for text in texts:
+        assert "models/diffusion_models/convrot/" not in text
+        assert "models/diffusion_models/{SAVED_FILE}" not in text
+    notes = [t for t in texts[1:] if "flux_w4a4_00001_" in t]
+    assert notes and all("models/unet/convrot/flux_w4a4_00001_" in t for t in notes)
 
 
 def test_inspect_of_a_float_file_says_not_quantized(tmp_path, tiny_sd, capsys):
