@@ -35,42 +35,29 @@ def block_keys(model_patcher) -> list[str]:
     return keys
 
 
-def compile_blocks(model_patcher, backend: str = "inductor", mode: str | None = None, for_graphs: bool = False):
+def compile_blocks(model_patcher, backend: str = "inductor", mode: str | None = None,
+                   uncompiled_with_lora: bool = False):
     """A clone of `model_patcher` whose FLUX blocks run torch.compile'd (compiled lazily, on the first step).
 
-    `for_graphs` (the loader's speed=auto, whose steps are then captured as CUDA graphs): the compiled blocks step
-    aside for a sampling run in which LoRA branches sit on quantized layers (each patched layer runs outside the
-    compiled graph, a graph break per layer: 0.76x of bf16 in the server; eager, the LoRA is folded into the
-    GEMM), and under cudaMallocAsync Inductor launches its kernels through Triton's launcher rather than its own
-    static one (see bench/NOTES.md, Session 6)."""
+    `uncompiled_with_lora` (the loader's speed=auto): the compiled blocks step aside for a sampling run in which
+    LoRA branches sit on quantized layers. Compiled, each patched layer runs outside the graph (a graph break per
+    layer: 0.76x of bf16 in the server, bench/NOTES.md Session 6); uncompiled, the branch runs next to the GEMM
+    (folded into it on Hopper) and the step can still be replayed as a CUDA graph."""
     from comfy.patcher_extension import WrappersMP
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from comfy_api.torch_helpers.torch_compile import COMPILE_KEY
 
     keys = block_keys(model_patcher)
     m = model_patcher.clone(disable_dynamic=True)  # as TorchCompileModel: dynamic VRAM's lazy weights don't trace
-    options = {"guard_filter_fn": _skip_transformer_options}
-    if for_graphs:
-        options.update(_graph_safe_inductor_options())
-    set_torch_compile_wrapper(model=m, backend=backend, mode=mode, keys=keys, options=options)
-    if for_graphs:
+    set_torch_compile_wrapper(model=m, backend=backend, mode=mode, keys=keys,
+                              options={"guard_filter_fn": _skip_transformer_options})
+    if uncompiled_with_lora:
         compiled = m.get_wrappers(WrappersMP.APPLY_MODEL, COMPILE_KEY)
         m.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, COMPILE_KEY)
         for w in compiled:
             m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, COMPILE_KEY, _unless_lora_branches(w))
     log.info("ConvRot: %d blocks will be compiled with torch.compile(%s) on the first step", len(keys), backend)
     return m
-
-
-def _graph_safe_inductor_options() -> dict:
-    from ..convrot.graphs import async_allocator
-    try:
-        import torch._inductor.config as inductor_config
-    except Exception:  # noqa: BLE001 - no Inductor: torch.compile reports that itself
-        return {}
-    if async_allocator() and hasattr(inductor_config, "use_static_cuda_launcher"):
-        return {"use_static_cuda_launcher": False}
-    return {}
 
 
 def has_lora_branches(diffusion_model) -> bool:
@@ -86,8 +73,9 @@ def _unless_lora_branches(compiled_wrapper):
         if has_lora_branches(executor.class_obj.diffusion_model):
             if not logged:
                 logged.append(True)
-                log.info("ConvRot: LoRA branches on quantized layers: this model's blocks run uncompiled (the "
-                         "LoRA is folded into the GEMM; steps are still replayed as CUDA graphs where possible)")
+                log.info("ConvRot: LoRA branches on quantized layers: this model's blocks run uncompiled (compiled, "
+                         "each patched layer would break the graph); steps are still replayed as CUDA graphs where "
+                         "possible")
             return executor(*args, **kwargs)
         return compiled_wrapper(executor, *args, **kwargs)
     return wrapper

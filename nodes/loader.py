@@ -86,7 +86,7 @@ def with_speed(patcher, speed: str):
     from .graph import graph_model
     log.info("ConvRot: blocks are compiled and steps replayed as CUDA graphs (the first step takes ~20 s longer "
              "while compiling; set speed = eager on the loader to turn this off)")
-    return graph_model(compile_blocks(patcher, for_graphs=True))
+    return graph_model(compile_blocks(patcher, uncompiled_with_lora=True))
 
 
 def load_convrot_model(path: str, preset: str = "mixed", group_size: int | str = 256, overrides: str = "",

@@ -332,7 +332,7 @@ def test_compile_blocks_node(env):
 
 
 def test_speed_auto_compile_steps_aside_for_lora_branches(env, caplog):
-    """The loader's speed=auto compiles blocks `for_graphs`: a run whose quantized layers carry LoRA branches runs
+    """The loader's speed=auto compiles blocks `uncompiled_with_lora`: a run whose quantized layers carry LoRA branches runs
     the blocks uncompiled (one log line), a run without them compiled; both sample as the plain model. A counting
     Dynamo backend shows which ran."""
     c = env["comfy"]
@@ -343,7 +343,7 @@ def test_speed_auto_compile_steps_aside_for_lora_branches(env, caplog):
         return gm.forward
 
     torch._dynamo.reset()
-    m = c.pack.nodes.compile.compile_blocks(env["ours"], backend=counting, for_graphs=True)
+    m = c.pack.nodes.compile.compile_blocks(env["ours"], backend=counting, uncompiled_with_lora=True)
     loras = (("kohya.safetensors", 0.8),)
     y_lora = sample(c, with_loras(c, env["ours"], *loras), steps=1)
     with caplog.at_level(logging.INFO, logger="convrot"):
