@@ -100,13 +100,14 @@ def linear(x2d: torch.Tensor, w_packed: torch.Tensor, bias: torch.Tensor | None,
 
 
 def kernels_can_fold(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `linear` runs on this device and activation dtype (CUDA kernels built for sm_90, bf16/fp16)."""
+    """Whether `linear` runs on this device and activation dtype (the CUDA-extension route, built for sm_90;
+    bf16/fp16)."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
     if os.environ.get("CONVROT_FOLD_LORA", "1") == "0":  # escape hatch / A-B measurements: the separate branch
         return False
     try:
-        from . import kernels
-        return kernels.available(device) and kernels.can_fold_lowrank()
+        from . import kernels, routes
+        return routes.route_for(device).name == "cuda" and kernels.can_fold_lowrank()
     except Exception:
         return False

@@ -1,4 +1,4 @@
-"""Kernel dispatch: the CUDA extension where it is built and supports the device, the reference ops elsewhere.
+"""Kernel dispatch: per device the route of convrot/routes.py (CUDA extension, then Triton, then the reference).
 
 Every entry point has the reference's signature and meaning (see reference.py); the choice is made per call from
 the tensor's device, so a model that moves between CPU and GPU (ComfyUI offloading) keeps working.
@@ -9,21 +9,11 @@ import logging
 
 import torch
 
-from . import reference
+from . import reference, routes
 
 log = logging.getLogger("convrot")
 _fallback_logged: set[str] = set()
 _int_mm_ok = [True]
-
-
-def _kernels():
-    """The compiled-kernel module when usable for CUDA tensors, else None (the reason is logged once)."""
-    try:
-        from . import kernels
-    except Exception as e:  # the package is optional: a broken or absent build must never break inference
-        _log_once(f"CUDA kernels unavailable ({type(e).__name__}: {e}); using the PyTorch reference path")
-        return None
-    return kernels
 
 
 def _log_once(msg: str) -> None:
@@ -33,23 +23,17 @@ def _log_once(msg: str) -> None:
 
 
 def _fast(t: torch.Tensor, group_size: int, n: int | None = None):
-    """The kernels module when it can take this CUDA tensor and shape (K, N, G), else None."""
+    """The fast backend (convrot/routes.py) that takes this CUDA tensor and shape (K, N, G), else None."""
     if t.device.type != "cuda":
         return None
-    k = _kernels()
-    if k is None:
+    r = routes.route_for(t.device)
+    if r.backend is None:
         return None
-    try:
-        if not k.available(t.device):
-            return None
-    except Exception as e:
-        _log_once(f"CUDA kernels unavailable ({e}); using the PyTorch reference path")
+    if not r.backend.supports_shape(t.shape[-1], n, group_size):
+        _log_once(f"shape K={t.shape[-1]}, N={n}, G={group_size} is outside the {r.name} kernels' limits; that "
+                  f"layer uses the PyTorch path")
         return None
-    if not k.supports_shape(t.shape[-1], n, group_size):
-        _log_once(f"shape K={t.shape[-1]}, N={n}, G={group_size} is outside the CUDA kernels' limits "
-                  f"(K % 64, N % 8); that layer uses the PyTorch path")
-        return None
-    return k
+    return r.backend
 
 
 def rotate_quantize(x2d: torch.Tensor, group_size: int, bits: int = 4):

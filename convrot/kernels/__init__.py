@@ -43,7 +43,8 @@ _state: dict = {"tried": False, "ops": None, "cc": None, "reason": None}
 
 def _not_available(reason: str):
     _state["reason"] = reason
-    log.warning("ConvRot CUDA kernels not available: %s; using the PyTorch reference path", reason)
+    # the route line of convrot/routes.py says what runs instead (Triton or the PyTorch reference)
+    log.info("ConvRot CUDA extension not available: %s", reason)
     return None
 
 

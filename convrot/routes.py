@@ -1,0 +1,184 @@
+"""Which implementation computes ConvRot's ops on a device, decided once per device and said in one log line.
+
+Order: the built CUDA extension (convrot/kernels: CUTLASS on sm_90, int4 mma.sync on sm_80/86/89), then the Triton
+kernels (convrot/triton_kernels: no compiler at install time, sm_80 and newer), then the PyTorch reference
+(convrot/reference.py, everywhere). `CONVROT_ROUTE=cuda|triton|reference` forces one (a forced route that cannot run
+on the device falls to the next one, and the log line says so); `CONVROT_DISABLE_KERNELS=1` keeps the extension
+unbuilt, as before.
+
+A backend offers the fast-op API that convrot/ops.py calls: supports_shape(k, n, group_size),
+rotate_quantize(x2d, g) (4-bit, packed), rotate_quantize_q8(x2d, g), linear_fn(g, bits) (the unchecked per-layer
+call) and w4a4_linear / w8a8_linear(x2d, w, w_scale, bias, g) (checked, traceable by torch.compile).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("convrot")
+
+ROUTES = ("cuda", "triton", "reference")
+ENV = "CONVROT_ROUTE"
+# Triton takes part in the automatic order only once its kernels have been checked against the reference on a GPU
+# (so far: through Triton's CPU interpreter, and the probe of triton_kernels.available); until then it runs when
+# CONVROT_ROUTE=triton asks for it.
+TRITON_AUTOMATIC = False
+
+# What each route costs, for the log line (measured figures live in README / bench/NOTES.md)
+COST = {
+    "cuda": "ConvRot's fastest kernels",
+    "triton": "portable Triton kernels (no compiler needed; on Hopper slower than the CUDA extension)",
+    "reference": "the PyTorch reference path: W4A4 layers run about 10x slower than bf16 on a GPU "
+                 "(install a CUDA toolkit for the extension; CONVROT_ROUTE=triton tries the Triton kernels, not "
+                 "yet verified on a GPU)",
+}
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str                  # one of ROUTES
+    why: str                   # what runs here, and why the faster routes do not
+    backend: object | None     # None for the reference
+
+
+class _CudaExtension:
+    """The extension module behind the backend API (it already offers it)."""
+
+    def __init__(self, module):
+        self.m = module
+
+    def supports_shape(self, k, n, group_size):
+        return self.m.supports_shape(k, n, group_size)
+
+    def rotate_quantize(self, x2d, g):
+        return self.m.rotate_quantize(x2d, g)
+
+    def rotate_quantize_q8(self, x2d, g):
+        return self.m.rotate_quantize_q8(x2d, g)
+
+    def linear_fn(self, g, bits):
+        return self.m.linear_fn(g, bits)
+
+    def w4a4_linear(self, x2d, w, w_scale, bias, g):
+        return self.m.w4a4_linear(x2d, w, w_scale, bias, g)
+
+    def w8a8_linear(self, x2d, w, w_scale, bias, g):
+        return self.m.w8a8_linear(x2d, w, w_scale, bias, g)
+
+
+class _Triton:
+    def __init__(self, module):
+        self.m = module
+
+    def supports_shape(self, k, n, group_size):
+        return self.m.supports_shape(k, n, group_size)
+
+    def rotate_quantize(self, x2d, g):
+        return self.m.rotate_quantize(x2d, g, 4)
+
+    def rotate_quantize_q8(self, x2d, g):
+        return self.m.rotate_quantize(x2d, g, 8)
+
+    def linear_fn(self, g, bits):
+        return self.m.linear_fn(g, bits)
+
+    def w4a4_linear(self, x2d, w, w_scale, bias, g):
+        return self.m.linear_op()(x2d, w, w_scale, bias, g, 4)
+
+    def w8a8_linear(self, x2d, w, w_scale, bias, g):
+        return self.m.linear_op()(x2d, w, w_scale, bias, g, 8)
+
+
+def decide(device: str, forced: str | None, cuda: tuple[bool, str], triton: tuple[bool, str],
+           triton_automatic: bool | None = None) -> tuple[str, str]:
+    """(route, why) from what each route reported for a device: (ok, reason) pairs. Pure, for tests."""
+    auto = TRITON_AUTOMATIC if triton_automatic is None else triton_automatic
+    note = ""
+    if forced is not None and forced not in ROUTES:
+        note, forced = f"{ENV}={forced!r} is not one of {', '.join(ROUTES)}; ", None
+    if triton[0] and forced != "triton" and not auto:
+        triton = (False, f"not in the automatic order yet ({ENV}=triton runs it)")
+    return _decide(device, forced, cuda, triton, note)
+
+
+def _decide(device, forced, cuda, triton, note=""):
+    tried = {"cuda": cuda, "triton": triton}
+    order = list(ROUTES[ROUTES.index(forced):]) if forced else list(ROUTES)
+    skipped = []
+    if forced and forced != "cuda":
+        note += f"{ENV}={forced}; "
+    for name in order:
+        if name == "reference":
+            break
+        ok, reason = tried[name]
+        if ok:
+            why = f"{note}{reason}" + (f" ({'; '.join(skipped)})" if skipped else "")
+            return name, why
+        skipped.append(f"{'CUDA extension' if name == 'cuda' else 'Triton'}: {reason}")
+    return "reference", note + ("; ".join(skipped) if skipped else f"{device} tensors")
+
+
+_routes: dict[str, Route] = {}
+
+
+def route_for(device: torch.device) -> Route:
+    """The route for a device (cached; the first decision per device is logged once)."""
+    key = _key(device)
+    r = _routes.get(key)
+    if r is None:
+        r = _routes[key] = _route(device)
+        level = logging.INFO if r.name != "reference" or device.type != "cuda" else logging.WARNING
+        if device.type == "cuda" or r.name != "reference":
+            log.log(level, "ConvRot on %s: %s: %s [%s]", key, r.name, COST[r.name], r.why)
+    return r
+
+
+def _key(device: torch.device) -> str:
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
+def _route(device: torch.device) -> Route:
+    forced = os.environ.get(ENV, "").strip().lower() or None
+    if device.type != "cuda":
+        return Route("reference", f"{device.type} tensors", None)
+    ext, ext_report = _cuda_extension(device)
+    wanted = forced == "triton" or (TRITON_AUTOMATIC and forced in (None, "cuda"))
+    # the Triton check compiles and runs a probe: only where Triton could be picked
+    tri, tri_report = _triton(device) if wanted else (None, (False, f"not in the automatic order yet ({ENV}=triton "
+                                                                   f"runs it)"))
+    name, why = decide(device.type, forced, ext_report, tri_report)
+    backend = {"cuda": ext, "triton": tri}.get(name)
+    return Route(name, why, backend)
+
+
+def _cuda_extension(device) -> tuple[object | None, tuple[bool, str]]:
+    try:
+        from . import kernels
+    except Exception as e:  # the extension is optional: a broken install must never break inference
+        return None, (False, f"cannot import convrot.kernels ({type(e).__name__}: {e})")
+    try:
+        if kernels.available(device):
+            return _CudaExtension(kernels), (True, f"CUDA extension for sm_{''.join(map(str, kernels._state['cc']))}")
+        return None, (False, kernels.unavailable_reason() or f"not built for this GPU "
+                      f"(sm_{''.join(map(str, torch.cuda.get_device_capability(device)))})")
+    except Exception as e:  # noqa: BLE001
+        return None, (False, f"{type(e).__name__}: {e}")
+
+
+def _triton(device) -> tuple[object | None, tuple[bool, str]]:
+    try:
+        from . import triton_kernels
+        ok, reason = triton_kernels.available(device)
+    except Exception as e:  # noqa: BLE001 - never raise into dispatch
+        return None, (False, f"{type(e).__name__}: {e}")
+    return (_Triton(triton_kernels) if ok else None), (ok, reason)
+
+
+def reset() -> None:
+    """Forget the decisions (tests, or after CONVROT_ROUTE changed)."""
+    _routes.clear()
