@@ -147,7 +147,7 @@ class GraphedCalls:
     # Set when a capture failed inside CUDA (not just in Python): the caching allocator may then still route a
     # stream's allocations to the graph pool, so no graph is captured again in this process.
     broken: str | None = None
-    _failed: list = []  # failed captures under cudaMallocAsync, never freed (see _capture)
+    _failed: list = []  # failed captures under cudaMallocAsync, never freed (see _keep_failed)
 
     def __init__(self, name: str = "ConvRot CUDA Graph", max_graphs: int = 4, reraise: tuple = (), guard=None):
         self.name = name
@@ -255,10 +255,7 @@ class GraphedCalls:
         except BaseException as e:
             self._recover(graph, cur, e)
             if async_allocator():
-                # cudaMallocAsync: what the failed capture allocated was never launched, so freeing it is an
-                # invalid cudaFreeAsync inside a tensor deleter, which aborts the process. The exception's frames
-                # hold those tensors: kept for the life of the process (graphs are off after this anyway).
-                GraphedCalls._failed.append((graph, e))
+                self._keep_failed(graph, e, "a capture")
             if isinstance(e, self.reraise) or not isinstance(e, Exception):
                 raise
             reason = ("out of GPU memory while capturing" if isinstance(e, torch.cuda.OutOfMemoryError) else
@@ -266,17 +263,37 @@ class GraphedCalls:
             self.disable(reason)
             torch.cuda.empty_cache()
             return out
-        # Replayed at once, before anything else runs: under the cudaMallocAsync allocator (ComfyUI's default) a
-        # buffer allocated while capturing exists only once the graph has been launched, so a captured tensor that
-        # Python frees before the first replay (a cache the call refreshed, a reference cycle collected late) is an
-        # invalid cudaFreeAsync, raised inside a tensor deleter: the process aborts (bench/NOTES.md, run S2).
-        self._first_launch(graph)
+        if async_allocator():
+            # Launched at once, before anything else runs: under cudaMallocAsync a buffer allocated while capturing
+            # exists only once the graph has been launched, so a captured tensor that Python frees before the first
+            # replay (a cache the call refreshed, a reference cycle collected late) is an invalid cudaFreeAsync,
+            # raised inside a tensor deleter: the process aborts (bench/NOTES.md, Session 6).
+            try:
+                self._first_launch(graph)
+            except BaseException as e:  # e.g. out of memory: the graph's buffers are allocated by this launch
+                self._keep_failed((graph, g_out), e, "a captured graph's first launch")
+                if isinstance(e, self.reraise) or not isinstance(e, Exception):
+                    raise
+                self.disable(f"the graph's first launch failed ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:300] if str(e) else ''})")
+                return out
         torch.cuda.empty_cache()  # the warm-up's blocks cached for the side stream are not reusable by the model
         self.graphs[sig] = _Graph(graph, inputs, g_out, objects)
         self._guard_value = guard_value
         self.captures += 1
         log.info("%s: captured graph %d of this run", self.name, len(self.graphs))
         return out
+
+    @staticmethod
+    def _keep_failed(held, error: BaseException, what: str) -> None:
+        """cudaMallocAsync: what a failed capture allocated was never launched, so freeing it is an invalid
+        cudaFreeAsync inside a tensor deleter, which aborts the process. The graph and the exception (whose frames
+        hold those tensors) are kept for the life of the process, and graphs stay off so that this happens once."""
+        GraphedCalls._failed.append((held, error))
+        if GraphedCalls.broken is None:
+            GraphedCalls.broken = (f"{what} failed under the cudaMallocAsync allocator ({type(error).__name__}); its "
+                                   f"buffers cannot be freed, so CUDA graphs are off until ComfyUI restarts")
+            log.warning("ConvRot CUDA Graph: %s", GraphedCalls.broken)
 
     @staticmethod
     def _first_launch(graph) -> None:

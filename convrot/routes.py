@@ -31,7 +31,8 @@ TRITON_AUTOMATIC = False
 COST = {
     "cuda": "ConvRot's fastest kernels",
     "triton": "portable Triton kernels (no compiler needed; on Hopper slower than the CUDA extension)",
-    "reference": "the PyTorch reference path: W4A4 layers run about 10x slower than bf16 on a GPU "
+    "reference": "the PyTorch reference path: far slower than bf16 on a GPU (mixed ran at 0.09x of bf16 on an H200, "
+                 "in process) "
                  "(install a CUDA toolkit for the extension; CONVROT_ROUTE=triton tries the Triton kernels, not "
                  "yet verified on a GPU)",
 }
@@ -130,7 +131,8 @@ def route_for(device: torch.device) -> Route:
     r = _routes.get(key)
     if r is None:
         r = _routes[key] = _route(device)
-        level = logging.INFO if r.name != "reference" or device.type != "cuda" else logging.WARNING
+        asked = os.environ.get(ENV, "").strip().lower() == r.name
+        level = logging.WARNING if r.name == "reference" and device.type == "cuda" and not asked else logging.INFO
         if device.type == "cuda" or r.name != "reference":
             log.log(level, "ConvRot on %s: %s: %s [%s]", key, r.name, COST[r.name], r.why)
     return r
@@ -146,9 +148,10 @@ def _route(device: torch.device) -> Route:
     forced = os.environ.get(ENV, "").strip().lower() or None
     if device.type != "cuda":
         return Route("reference", f"{device.type} tensors", None)
-    ext, ext_report = _cuda_extension(device)
+    # each check can cost: the extension builds on first use, Triton compiles a probe; only where it could be picked
+    ext, ext_report = _cuda_extension(device) if forced in (None, "cuda") or forced not in ROUTES else \
+        (None, (False, f"not tried ({ENV}={forced})"))
     wanted = forced == "triton" or (TRITON_AUTOMATIC and forced in (None, "cuda"))
-    # the Triton check compiles and runs a probe: only where Triton could be picked
     tri, tri_report = _triton(device) if wanted else (None, (False, f"not in the automatic order yet ({ENV}=triton "
                                                                    f"runs it)"))
     name, why = decide(device.type, forced, ext_report, tri_report)
@@ -180,5 +183,7 @@ def _triton(device) -> tuple[object | None, tuple[bool, str]]:
 
 
 def reset() -> None:
-    """Forget the decisions (tests, or after CONVROT_ROUTE changed)."""
+    """Forget the decisions (tests, or after CONVROT_ROUTE changed), and the per-shape calls ops kept from them."""
     _routes.clear()
+    from . import ops
+    ops._routes.clear()

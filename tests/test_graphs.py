@@ -304,6 +304,8 @@ from convrot import graphs
 scenario = {scenario!r}
 if scenario == "no-first-launch":  # the code before the fix: no launch between the capture and the next step
     graphs.GraphedCalls._first_launch = staticmethod(lambda graph: None)
+if scenario == "failed-capture-freed":  # the code before the fix: a failed capture's tensors freed
+    graphs.GraphedCalls._keep_failed = staticmethod(lambda held, error, what: None)
 cache = {{}}
 class Caching(torch.nn.Module):
     # keeps a buffer made inside the call, as ComfyUI's caches and compiled code's state do
@@ -315,7 +317,7 @@ class Caching(torch.nn.Module):
         return y
 with torch.inference_mode():
     m = Caching()
-    if scenario == "failed-capture":  # a host sync while capturing: eager from then on, and the process lives
+    if scenario.startswith("failed-capture"):  # a host sync while capturing: eager from then on, the process lives
         run = graphs.GraphedCalls("probe")
         def sync_while_capturing(y):  # warm-ups may synchronize once (lazy initialisation): only the capture
             if torch.cuda.is_current_stream_capturing():
@@ -328,6 +330,10 @@ with torch.inference_mode():
             print("failed-capture call", i, "ok", flush=True)
         assert run.disabled.startswith("capture failed"), run.disabled
         import gc; gc.collect()
+        run2 = graphs.GraphedCalls("probe")  # its buffers are kept, once: no second capture in this process
+        x, cond, opts = t._inputs(410)
+        run2(m.model, x, cond, opts)
+        assert "until ComfyUI restarts" in run2.disabled and run2.captures == 0, run2.disabled
     else:
         for r in range(2):  # two sampling runs: graphs freed at the end of each
             run = graphs.GraphedCalls("probe")
@@ -373,5 +379,9 @@ def test_capture_and_replay_under_the_cuda_malloc_async_allocator():
 
 @cuda
 def test_a_failed_capture_under_cuda_malloc_async_leaves_the_process_running():
+    """A capture that fails under cudaMallocAsync: eager from then on, graphs off for the process, the process
+    lives; freeing the failed capture's tensors instead (the old code) aborts the child."""
     r, text = _probe("failed-capture")
     assert r.returncode == 0 and "PROBE-OK" in r.stdout, text
+    r, text = _probe("failed-capture-freed")
+    assert r.returncode != 0, "the probe passed with the failed capture's tensors freed: it cannot see the defect\n" + text

@@ -56,6 +56,7 @@ def test_cpu_tensors_take_the_reference_route_silently(caplog):
     assert torch.equal(ops.linear(x, wq, ws, None, 256), reference.convrot_linear(x, wq, ws, None, 256))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU: there a CUDA device has no route")
 def test_a_gpu_without_extension_or_triton_says_so_once(caplog, monkeypatch):
     """On this CPU machine a CUDA device has neither route (no GPU visible): the reference, one warning naming both
     reasons, not repeated on the next call."""
@@ -66,7 +67,7 @@ def test_a_gpu_without_extension_or_triton_says_so_once(caplog, monkeypatch):
         routes.route_for(torch.device("cuda", 0))
     lines = [m for m in caplog.messages if m.startswith("ConvRot on cuda:0")]
     assert r.name == "reference" and r.backend is None and len(lines) == 1
-    assert "CUDA extension:" in lines[0] and "Triton:" in lines[0] and "10x slower" in lines[0]
+    assert "CUDA extension:" in lines[0] and "Triton:" in lines[0] and "slower than bf16" in lines[0]
     routes.reset()
 
 

@@ -211,6 +211,28 @@ def test_autotuned_linear_fn(bits, monkeypatch):
     _assert_linear_close(tk.linear_fn(g, bits)(x, w_q, w_s, bias), ref.convrot_linear(x, w_q, w_s, bias, g, bits))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_route_adapter_calls_the_kernels_as_ops_expects(bits):
+    """convrot/routes.py's Triton backend: each entry point of the API convrot/ops.py calls gives the reference's
+    result (a swapped argument or a wrong bit width in the adapter would not)."""
+    from convrot import routes
+    b = routes._Triton(tk)
+    m, k, n, g = (257, 3072, 3072 + 8, 256) if CUDA else (7, 320, 24, 64)
+    x = _acts(m, k, torch.bfloat16, seed=40 + bits)
+    w_q, w_s = _weights(n, k, g, bits, seed=41)
+    bias = torch.randn(n, device=DEV).to(torch.bfloat16)
+    want = ref.convrot_linear(x, w_q, w_s, bias, g, bits)
+    checked = b.w4a4_linear if bits == 4 else b.w8a8_linear
+    _assert_linear_close(checked(x, w_q, w_s, bias, g), want)
+    _assert_linear_close(b.linear_fn(g, bits)(x.contiguous(), w_q, w_s, bias), want)
+    codes, scale = b.rotate_quantize(x, g) if bits == 4 else b.rotate_quantize_q8(x, g)
+    want_codes, want_scale = ref.rotate_quantize(x, g, bits)
+    assert codes.shape == want_codes.shape
+    _assert_codes_close(codes, want_codes, bits)
+    torch.testing.assert_close(scale, want_scale, rtol=1e-5, atol=0)
+    assert b.supports_shape(k, n, g) and not b.supports_shape(k + 8, n, g)
+
+
 def test_linear_op_is_opaque_to_tracing():
     """linear_op(): the custom op gives the linear's result and has a shape-only fake for torch.compile."""
     from torch._subclasses.fake_tensor import FakeTensorMode
