@@ -125,6 +125,12 @@ def _first_difference(a: tuple, b: tuple) -> str:
     return "the number of arguments"
 
 
+def _summary(e: BaseException) -> str:
+    """`Type: first line of the message` (cut), for a log line."""
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
 def async_allocator() -> bool:
     """Whether PyTorch uses the cudaMallocAsync allocator backend (ComfyUI's default on NVIDIA GPUs)."""
     try:
@@ -259,7 +265,7 @@ class GraphedCalls:
             if isinstance(e, self.reraise) or not isinstance(e, Exception):
                 raise
             reason = ("out of GPU memory while capturing" if isinstance(e, torch.cuda.OutOfMemoryError) else
-                      f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})")
+                      f"capture failed ({_summary(e)})")
             self.disable(reason)
             torch.cuda.empty_cache()
             return out
@@ -274,8 +280,7 @@ class GraphedCalls:
                 self._keep_failed((graph, g_out), e, "a captured graph's first launch")
                 if isinstance(e, self.reraise) or not isinstance(e, Exception):
                     raise
-                self.disable(f"the graph's first launch failed ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:300] if str(e) else ''})")
+                self.disable(f"the graph's first launch failed ({_summary(e)})")
                 return out
         torch.cuda.empty_cache()  # the warm-up's blocks cached for the side stream are not reusable by the model
         self.graphs[sig] = _Graph(graph, inputs, g_out, objects)

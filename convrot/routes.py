@@ -45,32 +45,9 @@ class Route:
     backend: object | None     # None for the reference
 
 
-class _CudaExtension:
-    """The extension module behind the backend API (it already offers it)."""
-
-    def __init__(self, module):
-        self.m = module
-
-    def supports_shape(self, k, n, group_size):
-        return self.m.supports_shape(k, n, group_size)
-
-    def rotate_quantize(self, x2d, g):
-        return self.m.rotate_quantize(x2d, g)
-
-    def rotate_quantize_q8(self, x2d, g):
-        return self.m.rotate_quantize_q8(x2d, g)
-
-    def linear_fn(self, g, bits):
-        return self.m.linear_fn(g, bits)
-
-    def w4a4_linear(self, x2d, w, w_scale, bias, g):
-        return self.m.w4a4_linear(x2d, w, w_scale, bias, g)
-
-    def w8a8_linear(self, x2d, w, w_scale, bias, g):
-        return self.m.w8a8_linear(x2d, w, w_scale, bias, g)
-
-
 class _Triton:
+    """triton_kernels behind the backend API (the extension module, convrot.kernels, offers it as it is)."""
+
     def __init__(self, module):
         self.m = module
 
@@ -166,7 +143,7 @@ def _cuda_extension(device) -> tuple[object | None, tuple[bool, str]]:
         return None, (False, f"cannot import convrot.kernels ({type(e).__name__}: {e})")
     try:
         if kernels.available(device):
-            return _CudaExtension(kernels), (True, f"CUDA extension for sm_{''.join(map(str, kernels._state['cc']))}")
+            return kernels, (True, f"CUDA extension for sm_{''.join(map(str, kernels._state['cc']))}")
         return None, (False, kernels.unavailable_reason() or f"not built for this GPU "
                       f"(sm_{''.join(map(str, torch.cuda.get_device_capability(device)))})")
     except Exception as e:  # noqa: BLE001

@@ -15,6 +15,8 @@ import weakref
 
 from comfy_api.latest import io
 
+from .ops import quantized_layers
+
 log = logging.getLogger("convrot")
 
 BLOCK_LISTS = ("double_blocks", "single_blocks")
@@ -63,8 +65,7 @@ def compile_blocks(model_patcher, backend: str = "inductor", mode: str | None = 
 
 def has_lora_branches(diffusion_model) -> bool:
     """Whether any quantized layer of the model carries patches applied as branches (nodes/lora.py)."""
-    return any(getattr(m, "convrot_bits", None) and getattr(m, "convrot_patches", None)
-               for m in diffusion_model.modules())
+    return any(m.convrot_patches for _, m in quantized_layers(diffusion_model))
 
 
 def _unless_lora_branches(compiled_wrapper):
@@ -76,7 +77,7 @@ def _unless_lora_branches(compiled_wrapper):
         dm = executor.class_obj.diffusion_model
         entry = layers.get(id(dm))
         if entry is None or entry[0]() is not dm:
-            entry = layers[id(dm)] = (weakref.ref(dm), [m for m in dm.modules() if getattr(m, "convrot_bits", None)])
+            entry = layers[id(dm)] = (weakref.ref(dm), [m for _, m in quantized_layers(dm)])
         if any(m.convrot_patches for m in entry[1]):
             if not logged:
                 logged.append(True)
