@@ -50,6 +50,15 @@ MODES = {
     "highvram": ["--highvram"],
     "cpu": ["--cpu"],
     "native-alloc": ["--disable-cuda-malloc"],  # PyTorch's caching allocator instead of cudaMallocAsync
+    "nostatic": [],   # default flags, Inductor's static CUDA launcher off (MODE_ENV)
+    "triton": [],     # default flags, the pack's Triton route forced (what a user without nvcc gets)
+    "dequant": [],    # default flags, the pack's dequantize-to-bf16 fallback route forced
+}
+# environment a mode adds to the server's (experiments a user could set the same way)
+MODE_ENV = {
+    "nostatic": {"TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER": "0"},
+    "triton": {"CONVROT_ROUTE": "triton"},
+    "dequant": {"CONVROT_ROUTE": "dequant"},
 }
 VARIANTS = ["bf16", "fp8_fast", "mixed", "mixed+eager", "compact", "mixed+lora", "stock_native",
             "stock_native_nopack"]
@@ -164,7 +173,8 @@ class MemPoll:
 # ---------------------------------------------------------------- one server, several prompts
 
 class Server:
-    def __init__(self, comfy: Path, work: Path, flags: list[str], port: int, log: Path, no_pack: bool):
+    def __init__(self, comfy: Path, work: Path, flags: list[str], port: int, log: Path, no_pack: bool,
+                 extra_env: dict | None = None):
         self.comfy, self.work, self.port, self.log = comfy, work, port, log
         fe = work / "frontend"
         fe.mkdir(exist_ok=True)
@@ -179,7 +189,7 @@ class Server:
             cmd += ["--disable-all-custom-nodes", "--whitelist-custom-nodes", BENCH_NODES]
         self.cmd = cmd
         self.logf = open(log, "w")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
         self.proc = subprocess.Popen(cmd, cwd=comfy, stdout=self.logf, stderr=subprocess.STDOUT, env=env)
         self.base = f"http://127.0.0.1:{port}"
 
@@ -304,8 +314,9 @@ async def run_mode(mode: str, flags: list[str], variants: list[str], a, cond: Pa
             continue
         tag = f"{mode}{'-nopack' if no_pack else ''}"
         log = Path(a.log_dir) / f"server-{tag}.log"
-        server = Server(Path(a.comfy), Path(a.workdir), flags, a.port, log, no_pack)
-        print(f"== {tag}: {' '.join(server.cmd[2:])}", flush=True)
+        env = MODE_ENV.get(mode, {})
+        server = Server(Path(a.comfy), Path(a.workdir), flags, a.port, log, no_pack, env)
+        print(f"== {tag}: {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(server.cmd[2:])}", flush=True)
         try:
             async with aiohttp.ClientSession() as session:
                 t0 = time.time()
@@ -317,7 +328,8 @@ async def run_mode(mode: str, flags: list[str], variants: list[str], a, cond: Pa
                         prefix = f"bench/{tag}_{v.replace('+', '_')}_{uuid.uuid4().hex[:6]}"
                         graph = prompt_for(v, str(cond), a.steps, a.res, prefix)
                         r = await run_prompt(session, ws, server, graph, cid, mem, a.prompt_timeout)
-                        r.update(mode=mode, variant=v, flags=" ".join(flags), server_start_s=start_s, prefix=prefix,
+                        r.update(mode=mode, variant=v, flags=" ".join([*(f"{k}={x}" for k, x in env.items()), *flags]),
+                                 server_start_s=start_s, prefix=prefix,
                                  device=stats.get("devices", [{}])[0].get("name", "?"))
                         r["latent"] = read_latent(server.out_dir, prefix)
                         if a.keep_latents and r["latent"] is not None:
@@ -351,14 +363,16 @@ def table(rows: list, env: str) -> str:
     glob = ref.get("default")
     mixed_default = next((r["latent"] for r in rows if r.get("mode") == "default" and r.get("variant") == "mixed"
                           and r.get("latent") is not None), None)
-    out = [env, "", "| mode | variant | it/s | vs bf16 (same mode) | load s | peak VRAM GB | latent err vs bf16 "
-           "(same mode) | vs bf16 default | mixed vs mixed default |", "|---|---|---|---|---|---|---|---|---|"]
+    out = [env, "", "| mode | variant | it/s | vs bf16 (same mode, else default) | load s | peak VRAM GB | latent err vs bf16 "
+           "(same mode, else default) | vs bf16 default | mixed vs mixed default |", "|---|---|---|---|---|---|---|---|---|"]
     bf = {r["mode"]: r.get("it_s") for r in rows if r.get("variant") == "bf16"}
     for r in rows:
         lat = r.get("latent")
         f = lambda x, d=2: "–" if x is None else f"{x:.{d}f}"  # noqa: E731
-        ratio = r["it_s"] / bf[r["mode"]] if r.get("it_s") and bf.get(r["mode"]) else None
-        e_mode = rel(lat, ref[r["mode"]]) * 100 if lat is not None and r["mode"] in ref else None
+        base_it = bf.get(r["mode"]) or bf.get("default")  # a mode without its own bf16 row: the default one
+        base_lat = ref.get(r["mode"], glob)
+        ratio = r["it_s"] / base_it if r.get("it_s") and base_it else None
+        e_mode = rel(lat, base_lat) * 100 if lat is not None and base_lat is not None else None
         e_glob = rel(lat, glob) * 100 if lat is not None and glob is not None else None
         e_mix = rel(lat, mixed_default) * 100 if (lat is not None and mixed_default is not None
                                                   and r.get("variant") == "mixed") else None
