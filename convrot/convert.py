@@ -1,4 +1,5 @@
-"""File-level work: recognise a FLUX transformer, quantize a file tensor by tensor, report what a file holds."""
+"""File-level work: recognise a covered diffusion transformer, quantize a file tensor by tensor, report what a file
+holds."""
 from __future__ import annotations
 
 import collections
@@ -15,11 +16,11 @@ from .checkpoint import (
     LAYER_SIDE_KEYS, CheckpointError, StreamingWriter, TensorInfo, TensorReader, check_conf_size, check_fp8_scale,
     convrot_params, decode_conf, encode_conf, float_weight, layer_conf, layer_getter, loads_json, nbytes,
     quantize_layer, read_header)
+from . import families
+from .families import FLUX_MARKERS
 from .policy import BF16, W4A4, LayerPolicy, clip, strip_prefix
 
 log = logging.getLogger("convrot")
-
-FLUX_MARKERS = ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight")
 
 
 def _missing_markers(names) -> list[str]:
@@ -36,6 +37,16 @@ def check_flux(names, file_name: str) -> None:
     if missing:
         raise CheckpointError(f"{file_name}: not a FLUX.1 transformer (missing {', '.join(missing)}); ConvRot W4A4 "
                               f"supports FLUX.1 dev/schnell/Kontext-style models")
+
+
+def detect_family(infos: dict[str, TensorInfo], file_name: str) -> families.Family:
+    """The model family of a file (families.detect), or a CheckpointError naming the file and what it is."""
+    stripped = {strip_prefix(k): i for k, i in infos.items()}
+    try:
+        return families.detect(stripped, [strip_prefix(k) for k in linear_layers(infos)])
+    except families.UnsupportedModel as e:
+        raise CheckpointError(f"{file_name}: not a FLUX.1 transformer or another model ConvRot covers: {e}. "
+                              f"ConvRot covers {families.SUPPORTED}") from e
 
 
 def header_layer_confs(meta: dict[str, str], file_name: str) -> dict[str, dict]:
@@ -69,6 +80,7 @@ class Plan:
     actions: dict[str, str] = field(default_factory=dict)       # linear layer -> action ("keep" = already quantized)
     bytes_in: int = 0
     bytes_out: int = 0
+    family: str = "flux1"                                       # families.FAMILIES key
 
 
 # source keys of a layer that a requantized layer replaces (fp8 scales and configs are folded into the new codes)
@@ -112,8 +124,33 @@ FLUX_SHAPES = tuple((re.compile(p), shape) for p, shape in (
     (r"final_layer\.linear\.weight", ("O", "H")), (r"final_layer\.linear\.bias", ("O",)),
     (r"final_layer\.adaLN_modulation\.1\.weight", ("2H", "H")), (r"final_layer\.adaLN_modulation\.1\.bias", ("2H",)),
 ))
+# FLUX.2: SwiGLU MLPs (the first MLP layer is two matrices, gate and value, of M rows each), no biases, and three
+# modulation layers shared by all blocks.
+FLUX2_SHAPES = tuple((re.compile(p), shape) for p, shape in (
+    (r"img_in\.weight", ("H", "C")), (r"txt_in\.weight", ("H", "X")),
+    (r"(?:time_in|guidance_in)\.in_layer\.weight", ("H", "T")), (r"(?:time_in|guidance_in)\.out_layer\.weight", ("H", "H")),
+    (r"double_stream_modulation_(?:img|txt)\.lin\.weight", ("6H", "H")),
+    (r"single_stream_modulation\.lin\.weight", ("3H", "H")),
+    (_DB + r"attn\.qkv\.weight", ("3H", "H")),
+    (rf"(?:{_DB}attn\.|{_SB})norm\.(?:query|key)_norm\.(?:scale|weight)", ("D",)),
+    (_DB + r"attn\.proj\.weight", ("H", "H")),
+    (_DB + r"mlp\.0\.weight", ("2M", "H")), (_DB + r"mlp\.2\.weight", ("H", "M")),
+    (_SB + r"linear1\.weight", ("3H+2M", "H")), (_SB + r"linear2\.weight", ("H", "H+M")),
+    (r"final_layer\.linear\.weight", ("O", "H")), (r"final_layer\.adaLN_modulation\.1\.weight", ("2H", "H")),
+))
+# Chroma: FLUX.1's blocks (its table matches no modulation layer here) and the approximator: I inputs, A hidden,
+# H outputs (one scale/shift vector per token of its 344-token modulation index).
+_AP = r"distilled_guidance_layer\."
+CHROMA_SHAPES = FLUX_SHAPES + tuple((re.compile(p), shape) for p, shape in (
+    (_AP + r"in_proj\.weight", ("A", "I")), (_AP + r"in_proj\.bias", ("A",)),
+    (_AP + r"layers\.\d+\.(?:in|out)_layer\.weight", ("A", "A")), (_AP + r"layers\.\d+\.(?:in|out)_layer\.bias", ("A",)),
+    (_AP + r"norms\.\d+\.(?:scale|weight)", ("A",)),
+    (_AP + r"out_proj\.weight", ("H", "A")), (_AP + r"out_proj\.bias", ("H",)),
+))
+FAMILY_SHAPES = {"flux1": FLUX_SHAPES, "flux2": FLUX2_SHAPES, "chroma": CHROMA_SHAPES}
 _DIM_NAMES = (("H", "hidden"), ("D", "head dim"), ("M", "MLP"), ("C", "in channels"), ("X", "context"),
-              ("V", "vector"), ("T", "time embedding"), ("O", "out channels"))
+              ("V", "vector"), ("T", "time embedding"), ("O", "out channels"), ("A", "approximator hidden"),
+              ("I", "approximator in"))
 
 
 def _size(expr: str, dims: dict[str, int]) -> int | None:
@@ -137,13 +174,13 @@ def logical_shapes(infos: dict[str, TensorInfo], confs: dict[str, dict], file_na
     return shapes
 
 
-def flux_dims(shapes: dict[str, tuple]) -> dict[str, int]:
+def flux_dims(shapes: dict[str, tuple], table=FLUX_SHAPES) -> dict[str, int]:
     """The architecture's sizes, each the value most tensors agree on (so one bad tensor is the one named, not
     every tensor that disagrees with it). A weight's vote counts twice a bias's: where a size has only those two
     voters (the final layer's output channels), a wrong bias is the tensor named."""
     votes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for k, shape in shapes.items():
-        for pat, want in FLUX_SHAPES:
+        for pat, want in table:
             if pat.fullmatch(strip_prefix(k)):
                 if len(shape) == len(want):
                     for sym, d in zip(want, shape):
@@ -153,22 +190,24 @@ def flux_dims(shapes: dict[str, tuple]) -> dict[str, int]:
     return {sym: c.most_common(1)[0][0] for sym, c in votes.items()}
 
 
-def check_flux_shapes(shapes: dict[str, tuple], file_name: str) -> dict[str, int]:
-    """Refuse any FLUX tensor whose shape the architecture (derived from the file itself) does not imply."""
-    dims = flux_dims(shapes)
+def check_flux_shapes(shapes: dict[str, tuple], file_name: str, family: str = "flux1") -> dict[str, int]:
+    """Refuse any FLUX-family tensor whose shape the architecture (derived from the file itself) does not imply."""
+    table = FAMILY_SHAPES[family]
+    dims = flux_dims(shapes, table)
     arch = ", ".join(f"{label} {dims[s]}" for s, label in _DIM_NAMES if s in dims)
     if "H" in dims and "D" in dims and (dims["D"] == 0 or dims["H"] % dims["D"]):
         raise CheckpointError(f"{file_name}: size mismatch: hidden size {dims['H']} is not a whole number of "
                               f"attention heads of {dims['D']} (the q/k norm size); the file is corrupt")
     for k, shape in shapes.items():
-        for pat, want in FLUX_SHAPES:
+        for pat, want in table:
             if pat.fullmatch(strip_prefix(k)):
                 expect = tuple(_size(e, dims) for e in want)
                 if tuple(shape) != expect:
                     layer = k.rsplit(".", 1)[0]
                     raise CheckpointError(
                         f"{file_name}: {layer}: size mismatch for {k}: shape {list(shape)} in the file, "
-                        f"{[e if e is not None else '?' for e in expect]} in this FLUX model ({arch})")
+                        f"{[e if e is not None else '?' for e in expect]} in this "
+                        f"{families.by_name(family).label} model ({arch})")
                 break
     return dims
 
@@ -216,12 +255,14 @@ def check_quantized_layers(f, infos: dict[str, TensorInfo], confs: dict[str, dic
             check_fp8_scale(info.shape, w.shape if w is not None else (), f"{file_name}: {layer}")
 
 
-def check_file(f, infos: dict[str, TensorInfo], confs: dict[str, dict], file_name: str, flux: bool = True) -> None:
+def check_file(f, infos: dict[str, TensorInfo], confs: dict[str, dict], file_name: str, flux: bool = True,
+               family: str = "flux1") -> None:
     """Everything a file's header and its small tensors can tell about its validity, before any weight is read
-    (with `flux`, FLUX's shape rules too)."""
+    (with `flux`, the shape rules of a FLUX-family `family` too; other families have no table here, and ComfyUI's
+    load_state_dict refuses their size mismatches)."""
     check_quantized_layers(f, infos, confs, file_name)
-    if flux:
-        check_flux_shapes(logical_shapes(infos, confs, file_name), file_name)
+    if flux and family in FAMILY_SHAPES:
+        check_flux_shapes(logical_shapes(infos, confs, file_name), file_name, family)
 
 
 def plan_file(path: str, group_size: int, preset: str, overrides=None) -> tuple[Plan, dict, dict]:
@@ -229,11 +270,11 @@ def plan_file(path: str, group_size: int, preset: str, overrides=None) -> tuple[
     weights; every tensor's shape and every stored quantized layer is checked on the way."""
     name = os.path.basename(path)
     infos, meta = read_header(path)
-    check_flux(infos, name)
+    family = detect_family(infos, name)
     with TensorReader(path, infos) as f:
         confs = layer_confs(f, infos, meta, name)
-        check_file(f, infos, confs, name)
-    policy = LayerPolicy.for_names(infos, preset, overrides)
+        check_file(f, infos, confs, name, family=family.name)
+    policy = LayerPolicy.for_names(logical_shapes(infos, confs, name), preset, overrides, family.name)
     unmatched = policy.unmatched_overrides(linear_layers(infos))
     if unmatched:
         log.warning("ConvRot: %s: these override patterns match no linear layer and change nothing: %s",
@@ -272,6 +313,7 @@ def plan_file(path: str, group_size: int, preset: str, overrides=None) -> tuple[
         if key not in plan.specs and plan.actions.get(layer) in ("keep", BF16):
             plan.specs[key] = TensorInfo(torch.uint8, (len(encode_conf(conf)),))
     plan.bytes_out = sum(nbytes(i) for i in plan.specs.values())
+    plan.family = family.name
     return plan, infos, meta
 
 
@@ -333,7 +375,11 @@ def inspect_file(path: str) -> dict:
     rows = []
     with TensorReader(path, infos) as f:
         confs = layer_confs(f, infos, meta, name)
-        check_file(f, infos, confs, name, flux=is_flux(infos))  # other models are listed, without FLUX's rules
+        try:
+            family = detect_family(infos, name).name
+        except CheckpointError:
+            family = None  # other files are listed too, without any family's shape rules
+        check_file(f, infos, confs, name, flux=family is not None, family=family)
         for layer in sorted(linear_layers(infos)):
             w = infos[f"{layer}.weight"]
             conf = confs.get(layer)

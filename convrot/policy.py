@@ -1,4 +1,5 @@
-"""Which FLUX layers are quantized, and how: one action per linear layer, from a preset plus optional overrides.
+"""Which layers are quantized, and how: one action per linear layer, from a preset, the model family's rules
+(convrot/families.py) and optional overrides.
 
 Names are matched without any checkpoint prefix (`model.diffusion_model.` and friends), so the same policy serves
 the ComfyUI loader, the CLI and the save node.
@@ -13,12 +14,13 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger("convrot")
 
-BF16, W4A4, W8A8 = "bf16", "w4a4", "w8a8"
+from . import families
+from .families import BF16, W4A4, W8A8
+
 ACTIONS = (BF16, W4A4, W8A8)
 
-# Embedders and the output head are tiny, run once per step and are the most sensitive: always full precision.
-ALWAYS_BF16 = ("img_in", "txt_in", "time_in.*", "vector_in.*", "guidance_in.*", "final_layer.*")
-MODULATION = ("double_blocks.*.img_mod.lin", "double_blocks.*.txt_mod.lin", "single_blocks.*.modulation.lin")
+ALWAYS_BF16 = families.FLUX1.always_bf16
+MODULATION = families.FLUX1.sensitive
 
 PRESETS = {
     "mixed": "W4A4 bulk; W8A8 for double-block attention outputs and modulation; bf16 for the last MLP outputs",
@@ -52,8 +54,7 @@ def clip(text, limit: int = ECHO_CHARS) -> str:
     return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
-def _matches(name: str, patterns) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+_matches = families.matches
 
 
 def count_blocks(names, kind: str) -> int:
@@ -67,8 +68,12 @@ class LayerPolicy:
     num_double: int = 0
     num_single: int = 0
     overrides: list[tuple[str, str]] = field(default_factory=list)  # (glob pattern, action), first match wins
+    family: str = "flux1"
+    last_outputs: frozenset[str] = frozenset()  # the generic rule's bf16 layers under "mixed" (families.last_outputs)
 
     def __post_init__(self):
+        if self.family not in families.FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; known: {sorted(families.FAMILIES)}")
         self.preset = PRESET_ALIASES.get(self.preset, self.preset)
         if self.preset not in PRESETS:
             raise ValueError(f"unknown ConvRot preset {self.preset!r}; choose one of {sorted(PRESETS)}")
@@ -77,10 +82,25 @@ class LayerPolicy:
                 raise ValueError(f"override {clip(pat)}: unknown action {clip(act)}; choose one of {ACTIONS}")
 
     @classmethod
-    def for_names(cls, names, preset: str = DEFAULT_PRESET, overrides=None) -> "LayerPolicy":
-        names = list(names)
+    def for_names(cls, names, preset: str = DEFAULT_PRESET, overrides=None, family: str | None = None
+                  ) -> "LayerPolicy":
+        """The policy for a model whose tensors are `names` (a list, or a dict whose values have `.shape`: the
+        generic rule needs the weights' shapes). `family` None: detected from the names, FLUX.1 when none fits
+        (the engine's own FLUX models and partial name lists; files are refused earlier, in convert.plan_file)."""
+        shapes = {strip_prefix(k): getattr(v, "shape", None) for k, v in names.items()} if isinstance(names, dict) \
+            else {strip_prefix(k): None for k in names}
+        if family is None:
+            try:
+                family = families.detect(shapes, [k.removesuffix(".weight") for k, s in shapes.items()
+                                                  if k.endswith(".weight") and s is not None and len(s) == 2]).name
+            except families.UnsupportedModel:
+                family = families.FLUX1.name
+        fam = families.by_name(family)
+        last = frozenset() if fam.flux_layout else families.last_outputs(
+            fam, {k.removesuffix(".weight"): s for k, s in shapes.items() if k.endswith(".weight")})
+        names = list(shapes)
         return cls(preset, count_blocks(names, "double_blocks"), count_blocks(names, "single_blocks"),
-                   parse_overrides(overrides))
+                   parse_overrides(overrides), family, last)
 
     def unmatched_overrides(self, layer_names) -> list[str]:
         """The override patterns that match none of `layer_names` (linear layers, prefixes allowed): a typo there
@@ -94,21 +114,25 @@ class LayerPolicy:
         for pat, act in self.overrides:
             if fnmatch.fnmatchcase(n, pat):
                 return act
-        if _matches(n, ALWAYS_BF16) or not n.startswith(("double_blocks.", "single_blocks.")):
+        fam = families.by_name(self.family)
+        sensitive = _matches(n, fam.sensitive)
+        if _matches(n, fam.always_bf16) or not (sensitive or fam.in_block(n)):
             return BF16
-        modulation = _matches(n, MODULATION)
+        if sensitive:
+            return families.sensitive_action(fam, self.preset)
         if self.preset == "w8a8":
             return W8A8
-        if self.preset == "compact":
+        if self.preset in ("compact", "w4a4"):
             return W4A4
-        if self.preset == "w4a4":
-            return BF16 if modulation else W4A4
         # "mixed": the recipe of the ConvRot paper's best FLUX result plus ComfyUI's finding on AdaLN layers.
-        if modulation or _matches(n, ("double_blocks.*.img_attn.proj", "double_blocks.*.txt_attn.proj")):
+        if _matches(n, fam.attn_out):
             return W8A8
-        last_d, last_s = self.num_double - 1, self.num_single - 1
-        if n in (f"double_blocks.{last_d}.img_mlp.2", f"double_blocks.{last_d}.txt_mlp.2",
-                 f"single_blocks.{last_s}.linear2"):
+        if fam.flux_layout:
+            last_d, last_s = self.num_double - 1, self.num_single - 1
+            if n in (f"double_blocks.{last_d}.img_mlp.2", f"double_blocks.{last_d}.txt_mlp.2",
+                     f"single_blocks.{last_s}.linear2"):
+                return BF16
+        elif n in self.last_outputs:
             return BF16
         return W4A4
 

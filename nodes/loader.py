@@ -1,4 +1,5 @@
-"""ConvRot W4A4 Loader: a FLUX diffusion model file -> a ComfyUI MODEL whose linear layers run in W4A4/W8A8."""
+"""ConvRot W4A4 Loader: a diffusion transformer file (FLUX.1, FLUX.2, Chroma, other DiTs ComfyUI detects) -> a
+ComfyUI MODEL whose linear layers run in W4A4/W8A8."""
 from __future__ import annotations
 
 import collections
@@ -9,12 +10,14 @@ import shutil
 
 import torch
 
+import comfy.model_detection
 import comfy.model_management
 import comfy.sd
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from ..convrot import families
 from ..convrot.checkpoint import FP8_DTYPES, CheckpointError
 from ..convrot.convert import header_layer_confs, plan_file
 from ..convrot.hadamard import SUPPORTED_GROUP_SIZES, check_group_size
@@ -46,6 +49,36 @@ def compute_dtype(infos, device) -> torch.dtype:
                                                                               torch.float32], weight_dtype=src)
 
 
+def comfy_image_model(infos, file_name: str) -> str | None:
+    """The `image_model` ComfyUI's own detection finds in a file's header (shapes only: meta tensors), or None for
+    a model it names otherwise. Refuses a file ComfyUI detects as no diffusion model at all."""
+    sd = {k: torch.empty(i.shape, dtype=i.dtype, device="meta") for k, i in infos.items()}
+    try:
+        # the same prefix handling as comfy.sd.load_diffusion_model_state_dict
+        prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
+        if not any(k.startswith(prefix) for k in sd):
+            prefix = ""
+        config = comfy.model_detection.detect_unet_config(sd, prefix)
+    except Exception as e:  # a detection rule that needs tensor values: the load itself will tell
+        log.debug("ConvRot: %s: ComfyUI's detection on the header failed (%s: %s)", file_name, type(e).__name__, e)
+        return None
+    if config is None:
+        raise CheckpointError(f"{file_name}: ComfyUI does not recognise this file's model from its tensor names (a "
+                              f"diffusers-format file is converted to other names on load, which ConvRot cannot plan "
+                              f"for; use the original-format file). ConvRot covers {families.SUPPORTED}")
+    return config.get("image_model")
+
+
+def check_family(plan_family: str, image_model: str | None, file_name: str) -> None:
+    """ConvRot's family rules must be those of the model ComfyUI builds."""
+    ours, theirs = families.by_name(plan_family), families.by_image_model(image_model)
+    generic = ours in families.GENERIC
+    if (theirs is not None and theirs is not ours) or (theirs is None and not generic and image_model is not None):
+        raise CheckpointError(f"{file_name}: ComfyUI detects this file as image_model {image_model!r}, but its tensor "
+                              f"names look like {ours.label} to ConvRot; refusing rather than quantizing the wrong "
+                              f"layers")
+
+
 def fast_path_unavailable(patcher) -> str | None:
     """Why the loader cannot compile the blocks and replay steps as CUDA graphs by itself, or None if it can.
 
@@ -55,6 +88,11 @@ def fast_path_unavailable(patcher) -> str | None:
     dev = patcher.load_device
     if dev.type != "cuda":
         return f"the model runs on {dev.type}, not an NVIDIA GPU"
+    from .compile import block_keys
+    try:
+        block_keys(patcher)
+    except ValueError as e:
+        return str(e)
     if os.environ.get("CONVROT_SPEED") == "eager":
         return "CONVROT_SPEED=eager"
     try:
@@ -91,10 +129,11 @@ def with_speed(patcher, speed: str):
 
 def load_convrot_model(path: str, preset: str = "mixed", group_size: int | str = 256, overrides: str = "",
                        progress: bool = True, speed: str = "eager"):
-    """Load a FLUX transformer file through ComfyUI with ConvRot layers; returns a ModelPatcher.
+    """Load a diffusion transformer file through ComfyUI with ConvRot layers; returns a ModelPatcher.
 
-    Everything that can be checked from the header is checked before ComfyUI reads a tensor: truncation, FLUX
-    layout, per-layer quantization formats, group size and that at least one layer gets quantized.
+    Everything that can be checked from the header is checked before ComfyUI reads a tensor: truncation, the model
+    family (convrot/families.py, and that ComfyUI detects the same model), per-layer quantization formats, group
+    size and that at least one layer gets quantized.
     """
     name = os.path.basename(path)
     try:
@@ -108,6 +147,7 @@ def load_convrot_model(path: str, preset: str = "mixed", group_size: int | str =
     except ValueError as e:
         raise ValueError(f"ConvRot overrides: {e}") from e
     plan, infos, meta = plan_file(path, g, preset, overrides)  # raises CheckpointError naming file/layer
+    check_family(plan.family, comfy_image_model(infos, name), name)
     confs = header_layer_confs(meta, name)
     n_layers = len(plan.actions)
     pbar = comfy.utils.ProgressBar(n_layers) if progress else None
@@ -126,10 +166,11 @@ def load_convrot_model(path: str, preset: str = "mixed", group_size: int | str =
                               f"({type(e).__name__}: {e})") from e
     layers = quantized_layers(patcher.model)
     if not layers:
-        raise CheckpointError(f"{name}: no layer was quantized (is this a FLUX transformer?)")
+        raise CheckpointError(f"{name}: no layer was quantized: ComfyUI built a model whose linear layers are not "
+                              f"named as in the file ({families.by_name(plan.family).label} rules)")
     counts = collections.Counter(f"w{m.convrot_bits}a{m.convrot_bits}" for _, m in layers)
-    log.info("ConvRot: %s loaded with preset %s, group size %d: %s quantized layers, %d kept in floating point",
-             name, preset, g, dict(counts), n_layers - len(layers))
+    log.info("ConvRot: %s (%s) loaded with preset %s, group size %d: %s quantized layers, %d kept in floating point",
+             name, families.by_name(plan.family).label, preset, g, dict(counts), n_layers - len(layers))
     lora.install(patcher)
     return with_speed(patcher, speed)
 
@@ -141,12 +182,14 @@ class ConvRotW4A4Loader(io.ComfyNode):
             node_id="ConvRotW4A4Loader",
             display_name="ConvRot W4A4 Loader",
             category="model/loaders",
-            description="Load a FLUX.1 diffusion model and run its linear layers in 4-bit weights and activations "
+            description="Load a diffusion transformer (FLUX.1, FLUX.2, Chroma, or another DiT ComfyUI detects, such "
+                        "as Qwen-Image and Wan 2.x) and run its linear layers in 4-bit weights and activations "
                         "with ConvRot (regular-Hadamard group rotation). bf16/fp16/fp8 files are quantized while "
                         "loading; files saved by ConvRot Save Quantized load as stored.",
             inputs=[
                 io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
-                               tooltip="A FLUX.1 transformer from models/diffusion_models."),
+                               tooltip="A diffusion transformer (FLUX.1, FLUX.2, Chroma, Qwen-Image, Wan 2.x, ...) "
+                                       "from models/diffusion_models."),
                 io.Combo.Input("preset", options=PRESET_CHOICES, default="mixed",
                                tooltip="; ".join(f"{k}: {v}" for k, v in PRESETS.items())),
                 io.Combo.Input("group_size", options=GROUP_CHOICES, default="256",

@@ -2,8 +2,8 @@
 lists for `diffusion_models`: `models/unet/` on a default install (ComfyUI lists `models/unet/` before
 `models/diffusion_models/` and both loaders read both), or the first `diffusion_models` path of extra_model_paths.yaml.
 
-Key names are those of a stock FLUX transformer file (`double_blocks.0.img_attn.qkv.weight`, `...query_norm.scale`),
-quantized layers carry `weight` (int8), `weight_scale` (fp32) and `comfy_quant`, so both ComfyUI's stock
+Key names are those of a stock file of the model's family (FLUX: `double_blocks.0.img_attn.qkv.weight`,
+`...query_norm.scale`; see families.Family.saved_name), quantized layers carry `weight` (int8), `weight_scale` (fp32) and `comfy_quant`, so both ComfyUI's stock
 "Load Diffusion Model" and the ConvRot loader read the file. The file is streamed to a temporary
 `<name>.<random>.part` beside it and renamed only when complete.
 """
@@ -19,17 +19,18 @@ import comfy.model_management
 import folder_paths
 from comfy_api.latest import io
 
+from ..convrot import families
 from ..convrot.checkpoint import StreamingWriter, TensorInfo
 from .ops import quantized_layers
 
 log = logging.getLogger("convrot")
 
 
-def stock_flux_name(key: str) -> str:
-    # ComfyUI's Flux config renames `*_norm.scale` to `*_norm.weight` on load (supported_models.Flux); undo it
-    if key.endswith("_norm.weight"):
-        return key[: -len(".weight")] + ".scale"
-    return key
+def stock_namer(model):
+    """key -> the name a stock file of this model's family has (ComfyUI's model configs rename some on load)."""
+    config = getattr(getattr(model, "model_config", None), "unet_config", None) or {}
+    family = families.by_image_model(config.get("image_model"))
+    return family.saved_name if family is not None else (lambda key: key)
 
 
 def _out_tensor(key: str, t: torch.Tensor) -> torch.Tensor:
@@ -54,7 +55,8 @@ def save_convrot_model(patcher, path: str, metadata: dict | None = None) -> str:
     # make sure the float weights are this patcher's (unpatched) ones, not those of a clone loaded last
     comfy.model_management.load_models_gpu([patcher])
     sd = model.diffusion_model.state_dict()
-    tensors = {stock_flux_name(k): _out_tensor(k, v) for k, v in sd.items()}
+    name = stock_namer(model)
+    tensors = {name(k): _out_tensor(k, v) for k, v in sd.items()}
     specs = {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in tensors.items()}
     meta = {"convrot": json.dumps({"layers": len(layers),
                                    "group_sizes": sorted({m.convrot_group_size for _, m in layers})})}
