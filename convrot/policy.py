@@ -84,11 +84,11 @@ class LayerPolicy:
     @classmethod
     def for_names(cls, names, preset: str = DEFAULT_PRESET, overrides=None, family: str | None = None
                   ) -> "LayerPolicy":
-        """The policy for a model whose tensors are `names` (a list, or a dict whose values have `.shape`: the
-        generic rule needs the weights' shapes). `family` None: detected from the names, FLUX.1 when none fits
+        """The policy for a model whose tensors are `names` (a list, or a dict of shapes or of tensors/TensorInfos:
+        the generic rule needs the weights' shapes). `family` None: detected from the names, FLUX.1 when none fits
         (the engine's own FLUX models and partial name lists; files are refused earlier, in convert.plan_file)."""
-        shapes = {strip_prefix(k): getattr(v, "shape", None) for k, v in names.items()} if isinstance(names, dict) \
-            else {strip_prefix(k): None for k in names}
+        shapes = {strip_prefix(k): tuple(v) if isinstance(v, (tuple, list)) else getattr(v, "shape", None)
+                  for k, v in names.items()} if isinstance(names, dict) else {strip_prefix(k): None for k in names}
         if family is None:
             try:
                 family = families.detect(shapes, [k.removesuffix(".weight") for k, s in shapes.items()
