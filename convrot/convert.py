@@ -274,7 +274,14 @@ def plan_file(path: str, group_size: int, preset: str, overrides=None) -> tuple[
     with TensorReader(path, infos) as f:
         confs = layer_confs(f, infos, meta, name)
         check_file(f, infos, confs, name, family=family.name)
-    policy = LayerPolicy.for_names(logical_shapes(infos, confs, name), preset, overrides, family.name)
+    return plan_tensors(infos, confs, name, group_size, preset, overrides, family.name), infos, meta
+
+
+def plan_tensors(infos: dict[str, TensorInfo], confs: dict[str, dict], name: str, group_size: int, preset: str,
+                 overrides=None, family: str = "flux1") -> Plan:
+    """plan_file's decisions for tensors described by `infos` (a file's header, or a model's shapes: the preset
+    memory table uses it); `name` is what messages call them."""
+    policy = LayerPolicy.for_names(logical_shapes(infos, confs, name), preset, overrides, family)
     unmatched = policy.unmatched_overrides(linear_layers(infos))
     if unmatched:
         log.warning("ConvRot: %s: these override patterns match no linear layer and change nothing: %s",
@@ -313,8 +320,8 @@ def plan_file(path: str, group_size: int, preset: str, overrides=None) -> tuple[
         if key not in plan.specs and plan.actions.get(layer) in ("keep", BF16):
             plan.specs[key] = TensorInfo(torch.uint8, (len(encode_conf(conf)),))
     plan.bytes_out = sum(nbytes(i) for i in plan.specs.values())
-    plan.family = family.name
-    return plan, infos, meta
+    plan.family = family
+    return plan
 
 
 def same_file(a: str, b: str) -> bool:
@@ -328,7 +335,8 @@ def same_file(a: str, b: str) -> bool:
 def quantize_file(src: str, dst: str, group_size: int = 256, preset: str = "mixed", overrides=None,
                   device: str | None = None, progress: Callable[[int, int, str], None] | None = None,
                   overwrite: bool = False) -> Plan:
-    """Quantize a FLUX safetensors file into the native ConvRot format, holding one layer in memory at a time.
+    """Quantize a diffusion transformer safetensors file into the native ConvRot format, holding one layer in memory
+    at a time.
 
     Writing over the input itself is refused unless `overwrite`: the result replaces the original only once it
     is complete, but the original is gone then."""
