@@ -286,3 +286,52 @@ def test_override_actions_are_case_insensitive_in_every_form():
     assert parse_overrides('{"double_blocks.*": "W8A8"}') == want
     assert parse_overrides("double_blocks.* = W8A8") == want
     assert parse_overrides({"double_blocks.*": "W8A8"}) == want
+
+
+def _flux2_like_sd(h=256, m=768, wrong_mlp=False):
+    """A FLUX.2-layout state dict (shared modulation, SwiGLU, no biases) of zeros: shapes are all that is checked."""
+    z = lambda *s: torch.zeros(*s, dtype=torch.bfloat16)  # noqa: E731
+    sd = {"img_in.weight": z(h, 128), "txt_in.weight": z(h, 512), "time_in.in_layer.weight": z(h, 256),
+          "time_in.out_layer.weight": z(h, h), "double_stream_modulation_img.lin.weight": z(6 * h, h),
+          "double_stream_modulation_txt.lin.weight": z(6 * h, h), "single_stream_modulation.lin.weight": z(3 * h, h),
+          "final_layer.linear.weight": z(128, h), "final_layer.adaLN_modulation.1.weight": z(2 * h, h),
+          "single_blocks.0.linear1.weight": z(3 * h + 2 * m, h), "single_blocks.0.linear2.weight": z(h, h + m),
+          "single_blocks.0.norm.query_norm.scale": z(128), "single_blocks.0.norm.key_norm.scale": z(128)}
+    for s in ("img", "txt"):
+        p = f"double_blocks.0.{s}_"
+        sd.update({p + "attn.qkv.weight": z(3 * h, h), p + "attn.proj.weight": z(h, h),
+                   p + "mlp.0.weight": z(m if wrong_mlp and s == "img" else 2 * m, h), p + "mlp.2.weight": z(h, m),
+                   p + "attn.norm.query_norm.scale": z(128), p + "attn.norm.key_norm.scale": z(128)})
+    return sd
+
+
+def test_flux2_file_plans_with_its_own_rules(tmp_path):
+    """The engine alone (the CLI's path) recognises FLUX.2, checks its shapes and applies its preset rules."""
+    from convrot.convert import plan_file
+    src = tmp_path / "flux2.safetensors"
+    save_file(_flux2_like_sd(), str(src))
+    plan, _, _ = plan_file(str(src), 256, "mixed")
+    assert plan.family == "flux2"
+    assert plan.actions["double_stream_modulation_img.lin"] == "w8a8"
+    assert plan.actions["double_blocks.0.img_mlp.0"] == "w4a4" and plan.actions["single_blocks.0.linear2"] == "bf16"
+    assert plan_file(str(src), 256, "w4a4")[0].actions["single_stream_modulation.lin"] == "bf16"
+    save_file(_flux2_like_sd(wrong_mlp=True), str(src))
+    with pytest.raises(CheckpointError, match=r"flux2\.safetensors: double_blocks\.0\.img_mlp\.0: size mismatch.*"
+                                              r"FLUX\.2 model"):
+        plan_file(str(src), 256, "mixed")
+
+
+@pytest.mark.parametrize("sd, what", [
+    ({"input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, "a UNet"),
+    ({"text_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(8, 8)}, "a text encoder"),
+    ({"nerf_blocks.0.norm.scale": torch.zeros(8), "distilled_guidance_layer.norms.0.scale": torch.zeros(8)},
+     "Chroma Radiance"),
+    ({"proj.weight": torch.zeros(8, 8)}, "no transformer block linear layers"),
+])
+def test_not_covered_files_are_named(tmp_path, sd, what):
+    src, dst = tmp_path / "other.safetensors", tmp_path / "b.safetensors"
+    save_file(sd, str(src))
+    with pytest.raises(CheckpointError, match=rf"other\.safetensors: not a FLUX\.1 transformer or another model "
+                                              rf"ConvRot covers: .*{what}"):
+        quantize_file(str(src), str(dst), 256, device="cpu")
+    assert_nothing_written(dst)
