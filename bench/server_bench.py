@@ -82,6 +82,9 @@ def prompt_for(variant: str, cond: str, steps: int, res: int, prefix: str) -> di
         g["2"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model, "lora_name": LORA,
                                                                   "strength_model": 1.0}}
         model = ["2", 0]
+    if "+graph" in variant:  # the CUDA Graph node after the loader (and LoRA): with +eager, uncompiled + graphs
+        g["8"] = {"class_type": "ConvRotCUDAGraph", "inputs": {"model": model}}
+        model = ["8", 0]
     g["3"] = {"class_type": "ConvRotBenchConditioning", "inputs": {"path": cond}}
     g["4"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["3", 0], "guidance": 3.5}}
     g["5"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": res, "height": res, "batch_size": 1}}

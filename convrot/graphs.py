@@ -167,10 +167,10 @@ class GraphedCalls:
         self._last_sig = None
         self._guard_value = None
 
-    def disable(self, reason: str) -> None:
+    def disable(self, reason: str, level: int = logging.WARNING) -> None:
         if self.disabled is None:
             self.disabled = reason
-            log.warning("%s: running eagerly for the rest of this run: %s", self.name, reason)
+            log.log(level, "%s: running eagerly for the rest of this run: %s", self.name, reason)
             self.close()
 
     def close(self) -> None:
@@ -257,7 +257,16 @@ class GraphedCalls:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
-                g_out = fn(*s_args, **s_kwargs)
+                # A host synchronisation while capturing invalidates the capture, and under cudaMallocAsync every
+                # tensor freed after that is a failing cudaFreeAsync inside a deleter: the process aborts. With
+                # sync debugging set to "error" PyTorch raises before synchronizing, so the capture ends cleanly.
+                # Set inside the block: entering it synchronizes on purpose.
+                mode = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    g_out = fn(*s_args, **s_kwargs)
+                finally:
+                    torch.cuda.set_sync_debug_mode(mode)
         except BaseException as e:
             self._recover(graph, cur, e)
             if async_allocator():

@@ -15,7 +15,7 @@ import torch
 
 from comfy_api.latest import io
 
-from ..convrot.graphs import GraphedCalls
+from ..convrot.graphs import GraphedCalls, async_allocator
 
 log = logging.getLogger("convrot")
 
@@ -54,6 +54,8 @@ class RunGraphs:
             reason = _not_capturable(executor.class_obj, args, kwargs)
             if reason:
                 run.disable(reason)
+            elif async_allocator() and _compiled(executor.class_obj):
+                run.disable(ASYNC_COMPILED, logging.INFO)  # expected with ComfyUI's defaults: not a warning
             else:
                 run.guard = weight_addresses(executor.class_obj)
         return run(executor, *args, **kwargs)
@@ -71,6 +73,19 @@ def _not_capturable(model: torch.nn.Module, args, kwargs) -> str | None:
         if t.device.type != "cuda":
             return f"{name} is not on the GPU (low-VRAM offloading); load the model fully to use CUDA graphs"
     return None
+
+
+# Triton's kernel launchers (Inductor's static one and Triton's own) check every pointer argument with the CUDA
+# driver; a buffer that cudaMallocAsync allocates while capturing is not mapped until the graph is launched, so the
+# check fails and so does the capture (bench/NOTES.md, Session 7). PyTorch's native allocator has no such buffers.
+ASYNC_COMPILED = ("compiled (Triton) kernels cannot be captured under the cudaMallocAsync allocator, ComfyUI's "
+                  "default; the compiled blocks run without graphs (start ComfyUI with --disable-cuda-malloc to "
+                  "replay steps as CUDA graphs as well)")
+
+
+def _compiled(model: torch.nn.Module) -> bool:
+    """Whether torch.compile'd modules run in this call (ComfyUI's compile wrapper swaps them in per call)."""
+    return any(hasattr(m, "_orig_mod") for m in model.modules())
 
 
 def weight_addresses(model: torch.nn.Module):

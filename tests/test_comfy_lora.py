@@ -384,6 +384,43 @@ def test_dynamo_sees_no_graph_breaks_in_convrot_layers(env):
     sample(c, env["ours"], steps=1)
 
 
+def test_cuda_graph_skips_compiled_models_under_cuda_malloc_async(env, monkeypatch, caplog):
+    """Under cudaMallocAsync (ComfyUI's default) a capture of Triton-compiled blocks fails (their launchers check
+    pointers the capture has not mapped yet), so a run whose blocks are compiled is not captured at all: one
+    info line, every call eager; an uncompiled model under the same allocator, or a compiled one under the native
+    allocator, goes on to capture (stopped here by a stub: on the CPU nothing can be captured)."""
+    graph = env["comfy"].pack.nodes.graph
+    block = torch.nn.Linear(4, 4)
+    calls = []
+
+    class Executor:
+        def __init__(self, model):
+            self.class_obj = model
+
+        def __call__(self, x):
+            calls.append(x)
+            return x
+
+    def first_call(model, allocator_async):
+        monkeypatch.setattr(graph, "_not_capturable", lambda *a: None)
+        monkeypatch.setattr(graph, "async_allocator", lambda: allocator_async)
+        monkeypatch.setattr(graph.GraphedCalls, "_capture", lambda self, *a: "captured")
+        rg = graph.RunGraphs()
+        rg.runs.append(graph.GraphedCalls(graph.NAME))
+        out = rg.diffusion_model(Executor(model), torch.ones(2, device="cpu"))
+        return rg.runs[-1], out
+
+    compiled = torch.nn.ModuleList([torch.compile(block, backend="eager")])
+    with caplog.at_level(logging.INFO, logger="convrot"):
+        run, out = first_call(compiled, True)
+    assert run.disabled == graph.ASYNC_COMPILED and run.eager == 1 and torch.equal(out, torch.ones(2))
+    assert [r.levelno for r in caplog.records if "running eagerly" in r.message] == [logging.INFO]
+    monkeypatch.setattr(graph.GraphedCalls, "__call__", lambda self, fn, *a: "to capture")
+    for model, allocator_async in ((torch.nn.ModuleList([block]), True), (compiled, False)):
+        run, out = first_call(model, allocator_async)
+        assert run.disabled is None and out == "to capture"
+
+
 def test_cuda_graph_node_on_cpu_runs_eagerly_and_samples_the_same(env, caplog):
     """ConvRot CUDA Graph on the CPU: one log line per run, every step eager, samples unchanged, with LoRAs and
     Compile Blocks chained in either order. (Capture and replay are tested on the GPU in test_graphs.py and end to
