@@ -2,6 +2,7 @@
 # One device call for the server harness: install the carried packages and ComfyUI into /tmp (kept while the machine
 # stays warm), build the extension while the 12B random checkpoint is written, run GPU tests, then the harness.
 # Usage on the device: bash bench/gpu_server.sh "<modes>" "<variants>" "<pytest files or none>" [harness args]
+# (TINY=1 skips writing the 12B checkpoint: for harness runs with --tiny --workdir elsewhere)
 # Carries .gpu/ (see bench/NOTES.md "Server harness": wheels, comfy-kitchen with its xz'd CUDA library, ComfyUI).
 set -o pipefail
 modes=$1; variants=$2; tests=${3:-none}; shift 3
@@ -25,7 +26,7 @@ import time; t=time.time(); from convrot import kernels
 print('kernels:', kernels.load() is not None, kernels.unavailable_reason(), f'{time.time()-t:.0f} s')" >> $OUT/env.txt 2>&1 &
 build=$!
 mkdir -p $W/models/diffusion_models
-[ -f $W/models/diffusion_models/flux1-dev-random.safetensors ] || python3 -c "
+[ -n "${TINY:-}" ] || [ -f $W/models/diffusion_models/flux1-dev-random.safetensors ] || python3 -c "
 import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import e2e_comfy as e
 e.write_random_flux(Path('$W/models/diffusion_models/flux1-dev-random.safetensors'), False)" 2>&1 | tail -1
 wait $build; tail -1 $OUT/env.txt; echo "setup $(( $(date +%s) - t0 )) s"

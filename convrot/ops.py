@@ -83,7 +83,10 @@ def qlinear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: tor
     n = w_scale.shape[0]
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    if x.numel() and not torch.compiler.is_compiling() and w_q.device == x.device:
+    # `type(x) is torch.Tensor`: when torch.compile runs a QuantizedTensor's F.linear on FakeTensors (Dynamo
+    # propagates the whole call as one node, outside tracing), a raw launcher such as Triton's would read their
+    # data pointers; the checked path goes through registered custom ops with fake kernels.
+    if x.numel() and type(x) is torch.Tensor and not torch.compiler.is_compiling() and w_q.device == x.device:
         key = (x.device, x.dtype, x.shape[-1], n, group_size, bits)
         fn = _routes.get(key, _routes)
         if fn is _routes:

@@ -204,13 +204,38 @@ def test_a_one_time_synchronization_gets_a_second_warm_up():
     assert (run.captures, run.replays, run.disabled, fn.n) == (1, 2, None, 3)  # warm-up, warm-up, capture
 
 
+def _query(y):
+    torch.cuda.current_stream().query()  # illegal while capturing, and not a synchronisation PyTorch checks for
+
+
+@cuda
+@torch.inference_mode()
+def test_a_host_sync_while_capturing_fails_cleanly(monkeypatch):
+    """Sync debugging is set to "error" while capturing: PyTorch raises before the synchronisation, so the capture
+    is never invalidated inside CUDA (under cudaMallocAsync that invalidation aborted the process): this run goes
+    eager, and the next run captures again."""
+    monkeypatch.setattr(graphs.GraphedCalls, "broken", None)
+    model = Toy()
+    stream = torch.cuda.current_stream()
+    fn = _Calls(model, {2}, _sync)  # clean warm-up, synchronizes while capturing
+    run = graphs.GraphedCalls("test")
+    _check(run, fn, 90)
+    assert run.disabled.startswith("capture failed") and "synchroniz" in run.disabled, run.disabled
+    assert torch.cuda.current_stream() == stream and graphs.GraphedCalls.broken is None
+    assert torch.cuda.get_sync_debug_mode() == 0  # restored
+    run2 = graphs.GraphedCalls("test")
+    for i in range(3):
+        _check(run2, model, 91 + i)
+    assert (run2.captures, run2.replays, run2.disabled) == (1, 2, None), (run2.captures, run2.replays, run2.disabled)
+
+
 @cuda
 @torch.inference_mode()
 def test_a_capture_that_fails_inside_cuda_is_undone(monkeypatch):
     monkeypatch.setattr(graphs.GraphedCalls, "broken", None)
     model = Toy()
     stream = torch.cuda.current_stream()
-    fn = _Calls(model, {2}, _sync)  # clean warm-up, synchronizes while capturing
+    fn = _Calls(model, {2}, _query)  # clean warm-up, an illegal stream query while capturing
     run = graphs.GraphedCalls("test")
     _check(run, fn, 70)
     assert run.disabled.startswith("capture failed"), run.disabled
