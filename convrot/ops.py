@@ -1,4 +1,4 @@
-"""Kernel dispatch: per device the route of convrot/routes.py (CUDA extension, then Triton, then the reference).
+"""Kernel dispatch: per device the route of convrot/routes.py (CUDA extension, Triton, dequant, reference).
 
 Every entry point has the reference's signature and meaning (see reference.py); the choice is made per call from
 the tensor's device, so a model that moves between CPU and GPU (ComfyUI offloading) keeps working.
@@ -121,7 +121,8 @@ def linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torc
 
 
 def _w8a8_cuda(x2d, w_q, w_scale, bias, group_size):
-    """W8A8 on CUDA without the extension: reference rotate+quantize (torch ops), then cuBLAS int8."""
+    """W8A8 on the reference route on CUDA (forced, or a shape no backend takes): reference rotate+quantize (torch
+    ops), then cuBLAS int8, exact like the reference. The dequant route does not use it (convrot/dequant.py: why)."""
     a_q, a_scale = reference.rotate_quantize(x2d, group_size, 8)
     return int8_mm(a_q, a_scale, w_q, w_scale, bias, x2d.dtype)
 

@@ -61,12 +61,14 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_int4: [..., K/2] int8 -> [..., K] int8 codes (signed nibbles)."""
-    p = packed.view(torch.uint8).to(torch.int16)
-    lo = p & 0xF
-    hi = p >> 4
-    both = torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
-    return torch.where(both >= 8, both - 16, both).to(torch.int8)
+    """Inverse of pack_int4: [..., K/2] int8 -> [..., K] int8 codes (signed nibbles).
+
+    Arithmetic shifts of the signed byte sign-extend a nibble: >> 4 gives the high one, << 4 then >> 4 the low one.
+    All in int8: the dequant route runs this per call, and the int16 round trip was 3-4x slower on an H200.
+    """
+    p = packed.view(torch.int8)  # a uint8 view would shift logically
+    both = torch.stack(((p << 4) >> 4, p >> 4), dim=-1)
+    return both.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
 def rotate_quantize(x: torch.Tensor, group_size: int, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:

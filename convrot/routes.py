@@ -1,10 +1,11 @@
 """Which implementation computes ConvRot's ops on a device, decided once per device and said in one log line.
 
-Order: the built CUDA extension (convrot/kernels: CUTLASS on sm_90, int4 mma.sync on sm_80/86/89), then the Triton
-kernels (convrot/triton_kernels: no compiler at install time, sm_80 and newer), then the PyTorch reference
-(convrot/reference.py, everywhere). `CONVROT_ROUTE=cuda|triton|reference` forces one (a forced route that cannot run
-on the device falls to the next one, and the log line says so); `CONVROT_DISABLE_KERNELS=1` keeps the extension
-unbuilt, as before.
+Order on a CUDA device: the built CUDA extension (convrot/kernels: CUTLASS on sm_90, int4 mma.sync on sm_80/86/89),
+then the Triton kernels (convrot/triton_kernels: no compiler at install time, sm_80 and newer), then the weight-only
+fallback (convrot/dequant.py: codes expanded per call, cuBLAS; any CUDA GPU), which leaves the PyTorch reference
+(convrot/reference.py: exact ConvRot math, everywhere, CPU tensors always) to `CONVROT_ROUTE=reference`.
+`CONVROT_ROUTE=cuda|triton|dequant|reference` forces one (a forced route that cannot run on the device falls to the
+next one, and the log line says so); `CONVROT_DISABLE_KERNELS=1` keeps the extension unbuilt, as before.
 
 A backend offers the fast-op API that convrot/ops.py calls: supports_shape(k, n, group_size),
 rotate_quantize(x2d, g) (4-bit, packed), rotate_quantize_q8(x2d, g), linear_fn(g, bits) (the unchecked per-layer
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from . import dequant
+
 log = logging.getLogger("convrot")
 
-ROUTES = ("cuda", "triton", "reference")
+ROUTES = ("cuda", "triton", "dequant", "reference")
 ENV = "CONVROT_ROUTE"
 # Triton takes part in the automatic order only once its kernels have been checked against the reference on a GPU
 # (so far: through Triton's CPU interpreter, and the probe of triton_kernels.available); until then it runs when
@@ -31,10 +34,13 @@ TRITON_AUTOMATIC = False
 COST = {
     "cuda": "ConvRot's fastest kernels",
     "triton": "portable Triton kernels (no compiler needed; on Hopper slower than the CUDA extension)",
-    "reference": "the PyTorch reference path: far slower than bf16 on a GPU (mixed ran at 0.09x of bf16 on an H200, "
-                 "in process) "
-                 "(install a CUDA toolkit for the extension; CONVROT_ROUTE=triton tries the Triton kernels, not "
-                 "yet verified on a GPU)",
+    "dequant": "weight-only fallback, each layer's codes expanded to bf16/fp16 per call for cuBLAS: near bf16's "
+               "speed (mixed ran at 0.71x of bf16 eager, 0.90x with Compile Blocks, H200, in process), the memory "
+               "saving kept, no 4-bit speed-up "
+               "(install a CUDA toolkit for the extension; CONVROT_ROUTE=triton tries the Triton kernels, not yet "
+               "verified on a GPU)",
+    "reference": "the PyTorch reference path, ConvRot's exact math: far slower than bf16 on a GPU (mixed ran at 0.09x "
+                 "of bf16 on an H200, in process)",
 }
 
 
@@ -89,14 +95,15 @@ def _decide(device, forced, cuda, triton, note=""):
     if forced and forced != "cuda":
         note += f"{ENV}={forced}; "
     for name in order:
-        if name == "reference":
-            break
+        if name == "dequant" and device != "cuda":
+            continue  # it stands in for GPU kernels; on a CPU the reference costs about a dense GEMM, and is exact
+        if name in ("dequant", "reference"):  # torch ops only: they run wherever torch does, so they never fail
+            return name, note + ("; ".join(skipped) if skipped else f"{device} tensors")
         ok, reason = tried[name]
         if ok:
             why = f"{note}{reason}" + (f" ({'; '.join(skipped)})" if skipped else "")
             return name, why
         skipped.append(f"{'CUDA extension' if name == 'cuda' else 'Triton'}: {reason}")
-    return "reference", note + ("; ".join(skipped) if skipped else f"{device} tensors")
 
 
 _routes: dict[str, Route] = {}
@@ -109,7 +116,9 @@ def route_for(device: torch.device) -> Route:
     if r is None:
         r = _routes[key] = _route(device)
         asked = os.environ.get(ENV, "").strip().lower() == r.name
-        level = logging.WARNING if r.name == "reference" and device.type == "cuda" and not asked else logging.INFO
+        # a GPU without ConvRot's kernels loses the speed-up the user installed this for: worth a warning, unless asked
+        level = logging.WARNING if r.name in ("dequant", "reference") and device.type == "cuda" and not asked \
+            else logging.INFO
         if device.type == "cuda" or r.name != "reference":
             log.log(level, "ConvRot on %s: %s: %s [%s]", key, r.name, COST[r.name], r.why)
     return r
@@ -132,7 +141,7 @@ def _route(device: torch.device) -> Route:
     tri, tri_report = _triton(device) if wanted else (None, (False, f"not in the automatic order yet ({ENV}=triton "
                                                                    f"runs it)"))
     name, why = decide(device.type, forced, ext_report, tri_report)
-    backend = {"cuda": ext, "triton": tri}.get(name)
+    backend = {"cuda": ext, "triton": tri, "dequant": dequant}.get(name)
     return Route(name, why, backend)
 
 

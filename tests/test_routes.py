@@ -1,5 +1,6 @@
-"""Route decisions (convrot/routes.py): the CUDA extension, then Triton, then the reference; forced routes; what a
-machine without a GPU, Triton or a compiler gets. CPU only: the kernels themselves are tested against the reference
+"""Route decisions (convrot/routes.py): the CUDA extension, then Triton, then the weight-only dequant fallback on CUDA
+devices (the reference elsewhere, or when forced); forced routes; what a machine without a GPU, Triton or a compiler
+gets. CPU only: the kernels themselves are tested against the reference
 in test_kernels_gpu.py and test_triton.py."""
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from convrot import ops, reference, routes, triton_kernels
+from convrot import dequant, ops, reference, routes, triton_kernels
 
 OK_EXT = (True, "CUDA extension for sm_90")
 OK_TRI = (True, "Triton 3.6.0 on sm_90 (NVIDIA H200)")
@@ -19,13 +20,15 @@ NO_TRI = (False, "triton is not installed (pip install triton; on Windows: pip i
 @pytest.mark.parametrize("forced, ext, tri, want, says", [
     (None, OK_EXT, OK_TRI, "cuda", ["sm_90"]),
     (None, NO_EXT, OK_TRI, "triton", ["Triton 3.6.0", "no CUDA compiler"]),   # no compiler: Triton, and why
-    (None, NO_EXT, NO_TRI, "reference", ["no CUDA compiler", "triton is not installed"]),
+    (None, NO_EXT, NO_TRI, "dequant", ["no CUDA compiler", "triton is not installed"]),  # neither compiled route
     (None, OK_EXT, NO_TRI, "cuda", []),
     ("triton", OK_EXT, OK_TRI, "triton", ["CONVROT_ROUTE=triton"]),           # forced past a working extension
-    ("triton", OK_EXT, NO_TRI, "reference", ["CONVROT_ROUTE=triton", "triton is not installed"]),
+    ("triton", OK_EXT, NO_TRI, "dequant", ["CONVROT_ROUTE=triton", "triton is not installed"]),
+    ("dequant", OK_EXT, OK_TRI, "dequant", ["CONVROT_ROUTE=dequant"]),         # forced past both compiled routes
     ("reference", OK_EXT, OK_TRI, "reference", ["CONVROT_ROUTE=reference"]),
     ("cuda", NO_EXT, OK_TRI, "triton", ["no CUDA compiler"]),                 # a forced route that can't run
     ("bogus", NO_EXT, OK_TRI, "triton", ["'bogus' is not one of"]),
+    ("bogus", NO_EXT, NO_TRI, "dequant", ["'bogus' is not one of", "dequant", "no CUDA compiler"]),
 ])
 def test_decide(forced, ext, tri, want, says):
     name, why = routes.decide("cuda", forced, ext, tri, triton_automatic=True)
@@ -37,7 +40,7 @@ def test_decide(forced, ext, tri, want, says):
 def test_triton_stays_out_of_the_automatic_order_until_verified_on_a_gpu():
     assert routes.TRITON_AUTOMATIC is False  # flip it with the GPU run of test_triton.py (README, issue 18)
     name, why = routes.decide("cuda", None, NO_EXT, OK_TRI)
-    assert name == "reference" and "CONVROT_ROUTE=triton runs it" in why and "no CUDA compiler" in why
+    assert name == "dequant" and "CONVROT_ROUTE=triton runs it" in why and "no CUDA compiler" in why
     assert routes.decide("cuda", "triton", NO_EXT, OK_TRI)[0] == "triton"
     assert routes.decide("cuda", None, OK_EXT, OK_TRI)[0] == "cuda"
 
@@ -56,19 +59,67 @@ def test_cpu_tensors_take_the_reference_route_silently(caplog):
     assert torch.equal(ops.linear(x, wq, ws, None, 256), reference.convrot_linear(x, wq, ws, None, 256))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU: there a CUDA device has no route")
-def test_a_gpu_without_extension_or_triton_says_so_once(caplog, monkeypatch):
-    """On this CPU machine a CUDA device has neither route (no GPU visible): the reference, one warning naming both
-    reasons, not repeated on the next call."""
+def test_dequant_is_for_cuda_devices_only():
+    """Elsewhere the reference runs (exact math; on a CPU it costs about a dense GEMM), also when dequant is forced."""
+    assert routes.decide("cpu", None, NO_EXT, NO_TRI)[0] == "reference"
+    assert routes.decide("cpu", "dequant", NO_EXT, NO_TRI)[0] == "reference"
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU: there a CUDA device has "
+                                                              "neither compiled route")
+
+
+def _route_line(caplog, forced, monkeypatch):
     routes.reset()
-    monkeypatch.delenv(routes.ENV, raising=False)
+    if forced is None:
+        monkeypatch.delenv(routes.ENV, raising=False)
+    else:
+        monkeypatch.setenv(routes.ENV, forced)
     with caplog.at_level(logging.INFO, logger="convrot"):
         r = routes.route_for(torch.device("cuda", 0))
         routes.route_for(torch.device("cuda", 0))
-    lines = [m for m in caplog.messages if m.startswith("ConvRot on cuda:0")]
-    assert r.name == "reference" and r.backend is None and len(lines) == 1
-    assert "CUDA extension:" in lines[0] and "Triton:" in lines[0] and "slower than bf16" in lines[0]
+    recs = [rec for rec in caplog.records if rec.getMessage().startswith("ConvRot on cuda:0")]
     routes.reset()
+    assert len(recs) == 1  # once per device
+    return r, recs[0]
+
+
+@NO_GPU
+def test_a_gpu_without_extension_or_triton_gets_dequant_and_says_so_once(caplog, monkeypatch):
+    """On this CPU machine a CUDA device has neither compiled route (no GPU visible): the dequant fallback, one
+    warning naming both reasons and what the fallback costs, not repeated on the next call."""
+    r, rec = _route_line(caplog, None, monkeypatch)
+    assert r.name == "dequant" and r.backend is dequant and rec.levelno == logging.WARNING
+    line = rec.getMessage()
+    assert "CUDA extension:" in line and "Triton:" in line and routes.COST["dequant"] in line
+
+
+def test_the_dequant_cost_says_what_is_kept_and_what_is_lost():
+    cost = routes.COST["dequant"]
+    for s in ("weight-only", "bf16", "memory saving", "no 4-bit speed-up", "install a CUDA toolkit"):
+        assert s in cost, s
+    assert "slower than bf16" in routes.COST["reference"]
+
+
+@NO_GPU
+@pytest.mark.parametrize("forced, want, backend", [("dequant", "dequant", dequant), ("reference", "reference", None),
+                                                   ("Dequant ", "dequant", dequant)])
+def test_forced_dequant_or_reference_on_a_cuda_device(forced, want, backend, caplog, monkeypatch):
+    """CONVROT_ROUTE picks either torch-only route without trying the extension (a build can take minutes); asked
+    for, it is said at info level."""
+    def never(device):
+        raise AssertionError("the extension was tried")
+    monkeypatch.setattr(routes, "_cuda_extension", never)
+    r, rec = _route_line(caplog, forced, monkeypatch)
+    assert (r.name, r.backend) == (want, backend) and rec.levelno == logging.INFO
+    assert f"{routes.ENV}={want}" in rec.getMessage() and routes.COST[want] in rec.getMessage()
+
+
+@NO_GPU
+def test_an_unknown_route_name_is_said_and_the_order_decides(caplog, monkeypatch):
+    r, rec = _route_line(caplog, "fastest", monkeypatch)
+    assert r.name == "dequant" and rec.levelno == logging.WARNING
+    assert "CONVROT_ROUTE='fastest' is not one of cuda, triton, dequant, reference" in rec.getMessage()
 
 
 def test_missing_triton_is_named(monkeypatch):
@@ -90,7 +141,7 @@ def test_the_extension_disabled_by_the_user_is_named(monkeypatch):
 def test_backends_offer_the_api_ops_calls():
     api = ("supports_shape", "rotate_quantize", "rotate_quantize_q8", "linear_fn", "w4a4_linear", "w8a8_linear")
     from convrot import kernels
-    for backend in (kernels, routes._Triton):  # the extension module is its own backend
+    for backend in (kernels, routes._Triton, dequant):  # the extension module is its own backend, so is dequant
         for name in api:
             assert callable(getattr(backend, name, None)), (backend.__name__, name)
     assert set(routes.COST) == set(routes.ROUTES)
