@@ -260,7 +260,8 @@ class GraphedCalls:
                 # A host synchronisation while capturing invalidates the capture, and under cudaMallocAsync every
                 # tensor freed after that is a failing cudaFreeAsync inside a deleter: the process aborts. With
                 # sync debugging set to "error" PyTorch raises before synchronizing, so the capture ends cleanly.
-                # Set inside the block: entering it synchronizes on purpose.
+                # Set inside the block: entering it synchronizes on purpose. The mode is process-wide, so a sync
+                # in another thread during these milliseconds raises too (ComfyUI samples in one thread).
                 mode = torch.cuda.get_sync_debug_mode()
                 torch.cuda.set_sync_debug_mode("error")
                 try:
