@@ -36,6 +36,18 @@ from . import reference
 
 DEFAULT_ALPHAS = tuple(round(0.70 + 0.02 * i, 2) for i in range(16))  # 0.70 ... 1.00
 
+# `mixed+lr`, `compact+lr`: a preset with the correction on its W4A4 layers (the loader's preset names, the quality
+# tool's variants); the rank and fit the testbed figures were measured with (docs/README_quality.md).
+SUFFIX = "+lr"
+DEFAULT_RANK = 32
+
+
+def split_preset(name: str) -> tuple[str, int]:
+    """("mixed", 32) for "mixed+lr", ("mixed", 0) for "mixed"."""
+    if name.endswith(SUFFIX):
+        return name[: -len(SUFFIX)], DEFAULT_RANK
+    return name, 0
+
 
 @dataclass
 class CorrectedWeight:

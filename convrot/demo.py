@@ -56,8 +56,11 @@ def projected_bytes(cfg: FluxConfig, preset: str, group_size: int = 256) -> tupl
     """(bytes under the preset, bytes in bf16) of all transformer weights, from shapes alone (nothing allocated).
 
     Per linear layer: bf16 2 bytes/weight; W4A4 0.5 byte/weight + a 4-byte scale per output channel; W8A8 1 byte +
-    4 bytes per channel. Biases, norms and every other tensor stay bf16.
+    4 bytes per channel. Biases, norms and every other tensor stay bf16. A `PRESET+lr` preset adds its low-rank
+    correction to each W4A4 layer: rank * (in + out) bf16 values.
     """
+    from .correction import split_preset
+    preset, rank = split_preset(preset)
     with torch.device("meta"):
         model = Flux(cfg)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -72,6 +75,8 @@ def projected_bytes(cfg: FluxConfig, preset: str, group_size: int = 256) -> tupl
             stored += 2 * p.numel()
         else:
             stored += (p.numel() // 2 if act == "w4a4" else p.numel()) + 4 * m.out_features
+            if act == "w4a4":
+                stored += 2 * rank * (m.in_features + m.out_features)
     return stored, bf16
 
 

@@ -24,9 +24,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from convrot.demo import projected_bytes  # noqa: E402
 from convrot.flux import FluxConfig  # noqa: E402
+from convrot.correction import SUFFIX, split_preset  # noqa: E402
 from convrot.policy import PRESETS  # noqa: E402
 
 PRESET_ORDER = ("mixed", "w4a4", "compact", "w8a8")
+LR_PRESETS = tuple(p + SUFFIX for p in ("mixed", "compact"))  # the loader's +lr choices (FLUX.1 table only)
+
+
+def describe(preset: str) -> str:
+    base, rank = split_preset(preset)
+    if not rank:
+        return PRESETS[base]
+    return (f"`{base}` plus a rank-{rank} low-rank correction on its W4A4 layers, computed while loading (closer to "
+            f"bf16; ConvRot Save Quantized cannot write it)")
 
 _FLUX2 = dict(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None, mlp_ratio=3.0,
               axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1, qkv_bias=False, txt_ids_dims=[3],
@@ -107,7 +117,7 @@ def preset_bytes(cfg: FluxConfig | None = None) -> dict[str, int]:
     """Bytes of all transformer weights per preset, plus the bf16 baseline under the key "bf16"."""
     cfg = cfg or FluxConfig()
     out = {}
-    for preset in PRESET_ORDER:
+    for preset in PRESET_ORDER + LR_PRESETS:
         out[preset], out["bf16"] = projected_bytes(cfg, preset)
     return out
 
@@ -121,9 +131,9 @@ def markdown_table(cfg: FluxConfig | None = None) -> str:
     base = sizes["bf16"]
     rows = ["| preset | transformer weights (FLUX.1-dev, 12B) | vs bf16 | what it does |",
             "|---|---|---|---|"]
-    for p in PRESET_ORDER:
+    for p in PRESET_ORDER + LR_PRESETS:
         default = " (default)" if p == "mixed" else ""
-        rows.append(f"| `{p}`{default} | {gb(sizes[p])} | {sizes[p] / base:.0%} | {PRESETS[p]} |")
+        rows.append(f"| `{p}`{default} | {gb(sizes[p])} | {sizes[p] / base:.0%} | {describe(p)} |")
     rows.append(f"| stock bf16 (for reference) | {gb(base)} | 100% | no quantization |")
     return "\n".join(rows)
 
@@ -135,5 +145,5 @@ if __name__ == "__main__":
         print(markdown_table())
     else:
         sizes = preset_bytes()
-        for k in ("bf16", *PRESET_ORDER):
+        for k in ("bf16", *PRESET_ORDER, *LR_PRESETS):
             print(f"{k:8s} {sizes[k] / 1e9:6.2f} GB  {sizes[k] / 2**30:6.2f} GiB  {sizes[k] / sizes['bf16']:.0%}")

@@ -19,6 +19,7 @@ from comfy_api.latest import io
 
 from ..convrot import families
 from ..convrot.checkpoint import FP8_DTYPES, CheckpointError
+from ..convrot.correction import DEFAULT_RANK, SUFFIX, split_preset
 from ..convrot.convert import header_layer_confs, plan_file
 from ..convrot.hadamard import SUPPORTED_GROUP_SIZES, check_group_size
 from ..convrot.policy import PRESETS, parse_overrides
@@ -27,7 +28,7 @@ from .ops import LoadSpec, make_ops, quantized_layers
 
 log = logging.getLogger("convrot")
 
-PRESET_CHOICES = ["mixed", "w4a4", "compact", "w8a8"]
+PRESET_CHOICES = ["mixed", "w4a4", "compact", "w8a8", "mixed" + SUFFIX, "compact" + SUFFIX]
 SPEED_CHOICES = ["auto", "eager"]
 ACTIVATION_HEADROOM = 6 * 2**30  # a 1024² FLUX step's activations, the text encoders' leftovers and cuDNN workspace
 GROUP_CHOICES = [str(g) for g in sorted(SUPPORTED_GROUP_SIZES, reverse=True)]  # "256", "64", "16"
@@ -140,8 +141,9 @@ def load_convrot_model(path: str, preset: str = "mixed", group_size: int | str =
         g = check_group_size(int(group_size))
     except ValueError as e:
         raise CheckpointError(f"{name}: {e}") from e
+    asked, (preset, correction_rank) = preset, split_preset(preset)
     if preset not in PRESETS and preset != "quality":
-        raise CheckpointError(f"{name}: unknown ConvRot preset {preset!r}; choose one of {PRESET_CHOICES}")
+        raise CheckpointError(f"{name}: unknown ConvRot preset {asked!r}; choose one of {PRESET_CHOICES}")
     try:
         parse_overrides(overrides)
     except ValueError as e:
@@ -153,7 +155,7 @@ def load_convrot_model(path: str, preset: str = "mixed", group_size: int | str =
     pbar = comfy.utils.ProgressBar(n_layers) if progress else None
     spec = LoadSpec.from_plan(
         name, g, plan.actions, confs,
-        quant_device=_quant_device(),
+        quant_device=_quant_device(), correction_rank=correction_rank,
         progress=(lambda layer: pbar.update(1)) if pbar is not None else None)
     try:
         dtype = compute_dtype(infos, comfy.model_management.get_torch_device())
@@ -170,7 +172,13 @@ def load_convrot_model(path: str, preset: str = "mixed", group_size: int | str =
                               f"named as in the file ({families.by_name(plan.family).label} rules)")
     counts = collections.Counter(f"w{m.convrot_bits}a{m.convrot_bits}" for _, m in layers)
     log.info("ConvRot: %s (%s) loaded with preset %s, group size %d: %s quantized layers, %d kept in floating point",
-             name, families.by_name(plan.family).label, preset, g, dict(counts), n_layers - len(layers))
+             name, families.by_name(plan.family).label, asked, g, dict(counts), n_layers - len(layers))
+    if correction_rank:
+        corrected = sum(m.convrot_lr_down is not None for _, m in layers)
+        w4 = sum(m.convrot_bits == 4 for _, m in layers)
+        log.info("ConvRot: low-rank correction (rank %d) on %d of %d W4A4 layers%s", correction_rank, corrected, w4,
+                 "" if corrected == w4 else " (the others were stored quantized in the file: a correction needs the "
+                 "float weights)")
     lora.install(patcher)
     return with_speed(patcher, speed)
 
@@ -191,7 +199,10 @@ class ConvRotW4A4Loader(io.ComfyNode):
                                tooltip="A diffusion transformer (FLUX.1, FLUX.2, Chroma, Qwen-Image, Wan 2.x, ...) "
                                        "from models/diffusion_models."),
                 io.Combo.Input("preset", options=PRESET_CHOICES, default="mixed",
-                               tooltip="; ".join(f"{k}: {v}" for k, v in PRESETS.items())),
+                               tooltip="; ".join(f"{k}: {v}" for k, v in PRESETS.items())
+                               + f"; PRESET{SUFFIX}: that preset with a calibration-free low-rank correction (rank "
+                                 f"{DEFAULT_RANK}) on its W4A4 layers: closer to bf16, 5-8% more memory on those layers, a "
+                                 f"slower load (an SVD per layer); not saved by ConvRot Save Quantized"),
                 io.Combo.Input("group_size", options=GROUP_CHOICES, default="256",
                                tooltip="Rotation group size; 256 is the most accurate."),
                 io.String.Input("overrides", multiline=True, default="", optional=True,

@@ -45,6 +45,7 @@ class LoadSpec:
     confs: dict[str, dict] = field(default_factory=dict)   # layer (no prefix) -> comfy_quant config (header form)
     quant_device: torch.device | None = None                # where weights are quantized (GPU when present)
     progress: Callable[[str], None] | None = None           # called once per linear layer loaded
+    correction_rank: int = 0                                # > 0: W4A4 layers get convrot/correction.py's branch
 
     @classmethod
     def from_plan(cls, file_name, group_size, actions, confs, **kw) -> "LoadSpec":
@@ -63,6 +64,10 @@ class ConvRotLinearOp:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._layer_name = ""
         self.convrot_patches = LayerPatches()
+        # The low-rank correction of a W4A4 layer quantized while loading (preset PRESET+lr): y += (x·Aᵀ)·Bᵀ. Buffers,
+        # so ComfyUI moves them with the module; None (the default) leaves them out of the state dict.
+        self.register_buffer("convrot_lr_down", None)  # A [r, in]
+        self.register_buffer("convrot_lr_up", None)    # B [out, r]
 
     # ------------------------------------------------------------------ loading
 
@@ -112,7 +117,10 @@ class ConvRotLinearOp:
             state_dict[prefix + "weight"] = fw  # ComfyUI's loader casts it to the compute dtype
             return
         bits = 4 if action == W4A4 else 8
-        q, s = self._quantize(fw, g, bits, where)
+        if bits == 4 and spec is not None and spec.correction_rank:
+            q, s = self._quantize_corrected(fw, g, spec.correction_rank, where)
+        else:
+            q, s = self._quantize(fw, g, bits, where)
         state_dict[prefix + "weight"] = q
         state_dict[prefix + "weight_scale"] = s
         state_dict[prefix + "comfy_quant"] = encode_conf(layer_conf(action, g))
@@ -130,6 +138,25 @@ class ConvRotLinearOp:
                         type(e).__name__, e)
             q, s = cr_ops.quantize_weight(w.to("cpu", torch.float32), g, bits)
         return q.to(target), s.to(target)
+
+    def _quantize_corrected(self, w: torch.Tensor, g: int, rank: int, where: str):
+        """W4A4 codes of the residual and the branch (convrot.correction), on the GPU when there is one; the branch
+        becomes this layer's buffers in the compute dtype."""
+        from ..convrot.correction import quantize_with_correction
+        target = self.factory_kwargs["device"] or torch.device("cpu")
+        qdev = (self._spec.quant_device if self._spec else None) or target
+        try:
+            cw = quantize_with_correction(w.to(qdev), g, 4, rank=rank)
+        except Exception as e:  # out of GPU memory: the CPU always works, slowly
+            if torch.device(qdev).type == "cpu":
+                raise
+            log.warning("ConvRot: the correction of %s on %s failed (%s: %s); using the CPU", where, qdev,
+                        type(e).__name__, e)
+            cw = quantize_with_correction(w.to("cpu", torch.float32), g, 4, rank=rank)
+        dtype = self.factory_kwargs.get("dtype") or torch.bfloat16
+        self.convrot_lr_down = cw.down.to(target, dtype)
+        self.convrot_lr_up = cw.up.to(target, dtype)
+        return cw.codes.to(target), cw.scale.to(target)
 
     def _check_stored(self, q: torch.Tensor, scale, bits: int, g: int, where: str) -> None:
         packed_k = self.in_features // 2 if bits == 4 else self.in_features
@@ -222,6 +249,16 @@ class ConvRotLinearOp:
         return y
 
     def _linear(self, x: torch.Tensor, w, bias) -> torch.Tensor:
+        y = self._quantized_linear(x, w, bias)
+        down = self.convrot_lr_down
+        if down is not None:  # the correction, like an unfused LoRA; traceable, so compiled blocks keep it inline
+            up = self.convrot_lr_up
+            if down.device != x.device or down.dtype != x.dtype:  # an offloaded layer: moved per call
+                down, up = down.to(x.device, x.dtype, non_blocking=True), up.to(x.device, x.dtype, non_blocking=True)
+            y = y + torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
+        return y
+
+    def _quantized_linear(self, x: torch.Tensor, w, bias) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return torch.nn.functional.linear(x, w, bias)  # traced through the layout's handler (nodes/layout.py)
         codes, scale = w._qdata, w._params.scale
@@ -242,14 +279,17 @@ class ConvRotLinearOp:
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         from ..convrot.reference import dequantize_weight
-        return dequantize_weight(self.weight._qdata, self.weight_scale, self.convrot_group_size, self.convrot_bits,
-                                 dtype)
+        w = dequantize_weight(self.weight._qdata, self.weight_scale, self.convrot_group_size, self.convrot_bits, dtype)
+        if self.convrot_lr_down is not None:  # the effective weight includes the correction
+            w = w + (self.convrot_lr_up.to(w.device, dtype) @ self.convrot_lr_down.to(w.device, dtype))
+        return w
 
     def extra_repr(self):
         base = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
         if self.convrot_bits is None:
             return base
-        return f"{base}, convrot=w{self.convrot_bits}a{self.convrot_bits}, group_size={self.convrot_group_size}"
+        lr = "" if self.convrot_lr_down is None else f", correction_rank={self.convrot_lr_down.shape[0]}"
+        return f"{base}, convrot=w{self.convrot_bits}a{self.convrot_bits}, group_size={self.convrot_group_size}{lr}"
 
 
 class _PatchedForward:

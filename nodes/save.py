@@ -21,6 +21,7 @@ from comfy_api.latest import io
 
 from ..convrot import families
 from ..convrot.checkpoint import StreamingWriter, TensorInfo
+from ..convrot.correction import SUFFIX
 from .ops import quantized_layers
 
 log = logging.getLogger("convrot")
@@ -47,6 +48,13 @@ def save_convrot_model(patcher, path: str, metadata: dict | None = None) -> str:
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("ConvRot Save Quantized: this MODEL has no ConvRot layers; load it with ConvRot W4A4 Loader")
+    corrected = [n for n, m in layers if m.convrot_lr_down is not None]
+    if corrected:
+        # ComfyUI's convrot_w4a4 format has no place for it: a stock loader would drop the branch and run the
+        # residual codes alone, a silently wrong model
+        raise ValueError(f"ConvRot Save Quantized: {len(corrected)} layers carry the low-rank correction of a "
+                         f"'{SUFFIX}' preset (e.g. {corrected[0]}), which the convrot_w4a4 file format cannot hold. "
+                         f"Save the model loaded without '{SUFFIX}', or keep loading the original file with it.")
     patched = [k for k in patcher.patches if k.startswith("diffusion_model.")]
     if patched:
         raise ValueError(f"ConvRot Save Quantized: the MODEL carries {len(patched)} LoRA/weight patches (e.g. "

@@ -69,7 +69,8 @@ def test_pack_registers_v3_nodes(comfy):
     assert s.category == "model/loaders"
     assert [i.id for i in s.inputs] == ["unet_name", "preset", "group_size", "overrides", "speed"]
     preset, group = s.inputs[1], s.inputs[2]
-    assert preset.options == ["mixed", "w4a4", "compact", "w8a8"] and preset.default == "mixed"
+    assert preset.options == ["mixed", "w4a4", "compact", "w8a8", "mixed+lr", "compact+lr"]
+    assert preset.default == "mixed"
     assert group.options == ["256", "64", "16"] and group.default == "256"
     assert s.inputs[3].optional and s.inputs[3].multiline and s.inputs[3].default == ""
     assert [o.io_type for o in s.outputs] == ["MODEL"]

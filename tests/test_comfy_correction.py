@@ -1,0 +1,84 @@
+"""The loader's `PRESET+lr` presets: the calibration-free low-rank correction (convrot/correction.py) computed while
+a float file loads, run as a branch beside each W4A4 GEMM, against a real ComfyUI on the CPU (skipped without one).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from comfy_env import node_output, rel, sample, tiny_state_dict, write_file
+
+NAME = "convrot_lr_tiny.safetensors"
+
+
+@pytest.fixture(scope="module")
+def models(comfy):
+    sd = tiny_state_dict(seed=5)
+    write_file(comfy, NAME, sd)
+    loader = comfy.nodes.NODE_CLASS_MAPPINGS["ConvRotW4A4Loader"]
+    load = lambda preset: node_output(loader.execute(NAME, preset, "256", ""))[0]  # noqa: E731
+    return dict(sd=sd, plain=load("mixed"), lr=load("mixed+lr"), compact_lr=load("compact+lr"),
+                stock=comfy.nodes.UNETLoader().load_unet(NAME, "default")[0])
+
+
+def test_the_branch_is_the_engines_on_every_w4a4_layer_only(comfy, models):
+    pack = comfy.pack
+    corr = pack.convrot.correction
+    layers = dict(pack.nodes.ops.quantized_layers(models["lr"].model.diffusion_model))
+    w4 = [n for n, m in layers.items() if m.convrot_bits == 4]
+    assert w4 and any(m.convrot_bits == 8 for m in layers.values())
+    for name, m in layers.items():
+        if m.convrot_bits == 8:
+            assert m.convrot_lr_down is None and m.convrot_lr_up is None, name
+            continue
+        cw = corr.quantize_with_correction(models["sd"][f"{name}.weight"], 256, 4, rank=corr.DEFAULT_RANK)
+        assert torch.equal(m.weight._qdata, cw.codes) and torch.equal(m.weight_scale, cw.scale), name
+        assert torch.equal(m.convrot_lr_down, cw.down.to(m.convrot_lr_down.dtype)), name
+        assert torch.equal(m.convrot_lr_up, cw.up.to(m.convrot_lr_up.dtype)), name
+        assert tuple(m.convrot_lr_down.shape) == (corr.DEFAULT_RANK, m.in_features)
+        assert f"correction_rank={corr.DEFAULT_RANK}" in repr(m)
+    # one layer's output: the quantized GEMM plus the branch, as the engine's CorrectedLinear computes it
+    name = w4[0]
+    m = layers[name]
+    x = torch.randn(3, 7, m.in_features, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    x[..., 5] *= 20  # an outlier channel
+    ref, _ = corr.corrected_convrot_linear(models["sd"][f"{name}.weight"],
+                                           None if m.bias is None else m.bias.data, 256, 4, rank=corr.DEFAULT_RANK)
+    torch.testing.assert_close(m(x), ref(x), rtol=2e-2, atol=2e-2)
+    plain = dict(pack.nodes.ops.quantized_layers(models["plain"].model.diffusion_model))[name]
+    assert plain.convrot_lr_down is None and not torch.equal(plain.weight._qdata, m.weight._qdata)
+
+
+def test_lr_presets_sample_closer_to_bf16(comfy, models):
+    y_ref = sample(comfy, models["stock"])
+    err = rel(sample(comfy, models["plain"]), y_ref)
+    err_lr = rel(sample(comfy, models["lr"]), y_ref)
+    err_compact_lr = rel(sample(comfy, models["compact_lr"]), y_ref)
+    print(f"final latent vs bf16: mixed {err:.4f}, mixed+lr {err_lr:.4f}, compact+lr {err_compact_lr:.4f}")
+    assert 0 < err_lr < err, (err_lr, err)
+    assert 0 < err_compact_lr < 0.08, err_compact_lr
+
+
+def test_save_refuses_a_corrected_model_and_writes_nothing(comfy, models):
+    saver = comfy.nodes.NODE_CLASS_MAPPINGS["ConvRotSaveQuantized"]
+    with pytest.raises(ValueError, match="low-rank correction"):
+        saver.execute(models["lr"], "convrot/never_lr")
+    out_dir = comfy.folder_paths.get_folder_paths("diffusion_models")[0]
+    written = [f for _, _, files in os.walk(out_dir) for f in files if "never_lr" in f]
+    assert not written, written
+
+
+def test_compiled_blocks_keep_the_branch(comfy, models):
+    """Compile Blocks traces the branch inline (no graph break), with the same samples as eager."""
+    torch._dynamo.reset()
+    compiled = comfy.pack.nodes.compile.compile_blocks(models["lr"], "eager")
+    torch.testing.assert_close(sample(comfy, compiled, steps=1), sample(comfy, models["lr"], steps=1),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_lr_preset_is_named(comfy):
+    loader = comfy.nodes.NODE_CLASS_MAPPINGS["ConvRotW4A4Loader"]
+    with pytest.raises(Exception, match="unknown ConvRot preset 'w3a3\\+lr'"):
+        loader.execute(NAME, "w3a3+lr", "256", "")
