@@ -62,6 +62,7 @@ MODE_ENV = {
 }
 VARIANTS = ["bf16", "fp8_fast", "mixed", "mixed+eager", "compact", "mixed+lora", "stock_native",
             "stock_native_nopack"]
+# also: PRESET+lr (the correction presets), +bypass (LoraLoaderBypassModelOnly), +graph (the CUDA Graph node)
 
 
 # ---------------------------------------------------------------- prompts (API format)
@@ -71,16 +72,16 @@ def prompt_for(variant: str, cond: str, steps: int, res: int, prefix: str) -> di
         loader = {"class_type": "UNETLoader", "inputs": {
             "unet_name": NATIVE if variant.startswith("stock_native") else FLUX,
             "weight_dtype": "fp8_e4m3fn_fast" if variant == "fp8_fast" else "default"}}
-    else:  # ConvRot loader; "+eager" sets its speed input to eager (default: auto)
+    else:  # ConvRot loader; "+eager" sets its speed input to eager (default: auto), "+lr" picks PRESET+lr
         preset, *mods = variant.split("+")
         loader = {"class_type": "ConvRotW4A4Loader", "inputs": {
-            "unet_name": FLUX, "preset": preset, "group_size": "256", "overrides": "",
+            "unet_name": FLUX, "preset": preset + ("+lr" if "lr" in mods else ""), "group_size": "256", "overrides": "",
             "speed": "eager" if "eager" in mods else "auto"}}
     g = {"1": loader}
     model = ["1", 0]
-    if "+lora" in variant:
-        g["2"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model, "lora_name": LORA,
-                                                                  "strength_model": 1.0}}
+    if "+lora" in variant or "+bypass" in variant:  # the stock LoRA loader, or ComfyUI's bypass LoRA loader
+        g["2"] = {"class_type": "LoraLoaderModelOnly" if "+lora" in variant else "LoraLoaderBypassModelOnly",
+                  "inputs": {"model": model, "lora_name": LORA, "strength_model": 1.0}}
         model = ["2", 0]
     if "+graph" in variant:  # the CUDA Graph node after the loader (and LoRA): with +eager, uncompiled + graphs
         g["8"] = {"class_type": "ConvRotCUDAGraph", "inputs": {"model": model}}

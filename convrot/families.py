@@ -21,9 +21,11 @@ def matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-# A repeated transformer block: `<list>.<index>.<submodule>...`. The submodule part keeps top-level nn.Sequential
-# embedders (`text_embedding.0`, `time_projection.1`) out: their index is the layer itself, not a block.
-_BLOCK = re.compile(r"([A-Za-z_]\w*)\.(\d+)\.\w.*")
+# A repeated transformer block: `<list>.<index>.<submodule>...`, the list named as DiTs name their block stacks
+# (`blocks`, `transformer_blocks`, `double_stream_blocks`, `joint_blocks`, `layers`, `noise_refiner`, ...). The
+# submodule part keeps top-level nn.Sequential embedders (`text_embedding.0`, `time_projection.1`) out, the name
+# keeps lists of embedders (`caption_projection.0.linear`) out.
+_BLOCK = re.compile(r"((?:[A-Za-z_]\w*)?(?:blocks|layers|refiner))\.(\d+)\.\w.*")
 
 
 def block_of(name: str) -> tuple[str, int] | None:

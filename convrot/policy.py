@@ -116,7 +116,10 @@ class LayerPolicy:
                 return act
         fam = families.by_name(self.family)
         sensitive = _matches(n, fam.sensitive)
-        if _matches(n, fam.always_bf16) or not (sensitive or fam.in_block(n)):
+        inside = fam.in_block(n)
+        # outside the blocks only a family's named shared layers (FLUX.2's modulation, Chroma's approximator) are
+        # quantized; the generic rule's "modulation" patterns there are output heads (final_layer.adaLN_modulation)
+        if _matches(n, fam.always_bf16) or not inside and not (sensitive and fam.blocks):
             return BF16
         if sensitive:
             return families.sensitive_action(fam, self.preset)

@@ -36,6 +36,9 @@ from .lora import LayerPatches
 log = logging.getLogger("convrot")
 
 
+LR_KEYS = ("convrot_lr_down", "convrot_lr_up")  # a +lr layer's branch, as buffers (and state-dict keys)
+
+
 @dataclass
 class LoadSpec:
     """What the loader decided from the file header before ComfyUI builds the model."""
@@ -66,8 +69,8 @@ class ConvRotLinearOp:
         self.convrot_patches = LayerPatches()
         # The low-rank correction of a W4A4 layer quantized while loading (preset PRESET+lr): y += (x·Aᵀ)·Bᵀ. Buffers,
         # so ComfyUI moves them with the module; None (the default) leaves them out of the state dict.
-        self.register_buffer("convrot_lr_down", None)  # A [r, in]
-        self.register_buffer("convrot_lr_up", None)    # B [out, r]
+        self.register_buffer(LR_KEYS[0], None)  # A [r, in]
+        self.register_buffer(LR_KEYS[1], None)  # B [out, r]
 
     # ------------------------------------------------------------------ loading
 
@@ -78,6 +81,7 @@ class ConvRotLinearOp:
         self._layer_name = name
         where = f"{spec.file_name if spec else 'model'}: {name}"
         get = lambda k: state_dict.get(prefix + k)  # noqa: E731
+        stored_lr = [state_dict.pop(prefix + k, None) for k in LR_KEYS]  # a +lr model saved by ComfyUI's own nodes
         w = get("weight")
         if w is not None:
             conf_t = get("comfy_quant")
@@ -93,6 +97,8 @@ class ConvRotLinearOp:
                                       error_msgs)
         fmt = convrot_format(getattr(self, "weight", None))
         self.convrot_bits, self.convrot_group_size = fmt if fmt is not None else (None, 256)
+        if any(t is not None for t in stored_lr):
+            self._load_stored_correction(*stored_lr, where)
         for k in list(state_dict):
             if k.startswith(prefix) and k[len(prefix):] in LAYER_SIDE_KEYS:
                 unexpected_keys.append(k)  # left over: a scale without a quantized weight
@@ -138,6 +144,30 @@ class ConvRotLinearOp:
                         type(e).__name__, e)
             q, s = cr_ops.quantize_weight(w.to("cpu", torch.float32), g, bits)
         return q.to(target), s.to(target)
+
+    def state_dict(self, *args, destination=None, prefix="", **kwargs):
+        # ComfyUI's quantized Linear writes its own state dict (codes, scales, comfy_quant) and skips buffers; a
+        # +lr layer's codes are those of the residual, so the branch must be saved with them
+        sd = super().state_dict(*args, destination=destination, prefix=prefix, **kwargs)
+        for k in LR_KEYS:
+            t = getattr(self, k)
+            if t is not None:
+                sd[prefix + k] = t
+        return sd
+
+    def _load_stored_correction(self, down, up, where: str) -> None:
+        """The branch of a `+lr` layer as ComfyUI's own save nodes write it (the layer's buffers): its codes are
+        those of the residual, so it must come back with them or the load fails."""
+        if self.convrot_bits != 4 or self.convrot_lr_down is not None:
+            raise CheckpointError(f"{where}: low-rank correction tensors on a layer that is not a stored W4A4 layer")
+        if down is None or up is None or down.dim() != 2 or up.dim() != 2 or down.shape[1] != self.in_features \
+                or up.shape != (self.out_features, down.shape[0]):
+            shapes = [None if t is None else tuple(t.shape) for t in (down, up)]
+            raise CheckpointError(f"{where}: low-rank correction {LR_KEYS} has shapes {shapes}, expected "
+                                  f"[r, {self.in_features}] and [{self.out_features}, r]")
+        target = self.factory_kwargs["device"] or torch.device("cpu")
+        dtype = self.factory_kwargs.get("dtype") or torch.bfloat16
+        self.convrot_lr_down, self.convrot_lr_up = down.to(target, dtype), up.to(target, dtype)
 
     def _quantize_corrected(self, w: torch.Tensor, g: int, rank: int, where: str):
         """W4A4 codes of the residual and the branch (convrot.correction), on the GPU when there is one; the branch
@@ -311,13 +341,20 @@ class _PatchedForward:
 
 
 def route_forward(layer: ConvRotLinearOp) -> None:
-    """Patched layers forward through _PatchedForward, unpatched ones through the class's (traceable) forward."""
+    """Patched layers forward through _PatchedForward, unpatched ones through the class's (traceable) forward.
+
+    A forward someone else set on the instance is left alone: ComfyUI's bypass LoRA loader injects its own
+    (`module.forward = hook`, calling the forward it replaced), and removing it would drop that LoRA silently. The
+    branches of this layer's own patches run inside forward_convrot either way."""
+    cur = layer.__dict__.get("forward")
+    ours = isinstance(cur, _PatchedForward)
+    if cur is not None and not ours:
+        return
     if layer.convrot_patches:
-        cur = layer.__dict__.get("forward")
-        if not (isinstance(cur, _PatchedForward) and cur.ref() is layer):  # (a deep copy keeps the original's)
+        if not (ours and cur.ref() is layer):  # (a deep copy keeps the original's)
             layer.forward = _PatchedForward(layer)
-    else:
-        layer.__dict__.pop("forward", None)
+    elif ours:
+        del layer.__dict__["forward"]
 
 
 def make_ops(spec: LoadSpec | None, compute_dtype: torch.dtype = torch.bfloat16) -> type:

@@ -71,7 +71,7 @@ def test_save_refuses_a_corrected_model_and_writes_nothing(comfy, models):
 
 
 def test_compiled_blocks_keep_the_branch(comfy, models):
-    """Compile Blocks traces the branch inline (no graph break), with the same samples as eager."""
+    """Compile Blocks runs the corrected layers with the same samples as eager (the branch is plain torch ops)."""
     torch._dynamo.reset()
     compiled = comfy.pack.nodes.compile.compile_blocks(models["lr"], "eager")
     torch.testing.assert_close(sample(comfy, compiled, steps=1), sample(comfy, models["lr"], steps=1),
@@ -82,3 +82,30 @@ def test_unknown_lr_preset_is_named(comfy):
     loader = comfy.nodes.NODE_CLASS_MAPPINGS["ConvRotW4A4Loader"]
     with pytest.raises(Exception, match="unknown ConvRot preset 'w3a3\\+lr'"):
         loader.execute(NAME, "w3a3+lr", "256", "")
+
+
+def test_a_model_saved_by_comfyuis_own_save_reloads_with_its_branch(comfy, models):
+    """ComfyUI's checkpoint save writes the branch buffers next to the residual codes; the ConvRot loader reads them
+    back (the codes alone would be a wrong model), and refuses a branch that does not fit its layer."""
+    from comfy.sd import save_checkpoint
+    from safetensors.torch import load_file, save_file
+    out_dir = comfy.folder_paths.get_folder_paths("diffusion_models")[0]
+    path = os.path.join(out_dir, "convrot_lr_saved_by_comfy.safetensors")
+    save_checkpoint(path, models["lr"])
+    sd = load_file(path)
+    lr_keys = [k for k in sd if k.endswith(".convrot_lr_down")]
+    assert lr_keys, "ComfyUI's save wrote no branch"
+    loader = comfy.nodes.NODE_CLASS_MAPPINGS["ConvRotW4A4Loader"]
+    again = node_output(loader.execute(os.path.basename(path), "mixed", "256", ""))[0]
+    y_lr = sample(comfy, models["lr"])
+    err_again = rel(sample(comfy, again), y_lr)
+    stripped = os.path.join(out_dir, "convrot_lr_stripped.safetensors")  # the codes alone: what the branch is worth
+    save_file({k: v for k, v in sd.items() if "convrot_lr_" not in k}, stripped)
+    err_stripped = rel(sample(comfy, node_output(loader.execute(os.path.basename(stripped), "mixed", "256", ""))[0]),
+                       y_lr)
+    assert err_again < 2e-3 and err_again * 10 < err_stripped, (err_again, err_stripped)
+    sd[lr_keys[0]] = sd[lr_keys[0]][:, :-8].contiguous()  # a branch of the wrong width
+    bad = os.path.join(out_dir, "convrot_lr_bad.safetensors")
+    save_file(sd, bad)
+    with pytest.raises(Exception, match="low-rank correction"):
+        loader.execute(os.path.basename(bad), "mixed", "256", "")

@@ -27,7 +27,8 @@ def server_rows(tmp_path_factory):
     out = work / "rows.jsonl"
     cmd = [sys.executable, str(REPO / "bench" / "server_bench.py"), "--comfy", str(comfy), "--tiny", "--modes", "cpu",
            "--steps", "3", "--res", "64", "--workdir", str(work), "--out", str(out), "--port", "8391",
-           "--variants", "bf16,mixed,mixed+lora,stock_native,stock_native_nopack", "--keep-latents"]
+           "--variants", "bf16,mixed,mixed+lora,mixed+bypass,mixed+lr,stock_native,stock_native_nopack",
+           "--keep-latents"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     logs = "\n".join(p.read_text()[-3000:] for p in sorted((work / "logs").glob("*.log")))
     assert out.exists(), f"harness failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}\n{logs}"
@@ -43,7 +44,8 @@ def _latent(work, row):
 
 def test_every_prompt_runs_in_a_cpu_server(server_rows):
     rows, _, log = server_rows
-    assert set(rows) == {"bf16", "mixed", "mixed+lora", "stock_native", "stock_native_nopack"}
+    assert set(rows) == {"bf16", "mixed", "mixed+lora", "mixed+bypass", "mixed+lr", "stock_native",
+                         "stock_native_nopack"}
     for v, row in rows.items():
         assert "error" not in row, (v, row["error"], log[-3000:])
         assert row.get("it_s", 0) > 0 and row.get("load_s", 0) > 0, (v, row)
@@ -58,3 +60,7 @@ def test_server_latents_agree(server_rows):
     assert rel(lat["mixed"], lat["bf16"]) < 0.15       # quantization error, not a broken model
     assert rel(lat["stock_native_nopack"], lat["bf16"]) < 0.15  # comfy-kitchen's own path on the same file
     assert rel(lat["mixed+lora"], lat["mixed"]) > 0.005  # the LoRA reached the quantized layers
+    # ComfyUI's bypass LoRA loader on our quantized layers: the same LoRA, the same result as the stock loader's
+    assert rel(lat["mixed+bypass"], lat["mixed+lora"]) < 0.02 < rel(lat["mixed+bypass"], lat["mixed"]) * 4
+    # the correction preset: closer to bf16 than the plain preset
+    assert rel(lat["mixed+lr"], lat["bf16"]) < rel(lat["mixed"], lat["bf16"])
