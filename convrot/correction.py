@@ -121,18 +121,19 @@ def _top_svd(m: torch.Tensor, rank: int, exact: bool = False) -> tuple[torch.Ten
         u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
         u, s, v = u[:, :rank].float(), s[:rank].float(), vh[:rank].t().float()
     else:
-        state = torch.random.get_rng_state()  # svd_lowrank draws from the global generator: seed it, restore it
-        torch.manual_seed(0)
-        try:
+        # svd_lowrank draws from the global generator of m's device: seeded here, and the caller's state restored
+        # (the loader runs this on the GPU, between the user's own seeded work)
+        cuda = [m.device.index if m.device.index is not None else torch.cuda.current_device()] \
+            if m.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(0)
             u, s, v = torch.svd_lowrank(m.float(), q=rank + 16, niter=4)
-        finally:
-            torch.random.set_rng_state(state)
         u, s, v = u[:, :rank], s[:rank], v[:, :rank]
     root = s.clamp_min(0).sqrt()
     return u * root, (v * root).t().contiguous()
 
 
-def quantize_with_correction(weight: torch.Tensor, group_size: int, bits: int = 4, rank: int = 32,
+def quantize_with_correction(weight: torch.Tensor, group_size: int, bits: int = 4, rank: int = DEFAULT_RANK,
                              mode: str = "weight", iters: int = 2, scale_search: bool = True,
                              branch_dtype: torch.dtype = torch.bfloat16) -> CorrectedWeight:
     """Rotated codes/scales of `weight` [out, in] plus a rank-`rank` branch (A, B); see the module docstring.

@@ -25,20 +25,19 @@ log = logging.getLogger("convrot")
 
 ROUTES = ("cuda", "triton", "dequant", "reference")
 ENV = "CONVROT_ROUTE"
-# Triton takes part in the automatic order only once its kernels have been checked against the reference on a GPU
-# (so far: through Triton's CPU interpreter, and the probe of triton_kernels.available); until then it runs when
-# CONVROT_ROUTE=triton asks for it.
+# Triton takes part in the automatic order once it is known to beat the fallbacks end to end. Its kernels match the
+# reference on an H200 (bench/NOTES.md Session 7), but its W4A4 op ran at 0.55-0.73x of bf16 there and its first
+# server run failed on a bug since fixed, not yet re-run; until then it runs when CONVROT_ROUTE=triton asks for it.
 TRITON_AUTOMATIC = False
 
 # What each route costs, for the log line (measured figures live in README / bench/NOTES.md)
 COST = {
     "cuda": "ConvRot's fastest kernels",
     "triton": "portable Triton kernels (no compiler needed; on Hopper slower than the CUDA extension)",
-    "dequant": "weight-only fallback, each layer's codes expanded to bf16/fp16 per call for cuBLAS: near bf16's "
-               "speed (mixed ran at 0.71x of bf16 eager, 0.90x with Compile Blocks, H200, in process), the memory "
-               "saving kept, no 4-bit speed-up "
-               "(install a CUDA toolkit for the extension; CONVROT_ROUTE=triton tries the Triton kernels, not yet "
-               "verified on a GPU)",
+    "dequant": "weight-only fallback, each layer's codes expanded to bf16/fp16 per call for cuBLAS: slower than "
+               "bf16 (mixed ran at 0.67x of bf16 eagerly in an H200 server; 0.90x with Compile Blocks, in process), "
+               "the memory saving kept, no 4-bit speed-up (on NVIDIA GPUs a CUDA toolkit builds ConvRot's kernels; "
+               "CONVROT_ROUTE=triton tries the portable Triton kernels)",
     "reference": "the PyTorch reference path, ConvRot's exact math: far slower than bf16 on a GPU (mixed ran at 0.09x "
                  "of bf16 on an H200, in process)",
 }

@@ -73,12 +73,14 @@ def _unless_lora_branches(compiled_wrapper):
     layers: dict = {}  # id(diffusion model) -> (weak reference, its quantized layers): a walk of ~1,100 modules
     #                    costs ms per step; the layers themselves do not change
 
-    def wrapper(executor, *args, **kwargs):
-        dm = executor.class_obj.diffusion_model
+    def steps_aside(dm) -> bool:
         entry = layers.get(id(dm))
         if entry is None or entry[0]() is not dm:
             entry = layers[id(dm)] = (weakref.ref(dm), [m for _, m in quantized_layers(dm)])
-        if any(m.convrot_patches for m in entry[1]):
+        return any(m.convrot_patches for m in entry[1])
+
+    def wrapper(executor, *args, **kwargs):
+        if steps_aside(executor.class_obj.diffusion_model):
             if not logged:
                 logged.append(True)
                 log.info("ConvRot: LoRA branches on quantized layers: this model's blocks run uncompiled (compiled, "
@@ -86,6 +88,7 @@ def _unless_lora_branches(compiled_wrapper):
                          "possible")
             return executor(*args, **kwargs)
         return compiled_wrapper(executor, *args, **kwargs)
+    wrapper.convrot_uncompiled_for = steps_aside  # nodes/graph.py asks whether a run is compiled
     return wrapper
 
 

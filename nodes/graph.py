@@ -54,7 +54,7 @@ class RunGraphs:
             reason = _not_capturable(executor.class_obj, args, kwargs)
             if reason:
                 run.disable(reason)
-            elif async_allocator() and _compiled(executor.class_obj):
+            elif async_allocator() and _compiled(executor.class_obj, args, kwargs):
                 run.disable(ASYNC_COMPILED, logging.INFO)  # expected with ComfyUI's defaults: not a warning
             else:
                 run.guard = weight_addresses(executor.class_obj)
@@ -83,8 +83,20 @@ ASYNC_COMPILED = ("compiled (Triton) kernels cannot be captured under the cudaMa
                   "replay steps as CUDA graphs as well)")
 
 
-def _compiled(model: torch.nn.Module) -> bool:
-    """Whether torch.compile'd modules run in this call (ComfyUI's compile wrapper swaps them in per call)."""
+def _compiled(model: torch.nn.Module, args=(), kwargs=None) -> bool:
+    """Whether torch.compile'd code runs in this call: ComfyUI's compile wrapper (Compile Blocks, TorchCompileModel)
+    registered for the run, compiled modules swapped in, or this call itself traced."""
+    from comfy.patcher_extension import WrappersMP
+    from comfy_api.torch_helpers.torch_compile import COMPILE_KEY
+    if torch.compiler.is_compiling():
+        return True
+    for o in [a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, dict)]:
+        wrappers = o.get("wrappers", {})
+        compiled = wrappers.get(WrappersMP.APPLY_MODEL, {}).get(COMPILE_KEY) if isinstance(wrappers, dict) else None
+        for w in compiled or ():
+            aside = getattr(w, "convrot_uncompiled_for", None)  # speed=auto's wrapper runs LoRA models uncompiled
+            if aside is None or not aside(model):
+                return True
     return any(hasattr(m, "_orig_mod") for m in model.modules())
 
 

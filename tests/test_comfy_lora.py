@@ -415,6 +415,18 @@ def test_cuda_graph_skips_compiled_models_under_cuda_malloc_async(env, monkeypat
         run, out = first_call(compiled, True)
     assert run.disabled == graph.ASYNC_COMPILED and run.eager == 1 and torch.equal(out, torch.ones(2))
     assert [r.levelno for r in caplog.records if "running eagerly" in r.message] == [logging.INFO]
+    # ComfyUI's compile wrapper registered for the run (TorchCompileModel: the blocks themselves look uncompiled),
+    # unless it is speed=auto's, which runs a model with LoRA branches uncompiled
+    from comfy.patcher_extension import WrappersMP
+    from comfy_api.torch_helpers.torch_compile import COMPILE_KEY
+
+    def opts(w):
+        return {"transformer_options": {"wrappers": {WrappersMP.APPLY_MODEL: {COMPILE_KEY: [w]}}}}
+    plain = torch.nn.ModuleList([block])
+    assert graph._compiled(plain, (), opts(lambda *a: None)) and not graph._compiled(plain, (), {})
+    aside = lambda *a: None  # noqa: E731
+    aside.convrot_uncompiled_for = lambda dm: dm is plain
+    assert not graph._compiled(plain, (), opts(aside)) and graph._compiled(compiled, (), opts(aside))
     monkeypatch.setattr(graph.GraphedCalls, "__call__", lambda self, fn, *a: "to capture")
     for model, allocator_async in ((torch.nn.ModuleList([block]), True), (compiled, False)):
         run, out = first_call(model, allocator_async)

@@ -127,13 +127,17 @@ def _gencode(cc):
 
 
 def _merged_sm90(sources) -> Path:
-    """A translation unit that includes the given csrc/ sources, at a fixed path (the path is part of the cache
-    key), rewritten only when its text changes."""
+    """A translation unit that includes the given csrc/ sources. Its name is a hash of its text (the path is part
+    of the cache key, and clones or users sharing the temporary folder must not rewrite each other's), written
+    atomically."""
     text = "".join(f'#include "{CSRC / src}"\n' for src in sources)
-    path = Path(tempfile.gettempdir()) / "convrot-ci" / "gemm_sm90_merged.cu"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.gettempdir()) / f"convrot-ci-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    path = folder / f"gemm_sm90_merged_{hashlib.sha256(text.encode()).hexdigest()[:16]}.cu"
+    folder.mkdir(parents=True, exist_ok=True)
     if not path.exists() or path.read_text() != text:
-        path.write_text(text)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
     return path
 
 
