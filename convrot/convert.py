@@ -17,26 +17,9 @@ from .checkpoint import (
     convrot_params, decode_conf, encode_conf, float_weight, layer_conf, layer_getter, loads_json, nbytes,
     quantize_layer, read_header)
 from . import families
-from .families import FLUX_MARKERS
 from .policy import BF16, W4A4, LayerPolicy, clip, strip_prefix
 
 log = logging.getLogger("convrot")
-
-
-def _missing_markers(names) -> list[str]:
-    stripped = {strip_prefix(n) for n in names}
-    return [m for m in FLUX_MARKERS if m not in stripped]
-
-
-def is_flux(names) -> bool:
-    return not _missing_markers(names)
-
-
-def check_flux(names, file_name: str) -> None:
-    missing = _missing_markers(names)
-    if missing:
-        raise CheckpointError(f"{file_name}: not a FLUX.1 transformer (missing {', '.join(missing)}); ConvRot W4A4 "
-                              f"supports FLUX.1 dev/schnell/Kontext-style models")
 
 
 def detect_family(infos: dict[str, TensorInfo], file_name: str) -> families.Family:

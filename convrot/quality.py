@@ -359,7 +359,8 @@ def find_shared_weights(folder: Path | None = None) -> list[Path]:
     folder = Path(folder or SHARED_WEIGHTS)
     if not folder.is_dir():
         return []
-    from .convert import FLUX_MARKERS, read_header
+    from .convert import read_header
+    from .families import FLUX_MARKERS
     found = []
     for p in sorted(folder.rglob("*.safetensors")):
         try:
