@@ -26,6 +26,7 @@ Graphs hold their inputs, outputs and intermediate buffers (one private memory p
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import uuid
@@ -131,6 +132,17 @@ def _summary(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
+@contextlib.contextmanager
+def _sync_debug(mode: str):
+    """PyTorch's sync debug mode set for a block (process-wide), the previous one restored after it."""
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+
+
 def async_allocator() -> bool:
     """Whether PyTorch uses the cudaMallocAsync allocator backend (ComfyUI's default on NVIDIA GPUs)."""
     try:
@@ -213,14 +225,9 @@ class GraphedCalls:
     def _warm_up(self, fn, args, kwargs, side, cur):
         """One eager call on the capture stream; returns (output, whether it synchronized with the host)."""
         side.wait_stream(cur)
-        mode = torch.cuda.get_sync_debug_mode()
-        with warnings.catch_warnings(record=True) as seen, torch.cuda.stream(side):
+        with warnings.catch_warnings(record=True) as seen, torch.cuda.stream(side), _sync_debug("warn"):
             warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                out = fn(*args, **kwargs)
-            finally:
-                torch.cuda.set_sync_debug_mode(mode)
+            out = fn(*args, **kwargs)
         cur.wait_stream(side)
         synced = False
         for w in seen:
@@ -262,12 +269,8 @@ class GraphedCalls:
                 # sync debugging set to "error" PyTorch raises before synchronizing, so the capture ends cleanly.
                 # Set inside the block: entering it synchronizes on purpose. The mode is process-wide, so a sync
                 # in another thread during these milliseconds raises too (ComfyUI samples in one thread).
-                mode = torch.cuda.get_sync_debug_mode()
-                torch.cuda.set_sync_debug_mode("error")
-                try:
+                with _sync_debug("error"):
                     g_out = fn(*s_args, **s_kwargs)
-                finally:
-                    torch.cuda.set_sync_debug_mode(mode)
         except BaseException as e:
             self._recover(graph, cur, e)
             if async_allocator():
