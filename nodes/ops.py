@@ -132,18 +132,24 @@ class ConvRotLinearOp:
         state_dict[prefix + "comfy_quant"] = encode_conf(layer_conf(action, g))
 
     def _quantize(self, w: torch.Tensor, g: int, bits: int, where: str):
-        target = self.factory_kwargs["device"] or torch.device("cpu")  # where ComfyUI keeps the model's weights
-        qdev = (self._spec.quant_device if self._spec else None) or target
+        q, s = self._on_quant_device(lambda src: cr_ops.quantize_weight(src, g, bits), w, "quantizing", where)
+        target = self._target()
+        return q.to(target), s.to(target)
+
+    def _target(self) -> torch.device:
+        return self.factory_kwargs["device"] or torch.device("cpu")  # where ComfyUI keeps the model's weights
+
+    def _on_quant_device(self, fn, w: torch.Tensor, what: str, where: str):
+        """fn(w) on the device the loader quantizes on (the GPU when there is one), else on the CPU."""
+        qdev = (self._spec.quant_device if self._spec else None) or self._target()
         try:
-            src = w.to(qdev) if w.device != torch.device(qdev) else w
-            q, s = cr_ops.quantize_weight(src, g, bits)
+            return fn(w.to(qdev) if w.device != torch.device(qdev) else w)
         except Exception as e:  # GPU out of memory or a kernel that refuses this input: the CPU always works
             if torch.device(qdev).type == "cpu":
                 raise
-            log.warning("ConvRot: quantizing %s on %s failed (%s: %s); using the CPU", where, qdev,
+            log.warning("ConvRot: %s %s on %s failed (%s: %s); using the CPU", what, where, qdev,
                         type(e).__name__, e)
-            q, s = cr_ops.quantize_weight(w.to("cpu", torch.float32), g, bits)
-        return q.to(target), s.to(target)
+            return fn(w.to("cpu", torch.float32))
 
     def state_dict(self, *args, destination=None, prefix="", **kwargs):
         # ComfyUI's quantized Linear writes its own state dict (codes, scales, comfy_quant) and skips buffers; a
@@ -165,28 +171,20 @@ class ConvRotLinearOp:
             shapes = [None if t is None else tuple(t.shape) for t in (down, up)]
             raise CheckpointError(f"{where}: low-rank correction {LR_KEYS} has shapes {shapes}, expected "
                                   f"[r, {self.in_features}] and [{self.out_features}, r]")
-        target = self.factory_kwargs["device"] or torch.device("cpu")
+        self._set_correction(down, up)
+
+    def _set_correction(self, down: torch.Tensor, up: torch.Tensor) -> None:
+        """The branch as this layer's buffers, where its weights live, in the compute dtype."""
         dtype = self.factory_kwargs.get("dtype") or torch.bfloat16
-        self.convrot_lr_down, self.convrot_lr_up = down.to(target, dtype), up.to(target, dtype)
+        self.convrot_lr_down, self.convrot_lr_up = down.to(self._target(), dtype), up.to(self._target(), dtype)
 
     def _quantize_corrected(self, w: torch.Tensor, g: int, rank: int, where: str):
-        """W4A4 codes of the residual and the branch (convrot.correction), on the GPU when there is one; the branch
-        becomes this layer's buffers in the compute dtype."""
+        """W4A4 codes of the residual and the branch (convrot.correction), on the GPU when there is one."""
         from ..convrot.correction import quantize_with_correction
-        target = self.factory_kwargs["device"] or torch.device("cpu")
-        qdev = (self._spec.quant_device if self._spec else None) or target
-        try:
-            cw = quantize_with_correction(w.to(qdev), g, 4, rank=rank)
-        except Exception as e:  # out of GPU memory: the CPU always works, slowly
-            if torch.device(qdev).type == "cpu":
-                raise
-            log.warning("ConvRot: the correction of %s on %s failed (%s: %s); using the CPU", where, qdev,
-                        type(e).__name__, e)
-            cw = quantize_with_correction(w.to("cpu", torch.float32), g, 4, rank=rank)
-        dtype = self.factory_kwargs.get("dtype") or torch.bfloat16
-        self.convrot_lr_down = cw.down.to(target, dtype)
-        self.convrot_lr_up = cw.up.to(target, dtype)
-        return cw.codes.to(target), cw.scale.to(target)
+        cw = self._on_quant_device(lambda src: quantize_with_correction(src, g, 4, rank=rank), w,
+                                   "the correction of", where)
+        self._set_correction(cw.down, cw.up)
+        return cw.codes.to(self._target()), cw.scale.to(self._target())
 
     def _check_stored(self, q: torch.Tensor, scale, bits: int, g: int, where: str) -> None:
         packed_k = self.in_features // 2 if bits == 4 else self.in_features
