@@ -29,6 +29,7 @@ ENV = "CONVROT_ROUTE"
 # reference on an H200 (bench/NOTES.md Session 7), but its W4A4 op ran at 0.55-0.73x of bf16 there and its first
 # server run failed on a bug since fixed, not yet re-run; until then it runs when CONVROT_ROUTE=triton asks for it.
 TRITON_AUTOMATIC = False
+_TRITON_OPT_IN = f"not in the automatic order yet ({ENV}=triton runs it)"
 
 # What each route costs, for the log line (measured figures live in README / bench/NOTES.md)
 COST = {
@@ -83,7 +84,7 @@ def decide(device: str, forced: str | None, cuda: tuple[bool, str], triton: tupl
     if forced is not None and forced not in ROUTES:
         note, forced = f"{ENV}={forced!r} is not one of {', '.join(ROUTES)}; ", None
     if triton[0] and forced != "triton" and not auto:
-        triton = (False, f"not in the automatic order yet ({ENV}=triton runs it)")
+        triton = (False, _TRITON_OPT_IN)
     return _decide(device, forced, cuda, triton, note)
 
 
@@ -137,8 +138,7 @@ def _route(device: torch.device) -> Route:
     ext, ext_report = _cuda_extension(device) if forced in (None, "cuda") or forced not in ROUTES else \
         (None, (False, f"not tried ({ENV}={forced})"))
     wanted = forced == "triton" or (TRITON_AUTOMATIC and forced in (None, "cuda"))
-    tri, tri_report = _triton(device) if wanted else (None, (False, f"not in the automatic order yet ({ENV}=triton "
-                                                                   f"runs it)"))
+    tri, tri_report = _triton(device) if wanted else (None, (False, _TRITON_OPT_IN))
     name, why = decide(device.type, forced, ext_report, tri_report)
     backend = {"cuda": ext, "triton": tri, "dequant": dequant}.get(name)
     return Route(name, why, backend)
