@@ -32,6 +32,8 @@ e.write_random_flux(Path('$W/models/diffusion_models/flux1-dev-random.safetensor
 wait $build; tail -1 $OUT/env.txt; echo "setup $(( $(date +%s) - t0 )) s"
 # the built extension, for carrying into a later call as .gpu/cache (skips the 2-minute build on a fresh machine)
 [ -n "${SAVE_BUILD:-}" ] && tar -cJf $OUT/build.tar.xz -C /tmp convrot_cache 2>/dev/null
+# PRE: a command run once the extension is built (e.g. a probe script), before the tests and the harness
+if [ -n "${PRE:-}" ]; then (eval "$PRE") > $OUT/pre.txt 2>&1; tail -30 $OUT/pre.txt; fi
 if [ "$tests" != none ]; then
   COMFYUI_PATH=/tmp/ComfyUI timeout 200 python3 -m pytest -q -x -p no:cacheprovider $tests > $OUT/tests.txt 2>&1
   tail -15 $OUT/tests.txt

@@ -53,12 +53,14 @@ MODES = {
     "nostatic": [],   # default flags, Inductor's static CUDA launcher off (MODE_ENV)
     "triton": [],     # default flags, the pack's Triton route forced (what a user without nvcc gets)
     "dequant": [],    # default flags, the pack's dequantize-to-bf16 fallback route forced
+    "cppwrap": [],    # default flags, Inductor's C++ wrapper (kernels launched without Triton's pointer checks)
 }
 # environment a mode adds to the server's (experiments a user could set the same way)
 MODE_ENV = {
     "nostatic": {"TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER": "0"},
     "triton": {"CONVROT_ROUTE": "triton"},
     "dequant": {"CONVROT_ROUTE": "dequant"},
+    "cppwrap": {"TORCHINDUCTOR_CPP_WRAPPER": "1"},
 }
 VARIANTS = ["bf16", "fp8_fast", "mixed", "mixed+eager", "compact", "mixed+lora", "stock_native",
             "stock_native_nopack"]

@@ -54,7 +54,7 @@ class RunGraphs:
             reason = _not_capturable(executor.class_obj, args, kwargs)
             if reason:
                 run.disable(reason)
-            elif async_allocator() and _compiled(executor.class_obj, args, kwargs):
+            elif async_allocator() and not _cpp_wrapper() and _compiled(executor.class_obj, args, kwargs):
                 run.disable(ASYNC_COMPILED, logging.INFO)  # expected with ComfyUI's defaults: not a warning
             else:
                 run.guard = weight_addresses(executor.class_obj)
@@ -81,6 +81,16 @@ def _not_capturable(model: torch.nn.Module, args, kwargs) -> str | None:
 ASYNC_COMPILED = ("compiled (Triton) kernels cannot be captured under the cudaMallocAsync allocator, ComfyUI's "
                   "default; the compiled blocks run without graphs (start ComfyUI with --disable-cuda-malloc to "
                   "replay steps as CUDA graphs as well)")
+
+
+def _cpp_wrapper() -> bool:
+    """Whether Inductor generates C++ wrappers (TORCHINDUCTOR_CPP_WRAPPER=1), which launch kernels without the
+    Python launchers' pointer checks."""
+    try:
+        import torch._inductor.config as inductor_config
+    except Exception:  # noqa: BLE001 - no Inductor: nothing is compiled by it
+        return False
+    return bool(getattr(inductor_config, "cpp_wrapper", False))
 
 
 def _compiled(model: torch.nn.Module, args=(), kwargs=None) -> bool:
