@@ -1,11 +1,12 @@
 """Which implementation computes ConvRot's ops on a device, decided once per device and said in one log line.
 
 Order on a CUDA device: the built CUDA extension (convrot/kernels: CUTLASS on sm_90, int4 mma.sync on sm_80/86/89),
-then the Triton kernels (convrot/triton_kernels: no compiler at install time, sm_80 and newer), then the weight-only
-fallback (convrot/dequant.py: codes expanded per call, cuBLAS; any CUDA GPU), which leaves the PyTorch reference
-(convrot/reference.py: exact ConvRot math, everywhere, CPU tensors always) to `CONVROT_ROUTE=reference`.
-`CONVROT_ROUTE=cuda|triton|dequant|reference` forces one (a forced route that cannot run on the device falls to the
-next one, and the log line says so); `CONVROT_DISABLE_KERNELS=1` keeps the extension unbuilt, as before.
+then PyTorch's own int8 GEMMs (convrot/torchmm: the W4A4/W8A8 math in torch ops, no compiler and no Triton; sm_75+
+and ROCm), then the Triton kernels (convrot/triton_kernels: no compiler at install time, sm_80 and newer), then the
+weight-only fallback (convrot/dequant.py: codes expanded per call, cuBLAS; any CUDA GPU), which leaves the PyTorch
+reference (convrot/reference.py: exact ConvRot math, everywhere, CPU tensors always) to `CONVROT_ROUTE=reference`.
+`CONVROT_ROUTE=cuda|torchmm|triton|dequant|reference` forces one (a forced route that cannot run on the device falls
+to the next one, and the log line says so); `CONVROT_DISABLE_KERNELS=1` keeps the extension unbuilt, as before.
 
 A backend offers the fast-op API that convrot/ops.py calls: supports_shape(k, n, group_size),
 rotate_quantize(x2d, g) (4-bit, packed), rotate_quantize_q8(x2d, g), linear_fn(g, bits) (the unchecked per-layer
@@ -19,26 +20,36 @@ from dataclasses import dataclass
 
 import torch
 
-from . import dequant
+from . import dequant, torchmm
 
 log = logging.getLogger("convrot")
 
-ROUTES = ("cuda", "triton", "dequant", "reference")
+ROUTES = ("cuda", "torchmm", "triton", "dequant", "reference")
 ENV = "CONVROT_ROUTE"
 # Triton takes part in the automatic order once it is known to beat the fallbacks end to end. Its kernels match the
 # reference on an H200 (bench/NOTES.md Session 7), but its W4A4 op ran at 0.55-0.73x of bf16 there and its first
 # server run failed on a bug since fixed, not yet re-run; until then it runs when CONVROT_ROUTE=triton asks for it.
 TRITON_AUTOMATIC = False
 _TRITON_OPT_IN = f"not in the automatic order yet ({ENV}=triton runs it)"
+# torchmm computes the reference's integer math through torch._int_mm (tests/test_torchmm.py); it joins the automatic
+# order once bench/torchmm_bench.py and an end-to-end run have shown it beating dequant on a GPU.
+TORCHMM_AUTOMATIC = False
+_TORCHMM_OPT_IN = f"not in the automatic order yet ({ENV}=torchmm runs it)"
+# what the log line calls each compiled route that was skipped
+_LABEL = {"cuda": "CUDA extension", "torchmm": "torchmm", "triton": "Triton"}
 
 # What each route costs, for the log line (measured figures live in README / bench/NOTES.md)
 COST = {
     "cuda": "ConvRot's fastest kernels",
+    "torchmm": "W4A4/W8A8 through PyTorch's own int8 GEMM (torch._int_mm: cuBLAS/hipBLASLt int8 tensor cores), "
+               "rotate+quantize and the epilogue in torch ops: ConvRot's integer math, no compiler or Triton "
+               "needed; speed not measured yet",
     "triton": "portable Triton kernels (no compiler needed; on Hopper slower than the CUDA extension)",
     "dequant": "weight-only fallback, each layer's codes expanded to bf16/fp16 per call for cuBLAS: slower than "
                "bf16 (mixed ran at 0.67x of bf16 eagerly in an H200 server; 0.90x with Compile Blocks, in process), "
                "the memory saving kept, no 4-bit speed-up (on NVIDIA GPUs a CUDA toolkit builds ConvRot's kernels; "
-               "CONVROT_ROUTE=triton tries the portable Triton kernels)",
+               "CONVROT_ROUTE=torchmm runs the W4A4 math on PyTorch's int8 GEMMs, CONVROT_ROUTE=triton the portable "
+               "Triton kernels)",
     "reference": "the PyTorch reference path, ConvRot's exact math: far slower than bf16 on a GPU (mixed ran at 0.09x "
                  "of bf16 on an H200, in process)",
 }
@@ -77,19 +88,24 @@ class _Triton:
 
 
 def decide(device: str, forced: str | None, cuda: tuple[bool, str], triton: tuple[bool, str],
-           triton_automatic: bool | None = None) -> tuple[str, str]:
+           triton_automatic: bool | None = None, torchmm: tuple[bool, str] | None = None,
+           torchmm_automatic: bool | None = None) -> tuple[str, str]:
     """(route, why) from what each route reported for a device: (ok, reason) pairs. Pure, for tests."""
     auto = TRITON_AUTOMATIC if triton_automatic is None else triton_automatic
+    auto_mm = TORCHMM_AUTOMATIC if torchmm_automatic is None else torchmm_automatic
+    torchmm = (False, "not tried") if torchmm is None else torchmm
     note = ""
     if forced is not None and forced not in ROUTES:
         note, forced = f"{ENV}={forced!r} is not one of {', '.join(ROUTES)}; ", None
     if triton[0] and forced != "triton" and not auto:
         triton = (False, _TRITON_OPT_IN)
-    return _decide(device, forced, cuda, triton, note)
+    if torchmm[0] and forced != "torchmm" and not auto_mm:
+        torchmm = (False, _TORCHMM_OPT_IN)
+    return _decide(device, forced, cuda, triton, torchmm, note)
 
 
-def _decide(device, forced, cuda, triton, note=""):
-    tried = {"cuda": cuda, "triton": triton}
+def _decide(device, forced, cuda, triton, torchmm, note=""):
+    tried = {"cuda": cuda, "torchmm": torchmm, "triton": triton}
     order = list(ROUTES[ROUTES.index(forced):]) if forced else list(ROUTES)
     skipped = []
     if forced and forced != "cuda":
@@ -103,7 +119,7 @@ def _decide(device, forced, cuda, triton, note=""):
         if ok:
             why = f"{note}{reason}" + (f" ({'; '.join(skipped)})" if skipped else "")
             return name, why
-        skipped.append(f"{'CUDA extension' if name == 'cuda' else 'Triton'}: {reason}")
+        skipped.append(f"{_LABEL[name]}: {reason}")
 
 
 _routes: dict[str, Route] = {}
@@ -137,10 +153,12 @@ def _route(device: torch.device) -> Route:
     # each check can cost: the extension builds on first use, Triton compiles a probe; only where it could be picked
     ext, ext_report = _cuda_extension(device) if forced in (None, "cuda") or forced not in ROUTES else \
         (None, (False, f"not tried ({ENV}={forced})"))
+    wanted = forced == "torchmm" or (TORCHMM_AUTOMATIC and forced in (None, "cuda"))
+    mm, mm_report = _torchmm(device) if wanted else (None, (False, _TORCHMM_OPT_IN))
     wanted = forced == "triton" or (TRITON_AUTOMATIC and forced in (None, "cuda"))
     tri, tri_report = _triton(device) if wanted else (None, (False, _TRITON_OPT_IN))
-    name, why = decide(device.type, forced, ext_report, tri_report)
-    backend = {"cuda": ext, "triton": tri, "dequant": dequant}.get(name)
+    name, why = decide(device.type, forced, ext_report, tri_report, torchmm=mm_report)
+    backend = {"cuda": ext, "torchmm": mm, "triton": tri, "dequant": dequant}.get(name)
     return Route(name, why, backend)
 
 
@@ -156,6 +174,11 @@ def _cuda_extension(device) -> tuple[object | None, tuple[bool, str]]:
                       f"(sm_{''.join(map(str, torch.cuda.get_device_capability(device)))})")
     except Exception as e:  # noqa: BLE001
         return None, (False, f"{type(e).__name__}: {e}")
+
+
+def _torchmm(device) -> tuple[object | None, tuple[bool, str]]:
+    ok, reason = torchmm.available(device)  # never raises
+    return (torchmm if ok else None), (ok, reason)
 
 
 def _triton(device) -> tuple[object | None, tuple[bool, str]]:
