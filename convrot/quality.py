@@ -644,7 +644,56 @@ VARIANT_HELP = {
     "comfy-kitchen": "comfy-kitchen's TensorCoreConvRotW4A4Layout quantization + its convrot_w4a4_linear, on the "
                      "w4a4 preset's layers",
     "+lr": "the preset with the calibration-free correction (convrot/correction.py) on its W4A4 layers",
+    "+qattn": "any variant with the quantized attention (convrot/attention.py: INT8 Q/K per block, K smoothed, "
+              "fp32 softmax, FP8 P·V; `+qattn-bf16pv`: 16-bit P·V), the reference on the CPU, the Triton kernel on "
+              "a GPU that runs it (e.g. mixed+qattn, bf16+qattn)",
 }
+
+
+def split_attention(variant: str):
+    """'mixed+qattn' -> ('mixed', QAttnConfig); a variant without an attention suffix -> (variant, None)."""
+    from .attention import VARIANTS
+    for name, cfg in sorted(VARIANTS.items(), key=lambda kv: -len(kv[0])):
+        if variant.endswith("+" + name):
+            return variant[: -len(name) - 1], cfg
+    return variant, None
+
+
+class quantized_attention:
+    """While active, convrot.flux's attention runs the quantized attention of `cfg` (None: unchanged)."""
+
+    def __init__(self, cfg):
+        self.cfg, self.saved = cfg, None
+
+    def __enter__(self):
+        if self.cfg is None:
+            return self
+        from . import flux
+        from .attention import reference_attention
+        cfg = self.cfg
+
+        def attn(q, k, v, pe):
+            q, k = flux.apply_rope(q, pe), flux.apply_rope(k, pe)
+            fast = None
+            if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+                from . import triton_attention
+                ok, _ = triton_attention.available(q.device, cfg=cfg)
+                if ok:
+                    fast = triton_attention.device_config(cfg, q.device)
+            x = (triton_attention.attention(q, k, v, fast) if fast is not None
+                 else reference_attention(q, k, v, cfg))
+            return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+
+        self.saved = flux.attention
+        flux.attention = attn
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            from . import flux
+            flux.attention = self.saved
+            self.saved = None
+        return False
 
 
 def testbed_paths(shared: Path | None = None) -> tuple[Path, Path, Path] | None:
@@ -1045,14 +1094,16 @@ def run_images(*, variants=DEFAULT_VARIANTS, samples: int = 100, steps: int = 30
     rows, images, cache = [], {}, {}
     for v in variants:
         t0 = time.perf_counter()
-        model, info = build_variant(base, v, group_size, correction, dev, cache)
+        v_linear, attn_cfg = split_attention(v)
+        model, info = build_variant(base, v_linear, group_size, correction, dev, cache)
         if dtype != torch.bfloat16:
             model = model.to(dtype)  # floating buffers only: codes stay int8, weight scales fp32
         model = model.eval()
         t_build = time.perf_counter() - t0
         t1 = time.perf_counter()
         nz = testbed_noise(samples, seed + 1000) if v == "bf16-seeds" else noise
-        imgs = sample_testbed(model, labels, txt, vec, nz, steps, cfg_scale, batch, dtype, dev)
+        with quantized_attention(attn_cfg):
+            imgs = sample_testbed(model, labels, txt, vec, nz, steps, cfg_scale, batch, dtype, dev)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t_sample = time.perf_counter() - t1

@@ -4,6 +4,7 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from . import layout
+from .attention import ConvRotQuantizedAttention
 from .compile import ConvRotCompileBlocks
 from .graph import ConvRotCUDAGraph
 from .loader import ConvRotW4A4Loader
@@ -11,7 +12,7 @@ from .save import ConvRotSaveQuantized
 
 layout.register()  # ConvRot QuantizedTensors (ours, and native files under stock loaders) run on ConvRot kernels
 
-NODES = [ConvRotW4A4Loader, ConvRotSaveQuantized, ConvRotCompileBlocks, ConvRotCUDAGraph]
+NODES = [ConvRotW4A4Loader, ConvRotSaveQuantized, ConvRotCompileBlocks, ConvRotCUDAGraph, ConvRotQuantizedAttention]
 
 
 class ConvRotExtension(ComfyExtension):
