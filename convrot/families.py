@@ -25,7 +25,8 @@ def matches(name: str, patterns) -> bool:
 # (`blocks`, `transformer_blocks`, `double_stream_blocks`, `joint_blocks`, `layers`, `noise_refiner`, ...). The
 # submodule part keeps top-level nn.Sequential embedders (`text_embedding.0`, `time_projection.1`) out, the name
 # keeps lists of embedders (`caption_projection.0.linear`) out.
-_BLOCK = re.compile(r"((?:[A-Za-z_]\w*)?(?:blocks|layers|refiner))\.(\d+)\.\w.*")
+BLOCK_LIST = re.compile(r"(?:[A-Za-z_]\w*)?(?:blocks|layers|refiner)")
+_BLOCK = re.compile(rf"({BLOCK_LIST.pattern})\.(\d+)\.\w.*")
 
 
 def block_of(name: str) -> tuple[str, int] | None:

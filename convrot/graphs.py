@@ -27,6 +27,7 @@ Graphs hold their inputs, outputs and intermediate buffers (one private memory p
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import enum
 import logging
 import uuid
@@ -306,8 +307,12 @@ class GraphedCalls:
     def _keep_failed(held, error: BaseException, what: str) -> None:
         """cudaMallocAsync: what a failed capture allocated was never launched, so freeing it is an invalid
         cudaFreeAsync inside a tensor deleter, which aborts the process. The graph and the exception (whose frames
-        hold those tensors) are kept for the life of the process, and graphs stay off so that this happens once."""
-        GraphedCalls._failed.append((held, error))
+        hold those tensors) are kept for the life of the process, and past it, and graphs stay off so that this happens once."""
+        kept = (held, error)
+        # a list entry alone is dropped when the interpreter clears module globals at exit, and that free aborts
+        # an exiting ComfyUI (seen on the H200, Session 8): one reference that nothing ever releases
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(kept))
+        GraphedCalls._failed.append(kept)
         if GraphedCalls.broken is None:
             GraphedCalls.broken = (f"{what} failed under the cudaMallocAsync allocator ({type(error).__name__}); its "
                                    f"buffers cannot be freed, so CUDA graphs are off until ComfyUI restarts")

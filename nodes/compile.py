@@ -1,4 +1,5 @@
-"""ConvRot Compile Blocks: torch.compile each FLUX block instead of the whole model.
+"""ConvRot Compile Blocks: torch.compile each transformer block (FLUX's double/single blocks, the blocks of FLUX.2,
+Chroma, Qwen-Image, Wan...) instead of the whole model.
 
 After the linears run in W4A4, a sampling step is dominated by the work between them (LayerNorm + modulation, RoPE,
 GELU, gated residuals, one launch each) and by launch gaps. Inductor fuses that elementwise work. ComfyUI's stock
@@ -19,9 +20,6 @@ from .ops import quantized_layers
 
 log = logging.getLogger("convrot")
 
-BLOCK_LISTS = ("double_blocks", "single_blocks")
-
-
 def _skip_transformer_options(guard_entries):
     # the same guard filter as ComfyUI's TorchCompileModel: transformer_options changes per block (block_index) and
     # per step; guarding on it would recompile for every block
@@ -29,18 +27,40 @@ def _skip_transformer_options(guard_entries):
 
 
 def block_keys(model_patcher) -> list[str]:
-    """`diffusion_model.double_blocks.0`, ... for every block of a FLUX-style diffusion model."""
+    """`diffusion_model.double_blocks.0`, ... : every repeated block of the diffusion model, found as families.py
+    finds block layers (a top-level module list named `blocks`, `transformer_blocks`, `layers`, `noise_refiner`...)."""
+    import torch
+    from ..convrot.families import BLOCK_LIST
     dm = model_patcher.get_model_object("diffusion_model")
-    keys = [f"diffusion_model.{name}.{i}" for name in BLOCK_LISTS for i in range(len(getattr(dm, name, ())))]
+    keys = [f"diffusion_model.{name}.{i}" for name, child in dm.named_children()
+            if isinstance(child, torch.nn.ModuleList) and BLOCK_LIST.fullmatch(name) for i in range(len(child))]
     if not keys:
-        raise ValueError(f"ConvRot Compile Blocks: {type(dm).__name__} has no double_blocks/single_blocks "
-                         f"(not a FLUX-style model); use ComfyUI's TorchCompileModel instead")
+        raise ValueError(f"ConvRot Compile Blocks: {type(dm).__name__} has no list of transformer blocks (no "
+                         f"`blocks`/`double_blocks`/`layers`-style module list); use ComfyUI's TorchCompileModel "
+                         f"instead")
     return keys
 
 
+def cpp_wrapper_unavailable() -> str | None:
+    """Why Inductor cannot write C++ wrappers here (None: it can). Asked of Inductor itself: the compiler it would
+    use (g++ or $CXX on Linux, cl on Windows)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 - any failure means no C++ wrappers; the Python ones still work
+        return f"Inductor found no C++ compiler for its C++ wrappers ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
 def compile_blocks(model_patcher, backend: str = "inductor", mode: str | None = None,
-                   uncompiled_with_lora: bool = False):
-    """A clone of `model_patcher` whose FLUX blocks run torch.compile'd (compiled lazily, on the first step).
+                   uncompiled_with_lora: bool = False, cpp_wrapper: bool | None = None):
+    """A clone of `model_patcher` whose transformer blocks run torch.compile'd (compiled lazily, on the first step).
+
+    `cpp_wrapper` (Inductor only; None: wherever a C++ compiler is found): Inductor's generated code launches its
+    kernels from C++ rather than through Triton's Python launchers. Those launchers check every pointer with the
+    driver, which fails for buffers allocated while a CUDA graph is captured under cudaMallocAsync (ComfyUI's
+    default allocator); the C++ wrapper does not, so its blocks can be replayed as CUDA graphs under any allocator
+    (bench/NOTES.md, Session 8). Its first compilation takes longer (a C++ build per graph, cached on disk).
 
     `uncompiled_with_lora` (the loader's speed=auto): the compiled blocks step aside for a sampling run in which
     LoRA branches sit on quantized layers. Compiled, each patched layer runs outside the graph (a graph break per
@@ -51,15 +71,22 @@ def compile_blocks(model_patcher, backend: str = "inductor", mode: str | None = 
     from comfy_api.torch_helpers.torch_compile import COMPILE_KEY
 
     keys = block_keys(model_patcher)
+    inductor = backend == "inductor"
+    if cpp_wrapper is None:
+        cpp_wrapper = inductor and cpp_wrapper_unavailable() is None
+    options = {"guard_filter_fn": _skip_transformer_options}
+    if inductor and cpp_wrapper:
+        options["cpp_wrapper"] = True
     m = model_patcher.clone(disable_dynamic=True)  # as TorchCompileModel: dynamic VRAM's lazy weights don't trace
-    set_torch_compile_wrapper(model=m, backend=backend, mode=mode, keys=keys,
-                              options={"guard_filter_fn": _skip_transformer_options})
-    if uncompiled_with_lora:
-        compiled = m.get_wrappers(WrappersMP.APPLY_MODEL, COMPILE_KEY)
-        m.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, COMPILE_KEY)
-        for w in compiled:
-            m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, COMPILE_KEY, _unless_lora_branches(w))
-    log.info("ConvRot: %d blocks will be compiled with torch.compile(%s) on the first step", len(keys), backend)
+    set_torch_compile_wrapper(model=m, backend=backend, mode=mode, keys=keys, options=options)
+    compiled = m.get_wrappers(WrappersMP.APPLY_MODEL, COMPILE_KEY)
+    m.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, COMPILE_KEY)
+    for w in compiled:
+        m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, COMPILE_KEY,
+                               _described(w, python_launchers=inductor and not cpp_wrapper,
+                                          uncompiled_with_lora=uncompiled_with_lora))
+    log.info("ConvRot: %d blocks will be compiled with torch.compile(%s%s) on the first step", len(keys), backend,
+             ", C++ wrapper" if inductor and cpp_wrapper else "")
     return m
 
 
@@ -68,12 +95,17 @@ def has_lora_branches(diffusion_model) -> bool:
     return any(m.convrot_patches for _, m in quantized_layers(diffusion_model))
 
 
-def _unless_lora_branches(compiled_wrapper):
+def _described(compiled_wrapper, python_launchers: bool, uncompiled_with_lora: bool):
+    """ComfyUI's compile wrapper, with what nodes/graph.py needs to know about it as attributes: whether its kernels
+    start through Triton's Python launchers (`convrot_python_launchers`) and, for speed=auto, a test for the runs
+    it steps aside for (`convrot_uncompiled_for`)."""
     logged = []
     layers: dict = {}  # id(diffusion model) -> (weak reference, its quantized layers): a walk of ~1,100 modules
     #                    costs ms per step; the layers themselves do not change
 
     def steps_aside(dm) -> bool:
+        if not uncompiled_with_lora:
+            return False
         entry = layers.get(id(dm))
         if entry is None or entry[0]() is not dm:
             entry = layers[id(dm)] = (weakref.ref(dm), [m for _, m in quantized_layers(dm)])
@@ -88,7 +120,8 @@ def _unless_lora_branches(compiled_wrapper):
                          "possible")
             return executor(*args, **kwargs)
         return compiled_wrapper(executor, *args, **kwargs)
-    wrapper.convrot_uncompiled_for = steps_aside  # nodes/graph.py asks whether a run is compiled
+    wrapper.convrot_uncompiled_for = steps_aside
+    wrapper.convrot_python_launchers = python_launchers
     return wrapper
 
 
@@ -99,9 +132,10 @@ class ConvRotCompileBlocks(io.ComfyNode):
             node_id="ConvRotCompileBlocks",
             display_name="ConvRot Compile Blocks",
             category="model/optimization",
-            description="torch.compile every FLUX block separately (one compilation per block kind, tens of "
+            description="torch.compile every transformer block separately (one compilation per block kind, tens of "
                         "seconds on the first step) so the work between the quantized linears is fused. Needs a "
-                        "working torch.compile (Triton on the GPU). Works on ConvRot and floating-point models.",
+                        "working torch.compile (Triton on the GPU). Works on ConvRot and floating-point models of "
+                        "every family the loader supports (FLUX.1/.2, Chroma, Qwen-Image, Wan...).",
             inputs=[
                 io.Model.Input("model"),
                 io.Combo.Input("backend", options=["inductor", "cudagraphs"], default="inductor", advanced=True),

@@ -54,7 +54,7 @@ class RunGraphs:
             reason = _not_capturable(executor.class_obj, args, kwargs)
             if reason:
                 run.disable(reason)
-            elif async_allocator() and not _cpp_wrapper() and _compiled(executor.class_obj, args, kwargs):
+            elif async_allocator() and _python_launched(executor.class_obj, args, kwargs):
                 run.disable(ASYNC_COMPILED, logging.INFO)  # expected with ComfyUI's defaults: not a warning
             else:
                 run.guard = weight_addresses(executor.class_obj)
@@ -77,15 +77,16 @@ def _not_capturable(model: torch.nn.Module, args, kwargs) -> str | None:
 
 # Triton's kernel launchers (Inductor's static one and Triton's own) check every pointer argument with the CUDA
 # driver; a buffer that cudaMallocAsync allocates while capturing is not mapped until the graph is launched, so the
-# check fails and so does the capture (bench/NOTES.md, Session 7). PyTorch's native allocator has no such buffers.
-ASYNC_COMPILED = ("compiled (Triton) kernels cannot be captured under the cudaMallocAsync allocator, ComfyUI's "
-                  "default; the compiled blocks run without graphs (start ComfyUI with --disable-cuda-malloc to "
-                  "replay steps as CUDA graphs as well)")
+# check fails and so does the capture (bench/NOTES.md, Session 7). PyTorch's native allocator has no such buffers,
+# and Inductor's C++ wrapper launches kernels without the check (Session 8).
+ASYNC_COMPILED = ("compiled kernels started by Triton's Python launchers cannot be captured under the cudaMallocAsync "
+                  "allocator, ComfyUI's default; the compiled blocks run without graphs (Compile Blocks and the "
+                  "loader's speed=auto compile with Inductor's C++ wrapper, which can be captured, where a C++ "
+                  "compiler is found; or start ComfyUI with --disable-cuda-malloc)")
 
 
-def _cpp_wrapper() -> bool:
-    """Whether Inductor generates C++ wrappers (TORCHINDUCTOR_CPP_WRAPPER=1), which launch kernels without the
-    Python launchers' pointer checks."""
+def _cpp_wrapper_everywhere() -> bool:
+    """Whether Inductor writes C++ wrappers for every compilation (TORCHINDUCTOR_CPP_WRAPPER=1)."""
     try:
         import torch._inductor.config as inductor_config
     except Exception:  # noqa: BLE001 - no Inductor: nothing is compiled by it
@@ -93,21 +94,28 @@ def _cpp_wrapper() -> bool:
     return bool(getattr(inductor_config, "cpp_wrapper", False))
 
 
-def _compiled(model: torch.nn.Module, args=(), kwargs=None) -> bool:
-    """Whether torch.compile'd code runs in this call: ComfyUI's compile wrapper (Compile Blocks, TorchCompileModel)
-    registered for the run, compiled modules swapped in, or this call itself traced."""
+def _python_launched(model: torch.nn.Module, args=(), kwargs=None) -> bool:
+    """Whether this call runs torch.compile'd code whose kernels start through Triton's Python launchers: ComfyUI's
+    compile wrapper registered for the run (Compile Blocks, TorchCompileModel) or compiled modules swapped in,
+    unless Inductor writes C++ wrappers for it."""
     from comfy.patcher_extension import WrappersMP
     from comfy_api.torch_helpers.torch_compile import COMPILE_KEY
+    if _cpp_wrapper_everywhere():
+        return False
     if torch.compiler.is_compiling():
         return True
+    registered = False
     for o in [a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, dict)]:
         wrappers = o.get("wrappers", {})
         compiled = wrappers.get(WrappersMP.APPLY_MODEL, {}).get(COMPILE_KEY) if isinstance(wrappers, dict) else None
         for w in compiled or ():
+            registered = True
             aside = getattr(w, "convrot_uncompiled_for", None)  # speed=auto's wrapper runs LoRA models uncompiled
-            if aside is None or not aside(model):
+            if (aside is None or not aside(model)) and getattr(w, "convrot_python_launchers", True):
                 return True
-    return any(hasattr(m, "_orig_mod") for m in model.modules())
+    # A registered wrapper has swapped its compiled modules into the model for this call (so they are seen below
+    # whatever they launch with); without one, compiled modules were put there by someone else.
+    return not registered and any(hasattr(m, "_orig_mod") for m in model.modules())
 
 
 def weight_addresses(model: torch.nn.Module):

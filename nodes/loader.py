@@ -123,9 +123,17 @@ def with_speed(patcher, speed: str):
         return patcher
     from .compile import compile_blocks
     from .graph import graph_model
-    log.info("ConvRot: blocks are compiled and steps replayed as CUDA graphs (the first step takes ~20 s longer "
-             "while compiling; set speed = eager on the loader to turn this off)")
-    return graph_model(compile_blocks(patcher, uncompiled_with_lora=True))
+    from .compile import cpp_wrapper_unavailable
+    from ..convrot.graphs import async_allocator
+    no_cpp = cpp_wrapper_unavailable()
+    if no_cpp and async_allocator():
+        log.info("ConvRot: blocks are compiled (the first step takes ~20 s longer); steps are not replayed as CUDA "
+                 "graphs under ComfyUI's cudaMallocAsync allocator: %s", no_cpp)
+    else:
+        log.info("ConvRot: blocks are compiled and steps replayed as CUDA graphs (the first step takes ~45 s longer "
+                 "while compiling, less once Inductor's cache holds the code; set speed = eager on the loader to "
+                 "turn this off)")
+    return graph_model(compile_blocks(patcher, uncompiled_with_lora=True, cpp_wrapper=no_cpp is None))
 
 
 def load_convrot_model(path: str, preset: str = "mixed", group_size: int | str = 256, overrides: str = "",

@@ -327,7 +327,7 @@ def test_compile_blocks_node(env):
     y_lora = sample(c, with_loras(c, env["ours"], *loras), steps=1)
     y2 = sample(c, with_loras(c, m, *loras), steps=1)
     assert torch.allclose(y2, y_lora, rtol=1e-4, atol=1e-4), rel(y2, y_lora)
-    with pytest.raises(ValueError, match="not a FLUX-style model"):
+    with pytest.raises(ValueError, match="no list of transformer blocks"):
         c.pack.nodes.compile.block_keys(type("P", (), {"get_model_object": lambda self, k: torch.nn.Linear(2, 2)})())
 
 
@@ -423,10 +423,21 @@ def test_cuda_graph_skips_compiled_models_under_cuda_malloc_async(env, monkeypat
     def opts(w):
         return {"transformer_options": {"wrappers": {WrappersMP.APPLY_MODEL: {COMPILE_KEY: [w]}}}}
     plain = torch.nn.ModuleList([block])
-    assert graph._compiled(plain, (), opts(lambda *a: None)) and not graph._compiled(plain, (), {})
+    launched = graph._python_launched
+    assert launched(plain, (), opts(lambda *a: None)) and not launched(plain, (), {})
     aside = lambda *a: None  # noqa: E731
     aside.convrot_uncompiled_for = lambda dm: dm is plain
-    assert not graph._compiled(plain, (), opts(aside)) and graph._compiled(compiled, (), opts(aside))
+    assert not launched(plain, (), opts(aside)) and launched(compiled, (), opts(aside))
+    # Compile Blocks with Inductor's C++ wrapper (no pointer checks): capturable under either allocator
+    compile_ = env["comfy"].pack.nodes.compile
+    for cpp in (True, False):
+        m = compile_.compile_blocks(env["ours"], "inductor", cpp_wrapper=cpp)
+        (w,) = m.get_wrappers(WrappersMP.APPLY_MODEL, COMPILE_KEY)
+        assert m.model_options["torch_compile_kwargs"]["options"].get("cpp_wrapper", False) is cpp
+        assert launched(plain, (), opts(w)) is not cpp
+        assert launched(compiled, (), opts(w)) is not cpp  # inside the call its compiled modules are swapped in
+    w_eager = compile_.compile_blocks(env["ours"], "eager").get_wrappers(WrappersMP.APPLY_MODEL, COMPILE_KEY)[0]
+    assert not launched(plain, (), opts(w_eager))  # Dynamo's eager backend launches no Triton kernels
     monkeypatch.setattr(graph.GraphedCalls, "__call__", lambda self, fn, *a: "to capture")
     for model, allocator_async in ((torch.nn.ModuleList([block]), True), (compiled, False)):
         run, out = first_call(model, allocator_async)

@@ -263,6 +263,26 @@ def test_two_step_sample_close_to_bf16(comfy, files, family):
     assert torch.isfinite(y).all() and LOWER < rel(y, y_ref) < UPPER, rel(y, y_ref)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_compile_blocks_covers_every_family(comfy, files, family):
+    """ConvRot Compile Blocks finds each family's block lists and its compiled model computes what the plain one
+    does (Dynamo's eager backend: the tracing and the regional wrapper, not Inductor's code generation)."""
+    compile_ = comfy.pack.nodes.compile
+    path, _ = files[family]
+    ours = load_ours(comfy, path)
+    keys = compile_.block_keys(ours)
+    dm = ours.model.diffusion_model
+    n_blocks = sum(len(c) for name, c in dm.named_children()
+                   if isinstance(c, torch.nn.ModuleList) and any(k.startswith(f"diffusion_model.{name}.") for k in keys))
+    assert keys and len(keys) == n_blocks
+    assert {comfy.pack.convrot.families.block_of(k.split(".", 1)[1] + ".x")[0] for k in keys} == \
+        {b[0] for k, _ in comfy.pack.nodes.ops.quantized_layers(dm) if (b := comfy.pack.convrot.families.block_of(k))}
+    torch._dynamo.reset()
+    compiled = compile_.compile_blocks(ours, backend="eager")
+    y, y_ref = forward(compiled, family), forward(ours, family)
+    assert torch.allclose(y, y_ref, rtol=1e-4, atol=1e-4), rel(y, y_ref)
+
+
 def test_overrides_apply_to_new_families(comfy, files):
     ops = comfy.pack.nodes.ops
     m = load_ours(comfy, files["qwen_image"][0], overrides="transformer_blocks.1.* = bf16\n*img_mod* = w4a4")

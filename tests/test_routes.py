@@ -119,7 +119,7 @@ def test_forced_dequant_or_reference_on_a_cuda_device(forced, want, backend, cap
 def test_an_unknown_route_name_is_said_and_the_order_decides(caplog, monkeypatch):
     r, rec = _route_line(caplog, "fastest", monkeypatch)
     assert r.name == "dequant" and rec.levelno == logging.WARNING
-    assert "CONVROT_ROUTE='fastest' is not one of cuda, triton, dequant, reference" in rec.getMessage()
+    assert f"CONVROT_ROUTE='fastest' is not one of {', '.join(routes.ROUTES)}" in rec.getMessage()
 
 
 def test_missing_triton_is_named(monkeypatch):
