@@ -82,7 +82,7 @@ def quantize_rows_searched(r: torch.Tensor, bits: int = 4, alphas=DEFAULT_ALPHAS
     reduces with alphas=(1.0,))."""
     qmax = reference.QMAX[bits]
     rf = r.to(torch.float32)
-    amax = rf.abs().amax(dim=-1).clamp_min(1e-10)
+    amax = rf.abs().amax(dim=-1).clamp_min(reference.SCALE_FLOOR)
     best_err = torch.full_like(amax, float("inf"))
     best_scale = amax / qmax
     for a in alphas:

@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from . import reference, routes
+from . import reference, routes, torchmm
 
 log = logging.getLogger("convrot")
 _fallback_logged: set[str] = set()
@@ -128,14 +128,6 @@ def _w8a8_cuda(x2d, w_q, w_scale, bias, group_size):
 
 
 def int8_mm(a8, a_scale, w8, w_scale, bias, out_dtype):
-    """int8 codes [M, K] x [N, K]ᵀ through torch._int_mm (cuBLAS int8 on CUDA), then the scales and bias.
-
-    _int_mm wants M > 16 and K, N multiples of 8, so tiny batches are padded with zero rows.
-    """
-    m = a8.shape[0]
-    if m <= 16:
-        a8 = torch.cat((a8, a8.new_zeros(17 - m, a8.shape[1])))
-    out = torch._int_mm(a8, w8.t())[:m].to(torch.float32) * a_scale.unsqueeze(-1) * w_scale.to(torch.float32)
-    if bias is not None:
-        out = out + bias.to(torch.float32)
-    return out.to(out_dtype)
+    """int8 codes [M, K] x [N, K]ᵀ through torch._int_mm (cuBLAS int8 on CUDA), then the scales and bias: the
+    torchmm route's GEMM and epilogue (tiny batches padded there)."""
+    return torchmm.epilogue(torchmm.int_mm(a8, w8), a_scale, w_scale, bias, out_dtype)

@@ -25,6 +25,8 @@ import torch
 from .hadamard import check_group_size, regular_hadamard
 
 QMAX = {4: 7, 8: 127}
+# absmax floor of a quantization scale, so all-zero rows stay finite (the kernels use the same literal)
+SCALE_FLOOR = 1e-10
 
 
 def rotate(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -45,7 +47,7 @@ def quantize_rows(x: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.T
     """Symmetric per-row quantization of the last dim: (codes int8, scale fp32 [...])."""
     qmax = QMAX[bits]
     xf = x.to(torch.float32)
-    scale = xf.abs().amax(dim=-1).clamp_min(1e-10) / qmax
+    scale = xf.abs().amax(dim=-1).clamp_min(SCALE_FLOOR) / qmax
     codes = torch.round(xf / scale.unsqueeze(-1)).clamp_(-qmax, qmax).to(torch.int8)
     return codes, scale
 

@@ -90,7 +90,7 @@ def quantize(r: torch.Tensor, bits: int, code_dtype: torch.dtype = torch.int8):
     values are the reference's (max(-min, max) is max |r|, and the 1e-10 floor is the reference's)."""
     qmax = reference.QMAX[bits]
     lo, hi = torch.aminmax(r, dim=-1)
-    scale = torch.maximum(hi, -lo).clamp_min(1e-10) / qmax
+    scale = torch.maximum(hi, -lo).clamp_min(reference.SCALE_FLOOR) / qmax
     codes = r.div_(scale.unsqueeze(-1)).round_().clamp_(-qmax, qmax).to(code_dtype)
     return codes, scale
 

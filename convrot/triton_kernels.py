@@ -59,6 +59,8 @@ import threading
 
 import torch
 
+from . import reference
+
 __all__ = ["LIMITS", "TritonLimits", "available", "supports_shape", "rotate_quantize", "gemm", "linear",
            "linear_fn", "linear_op", "prepare_weight"]
 
@@ -407,7 +409,7 @@ def _probe(dev: torch.device) -> str | None:
             y = linear_fn(16, bits, _fixed=True)(x.contiguous(), w.contiguous(), ws, None).float()
             h = _hadamard_pm1(16, dev) * 0.25
             r = (x.float().reshape(5, 4, 16) @ h).reshape(5, 64)
-            s = r.abs().amax(1).clamp_min(1e-10) / qmax
+            s = r.abs().amax(1).clamp_min(reference.SCALE_FLOOR) / qmax
             a = torch.round(r / s[:, None]).clamp(-qmax, qmax)
             ref = (a @ codes.float().t()) * s[:, None] * ws
             if not torch.allclose(y, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()):

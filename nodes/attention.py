@@ -95,6 +95,9 @@ def make_override(cfg: qattn.QAttnConfig, reference: bool = False, previous=None
         return out.reshape(b, out.shape[1], heads * dim_head)
 
     override.convrot_qattn = cfg  # noqa: B010 - lets tests and other nodes see what is installed
+    # its Triton kernels start through Triton's Python launcher, which CUDA graphs cannot capture under
+    # cudaMallocAsync (nodes/graph.py asks)
+    override.convrot_python_launchers = not reference  # noqa: B010
     return override
 
 

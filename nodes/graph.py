@@ -79,10 +79,10 @@ def _not_capturable(model: torch.nn.Module, args, kwargs) -> str | None:
 # driver; a buffer that cudaMallocAsync allocates while capturing is not mapped until the graph is launched, so the
 # check fails and so does the capture (bench/NOTES.md, Session 7). PyTorch's native allocator has no such buffers,
 # and Inductor's C++ wrapper launches kernels without the check (Session 8).
-ASYNC_COMPILED = ("compiled kernels started by Triton's Python launchers cannot be captured under the cudaMallocAsync "
-                  "allocator, ComfyUI's default; the compiled blocks run without graphs (Compile Blocks and the "
-                  "loader's speed=auto compile with Inductor's C++ wrapper, which can be captured, where a C++ "
-                  "compiler is found; or start ComfyUI with --disable-cuda-malloc)")
+ASYNC_COMPILED = ("kernels started by Triton's Python launchers (compiled blocks without Inductor's C++ wrapper, or "
+                  "ConvRot Quantized Attention) cannot be captured under the cudaMallocAsync allocator, ComfyUI's "
+                  "default; steps run without graphs (Compile Blocks and the loader's speed=auto compile with the "
+                  "C++ wrapper where a C++ compiler is found; --disable-cuda-malloc allows graphs for all of them)")
 
 
 def _cpp_wrapper_everywhere() -> bool:
@@ -95,17 +95,21 @@ def _cpp_wrapper_everywhere() -> bool:
 
 
 def _python_launched(model: torch.nn.Module, args=(), kwargs=None) -> bool:
-    """Whether this call runs torch.compile'd code whose kernels start through Triton's Python launchers: ComfyUI's
-    compile wrapper registered for the run (Compile Blocks, TorchCompileModel) or compiled modules swapped in,
-    unless Inductor writes C++ wrappers for it."""
+    """Whether this call runs Triton kernels started through Triton's Python launchers: ConvRot Quantized
+    Attention's kernel (a custom op, Python even inside compiled code), or torch.compile'd code without Inductor's
+    C++ wrapper (ComfyUI's compile wrapper registered for the run: Compile Blocks, TorchCompileModel; or compiled
+    modules swapped in)."""
     from comfy.patcher_extension import WrappersMP
     from comfy_api.torch_helpers.torch_compile import COMPILE_KEY
+    dicts = [a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, dict)]
+    if any(getattr(o.get("optimized_attention_override"), "convrot_python_launchers", False) for o in dicts):
+        return True
     if _cpp_wrapper_everywhere():
         return False
     if torch.compiler.is_compiling():
         return True
     registered = False
-    for o in [a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, dict)]:
+    for o in dicts:
         wrappers = o.get("wrappers", {})
         compiled = wrappers.get(WrappersMP.APPLY_MODEL, {}).get(COMPILE_KEY) if isinstance(wrappers, dict) else None
         for w in compiled or ():

@@ -438,6 +438,11 @@ def test_cuda_graph_skips_compiled_models_under_cuda_malloc_async(env, monkeypat
         assert launched(compiled, (), opts(w)) is not cpp  # inside the call its compiled modules are swapped in
     w_eager = compile_.compile_blocks(env["ours"], "eager").get_wrappers(WrappersMP.APPLY_MODEL, COMPILE_KEY)[0]
     assert not launched(plain, (), opts(w_eager))  # Dynamo's eager backend launches no Triton kernels
+    # ConvRot Quantized Attention's kernel: Python-launched wherever it runs; its reference (pure torch) is not
+    qattn = env["comfy"].pack.nodes.attention
+    for reference in (False, True):
+        ov = qattn.make_override(qattn.qattn.DEFAULT, reference=reference)
+        assert launched(plain, (), {"transformer_options": {"optimized_attention_override": ov}}) is not reference
     monkeypatch.setattr(graph.GraphedCalls, "__call__", lambda self, fn, *a: "to capture")
     for model, allocator_async in ((torch.nn.ModuleList([block]), True), (compiled, False)):
         run, out = first_call(model, allocator_async)
