@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import weakref
 
+import torch
+
 from comfy_api.latest import io
 
 from .ops import quantized_layers
@@ -29,7 +31,6 @@ def _skip_transformer_options(guard_entries):
 def block_keys(model_patcher) -> list[str]:
     """`diffusion_model.double_blocks.0`, ... : every repeated block of the diffusion model, found as families.py
     finds block layers (a top-level module list named `blocks`, `transformer_blocks`, `layers`, `noise_refiner`...)."""
-    import torch
     from ..convrot.families import BLOCK_LIST
     dm = model_patcher.get_model_object("diffusion_model")
     keys = [f"diffusion_model.{name}.{i}" for name, child in dm.named_children()
@@ -81,10 +82,17 @@ def compile_blocks(model_patcher, backend: str = "inductor", mode: str | None = 
     set_torch_compile_wrapper(model=m, backend=backend, mode=mode, keys=keys, options=options)
     compiled = m.get_wrappers(WrappersMP.APPLY_MODEL, COMPILE_KEY)
     m.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, COMPILE_KEY)
+    fallback = None
+    if inductor and cpp_wrapper:
+        def fallback():
+            from comfy_api.torch_helpers.torch_compile import apply_torch_compile_factory
+            plain = {k: v for k, v in options.items() if k != "cpp_wrapper"}
+            return apply_torch_compile_factory({key: torch.compile(m.get_model_object(key), backend=backend,
+                                                                   mode=mode, options=plain) for key in keys})
     for w in compiled:
         m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, COMPILE_KEY,
                                _described(w, python_launchers=inductor and not cpp_wrapper,
-                                          uncompiled_with_lora=uncompiled_with_lora))
+                                          uncompiled_with_lora=uncompiled_with_lora, fallback=fallback))
     log.info("ConvRot: %d blocks will be compiled with torch.compile(%s%s) on the first step", len(keys), backend,
              ", C++ wrapper" if inductor and cpp_wrapper else "")
     return m
@@ -95,11 +103,33 @@ def has_lora_branches(diffusion_model) -> bool:
     return any(m.convrot_patches for _, m in quantized_layers(diffusion_model))
 
 
-def _described(compiled_wrapper, python_launchers: bool, uncompiled_with_lora: bool):
+def _compile_failure(error: BaseException) -> bool:
+    """Whether `error` is torch.compile failing to build code (Dynamo's backend or Inductor), not the model."""
+    import torch._dynamo.exc as dynamo_exc
+    import torch._inductor.exc as inductor_exc
+    kinds = tuple(k for k in (getattr(dynamo_exc, "BackendCompilerFailed", None),
+                              getattr(inductor_exc, "InductorError", None),
+                              getattr(inductor_exc, "CppCompileError", None)) if k is not None)
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kinds):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _described(compiled_wrapper, python_launchers: bool, uncompiled_with_lora: bool, fallback=None):
     """ComfyUI's compile wrapper, with what nodes/graph.py needs to know about it as attributes: whether its kernels
     start through Triton's Python launchers (`convrot_python_launchers`) and, for speed=auto, a test for the runs
-    it steps aside for (`convrot_uncompiled_for`)."""
+    it steps aside for (`convrot_uncompiled_for`).
+
+    `fallback` (C++-wrapper builds): makes the same compile wrapper with Python launchers. The C++ wrapper needs
+    more of the toolchain than Triton's launchers do (a C++ compiler that builds against PyTorch's headers); when
+    building it fails, the blocks are compiled again the usual way, once, with one warning, and the call is run
+    again (nothing of the failed call was computed: compilation happens before a block runs)."""
     logged = []
+    current = [compiled_wrapper, fallback]
     layers: dict = {}  # id(diffusion model) -> (weak reference, its quantized layers): a walk of ~1,100 modules
     #                    costs ms per step; the layers themselves do not change
 
@@ -119,7 +149,17 @@ def _described(compiled_wrapper, python_launchers: bool, uncompiled_with_lora: b
                          "each patched layer would break the graph); steps are still replayed as CUDA graphs where "
                          "possible")
             return executor(*args, **kwargs)
-        return compiled_wrapper(executor, *args, **kwargs)
+        try:
+            return current[0](executor, *args, **kwargs)
+        except Exception as e:
+            if current[1] is None or not _compile_failure(e):
+                raise
+            log.warning("ConvRot: Inductor's C++ wrapper failed to build (%s: %s); the blocks are compiled with "
+                        "Triton's Python launchers instead (under cudaMallocAsync their steps are not replayed as "
+                        "CUDA graphs)", type(e).__name__, str(e).strip().splitlines()[0][:200] if str(e) else "")
+            current[:] = [current[1](), None]
+            wrapper.convrot_python_launchers = True
+            return current[0](executor, *args, **kwargs)
     wrapper.convrot_uncompiled_for = steps_aside
     wrapper.convrot_python_launchers = python_launchers
     return wrapper

@@ -312,6 +312,40 @@ def test_torch_compile_model_node(env):
     assert torch.allclose(y2, y_lora, rtol=1e-4, atol=1e-4), rel(y2, y_lora)
 
 
+def test_a_failed_cpp_wrapper_build_recompiles_with_python_launchers(env, caplog):
+    """Compile Blocks with Inductor's C++ wrapper: when building it fails (here: a compile wrapper raising what
+    Inductor raises for a failed C++ build), the blocks are compiled again with Python launchers, once, with one
+    warning, the call is rerun and the graph node learns the kernels are Python-launched; any other error is the
+    model's and propagates."""
+    import types
+    import torch._inductor.exc as inductor_exc
+    compile_ = env["comfy"].pack.nodes.compile
+    executor = types.SimpleNamespace(class_obj=types.SimpleNamespace(diffusion_model=None))
+    made = []
+
+    def failing(executor_, *a, **k):
+        raise inductor_exc.InductorError(inductor_exc.CppCompileError(["g++"], "fatal error: Python.h"), None)
+
+    def fallback():
+        made.append(True)
+        return lambda executor_, x: x + 1
+    w = compile_._described(failing, python_launchers=False, uncompiled_with_lora=False, fallback=fallback)
+    assert w.convrot_python_launchers is False
+    with caplog.at_level(logging.WARNING, logger="convrot"):
+        assert w(executor, 1) == 2 and w(executor, 5) == 6
+    assert made == [True] and w.convrot_python_launchers is True
+    assert [r for r in caplog.records if "C++ wrapper failed to build" in r.message]
+
+    def broken(executor_, *a, **k):
+        raise RuntimeError("the model's own error")
+    w = compile_._described(broken, python_launchers=False, uncompiled_with_lora=False, fallback=fallback)
+    with pytest.raises(RuntimeError, match="the model's own error"):
+        w(executor, 1)
+    w = compile_._described(failing, python_launchers=True, uncompiled_with_lora=False)  # no fallback: raised
+    with pytest.raises(inductor_exc.InductorError):
+        w(executor, 1)
+
+
 def test_compile_blocks_node(env):
     """ConvRot Compile Blocks (regional compile through ComfyUI's wrapper) samples as the uncompiled model, with
     and without LoRAs; dynamo's eager backend as above."""
