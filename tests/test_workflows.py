@@ -10,6 +10,15 @@ Three layers, each skipped with its reason when what it needs is missing:
      with tiny seeded stand-ins for the real files: a tiny random FLUX (convrot.flux.random_flux) under the
      workflow's diffusion-model file name, a tiny LoRA, a stand-in for the text encoders (seeded conditioning of the
      tiny model's widths) and a stand-in VAE (pooling/upsampling). Sizes and steps are shrunk to keep it fast.
+     The FLUX.2 / Chroma / Qwen-Image / Wan graphs run on tiny instances of ComfyUI's own model classes
+     (tests/tiny_families.py, shared with tests/test_families.py) built with the real text encoders' widths, the
+     stock CLIPTextEncode on a stand-in CLIP that gives the width ComfyUI's text encoder for that CLIPLoader type and
+     file would give (and refuses a pairing no family here is conditioned by), and a stand-in VAE of the family's
+     latent channels and downscaling. test_wrong_choices_fail proves these layers catch a wrong node name, CLIP
+     type or latent node.
+Also with ComfyUI: the notes of those graphs quote the memory docs/preset_memory.py derives, and their loaders,
+latent node and sampler nodes are those of ComfyUI's own template for the family (the installed
+comfyui_workflow_templates package that ComfyUI's requirements pin).
 """
 from __future__ import annotations
 
@@ -146,8 +155,9 @@ def test_help_pages_exist():
 class Comfy:
     """Handles on the in-process ComfyUI: node classes, and whether our pack loaded (or why not)."""
 
-    def __init__(self, path):
+    def __init__(self, path, pack=None):
         self.path = path
+        self.pack = pack
         self.nodes = importlib.import_module("nodes")
         self.folder_paths = importlib.import_module("folder_paths")
         self.pack_error = None
@@ -176,7 +186,7 @@ def get_comfy(tmp_path_factory):
     nodes = importlib.import_module("nodes")
     if "FluxGuidance" not in nodes.NODE_CLASS_MAPPINGS:
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    _COMFY = Comfy(env.path if env is not None else comfy_env.comfyui_path())
+    _COMFY = Comfy(env.path if env is not None else comfy_env.comfyui_path(), getattr(env, "pack", None))
     return _COMFY
 
 
@@ -280,7 +290,10 @@ def check_widget(node, name, kind, t, options, opts, value):
 
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=WF_IDS)
 def test_workflow_matches_node_definitions(comfy, path):
-    wf = load(path)
+    check_node_definitions(comfy, load(path))
+
+
+def check_node_definitions(comfy, wf):
     nodes = {n["id"]: n for n in wf["nodes"]}
     skipped = []
     for n in wf["nodes"]:
@@ -328,6 +341,77 @@ def test_workflow_matches_node_definitions(comfy, path):
     if skipped:
         # the pack is this repository: failing to load it is a failure, not a reason to skip
         pytest.fail(f"{comfy.pack_error}; checked the stock nodes and links only, not {sorted(set(skipped))}")
+
+
+# The graphs of the newer families: (the family's rows in docs/preset_memory.py, ComfyUI's own template for it)
+FAMILY_WORKFLOWS = {
+    "flux2_dev_text_to_image": (("FLUX.2 [dev] (32B)",), "image_flux2_text_to_image"),
+    "flux2_klein_text_to_image": (("FLUX.2 [klein] 4B", "FLUX.2 [klein] 9B"), "image_flux2_klein_text_to_image"),
+    "chroma_text_to_image": (("Chroma (8.9B)",), "image_chroma_text_to_image"),
+    "qwen_image_text_to_image": (("Qwen-Image (20B)",), "image_qwen_image"),
+    "wan22_14b_text_to_video": (("Wan 2.1 / 2.2 14B (per expert)",), "video_wan2_2_14B_t2v"),
+}
+
+
+def test_family_notes_quote_derived_memory(comfy):
+    """The memory in each family graph's note is what docs/preset_memory.py --families derives (not typed in)."""
+    import preset_memory  # docs/preset_memory.py
+
+    configs = {label: (dotted, cfg) for label, dotted, cfg in preset_memory.FAMILY_CONFIGS}
+    assert set(build_workflows.FAMILY_MEMORY) == set(configs)
+    for label, want in build_workflows.FAMILY_MEMORY.items():
+        got = preset_memory.family_bytes(*configs[label])
+        assert {k: preset_memory.gb(got[k]) for k in want} == want, label
+    assert set(FAMILY_WORKFLOWS) <= set(WF_IDS)
+    for name, (labels, _) in FAMILY_WORKFLOWS.items():
+        note = next(n for n in load(os.path.join(WORKFLOW_DIR, name + ".json"))["nodes"]
+                    if n["type"] == "MarkdownNote")["widgets_values"][0]
+        assert build_workflows.memory_table(*labels) in note, name
+
+
+def _template_nodes(name, model_files=()):
+    """The nodes that run in one of ComfyUI's own templates (inside its subgraphs too), or skip without the
+    package. A template with variants in subgraphs (klein: base and distilled, one muted) gives the variant that
+    loads one of `model_files` when there is one."""
+    try:
+        import comfyui_workflow_templates_json as t
+    except ImportError:
+        pytest.skip("comfyui_workflow_templates_json (a ComfyUI requirement) is not installed")
+    path = os.path.join(os.path.dirname(t.__file__), "templates", name + ".json")
+    if not os.path.isfile(path):
+        pytest.skip(f"this templates package has no {name}.json")
+    wf = load(path)
+    subgraphs = {sg["id"]: sg["nodes"] for sg in wf.get("definitions", {}).get("subgraphs", [])}
+    used = [n for n in wf["nodes"] if n["type"] in subgraphs]
+    for_file = [n for n in used if any(m["type"] == "UNETLoader" and m["widgets_values"][0] in model_files
+                                       for m in subgraphs[n["type"]])]
+    used = for_file or [n for n in used if n.get("mode", 0) == 0]
+    out = [n for n in wf["nodes"] if n["type"] not in subgraphs and n.get("mode", 0) == 0]
+    for n in used:
+        out += subgraphs[n["type"]]
+    return [n for n in out if n.get("mode", 0) == 0]
+
+
+# nodes of the templates that our graphs leave out (switches and primitives of their subgraph UIs, LoRA options)
+TEMPLATE_ONLY = {"LoraLoaderModelOnly", "ComfySwitchNode", "PrimitiveInt", "PrimitiveFloat", "PrimitiveBoolean",
+                 "PrimitiveStringMultiline", "ComfyMathExpression", "T5TokenizerOptions"}
+
+
+@pytest.mark.parametrize("name", list(FAMILY_WORKFLOWS))
+def test_family_graph_follows_comfyui_template(name):
+    """Text encoder (file and CLIPLoader type), latent node and sampler nodes as in ComfyUI's template for the
+    family; only the diffusion-model loader differs."""
+    ours = [n for n in load(os.path.join(WORKFLOW_DIR, name + ".json"))["nodes"] if n["type"] not in FRONTEND_ONLY]
+    files = {n["widgets_values"][0] for n in ours if n["type"] == "ConvRotW4A4Loader"}
+    theirs = [n for n in _template_nodes(FAMILY_WORKFLOWS[name][1], files) if n["type"] not in FRONTEND_ONLY]
+    clip = lambda nodes: {tuple(n["widgets_values"][:2]) for n in nodes if n["type"] == "CLIPLoader"}  # noqa: E731
+    assert clip(ours) and clip(ours) <= clip(theirs), f"CLIPLoader {clip(ours)}; the template uses {clip(theirs)}"
+    types_ours = {n["type"] for n in ours} - {"ConvRotW4A4Loader"}
+    types_theirs = {n["type"] for n in theirs} - {"UNETLoader"} - TEMPLATE_ONLY
+    latent = lambda ts: {t for t in ts if t.startswith("Empty") and "Latent" in t}  # noqa: E731
+    assert latent(types_ours) == latent(types_theirs)
+    assert types_ours == types_theirs, f"ours only: {types_ours - types_theirs}, template only: {types_theirs - types_ours}"
+    assert sum(n["type"] == "ConvRotW4A4Loader" for n in ours) == sum(n["type"] == "UNETLoader" for n in theirs)
 
 
 # ============================================================================ 3. headless runs
@@ -407,7 +491,98 @@ class _TinyVAE:
     CATEGORY = "testing"
 
     def load(self, vae_name):
-        return (_TinyVAEModel(),)
+        if vae_name == "ae.safetensors" or vae_name not in FAMILY_VAES:
+            return (_TinyVAEModel(),)
+        return (_FamilyVAEModel(vae_name, *FAMILY_VAES[vae_name]),)
+
+
+# Newer families: the stock CLIPTextEncode on a stand-in CLIP. Which text encoder ComfyUI builds from a CLIPLoader
+# (comfy/sd.py load_text_encoder_state_dicts, v0.29) depends on the file's model (detected from its weights; here
+# from the stock file name) and, for most, the `type`; its conditioning width is that encoder's.
+TE_FILES = (("mistral_3_small", "mistral3_24b"), ("qwen_3_4b", "qwen3_4b"), ("qwen_3_8b", "qwen3_8b"),
+            ("qwen_2.5_vl_7b", "qwen25_7b"), ("umt5_xxl", "umt5_xxl"), ("t5xxl", "t5xxl"))
+TE_WIDTH = {"flux2_te": 15360, "klein_te_qwen3_4b": 7680, "klein_te_qwen3_8b": 12288, "qwen_image_te": 3584,
+            "pixart_t5": 4096, "wan_te": 4096}
+
+
+def comfy_text_encoder(te_model, clip_type):
+    if te_model == "mistral3_24b":
+        return "flux2_te"  # whatever the type
+    if te_model in ("qwen3_4b", "qwen3_8b"):
+        return f"klein_te_{te_model}" if clip_type in ("flux", "flux2") else f"{te_model} as {clip_type}"
+    if te_model == "qwen25_7b":
+        return {"hunyuan_image": "hunyuan_image_te", "longcat_image": "longcat_image_te"}.get(clip_type,
+                                                                                           "qwen_image_te")
+    if te_model == "t5xxl":
+        return "pixart_t5" if clip_type in ("pixart", "chroma") else f"t5xxl as {clip_type}"
+    if te_model == "umt5_xxl":
+        return "wan_te" if clip_type == "wan" else f"umt5_xxl as {clip_type}"
+    return f"{te_model} as {clip_type}"
+
+
+class _TinyClipModel:
+    TOKENS = 8
+
+    def __init__(self, width):
+        self.width = width
+
+    def tokenize(self, text, **kwargs):
+        return {"text": text}
+
+    def encode_from_tokens_scheduled(self, tokens, **kwargs):
+        import torch
+
+        g = torch.Generator().manual_seed(sum(tokens["text"].encode()) % 2**31)
+        return [[torch.randn(1, self.TOKENS, self.width, generator=g), {}]]
+
+
+class _TinyCLIPLoader:
+    """CLIPLoader's inputs -> a stand-in CLIP giving the width of the encoder ComfyUI would build."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip_name": ("STRING", {}), "type": ("STRING", {})}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, clip_name, type):
+        te_model = next((m for key, m in TE_FILES if key in clip_name), None)
+        if te_model is None:
+            raise ValueError(f"stand-in CLIP: no known text encoder in {clip_name!r}")
+        te = comfy_text_encoder(te_model, type)
+        if te not in TE_WIDTH:
+            raise ValueError(f"CLIPLoader type {type!r} with {clip_name}: ComfyUI builds {te}, which conditions "
+                             f"none of the families here")
+        return (_TinyClipModel(TE_WIDTH[te]),)
+
+
+# vae file -> (latent channels, spatial downscale, temporal downscale or None for an image VAE)
+FAMILY_VAES = {"ae.safetensors": (16, 8, None), "flux2-vae.safetensors": (128, 16, None),
+               "qwen_image_vae.safetensors": (16, 8, 4), "wan_2.1_vae.safetensors": (16, 8, 4)}
+
+
+class _FamilyVAEModel:
+    """Decodes latents of one family's VAE (its channels and downscaling) without weights; refuses others."""
+
+    def __init__(self, name, channels, down, temporal):
+        self.name, self.channels, self.down, self.temporal = name, channels, down, temporal
+
+    def decode(self, latent):
+        import torch.nn.functional as F
+
+        want = 5 if self.temporal and latent.dim() == 5 else 4
+        if latent.shape[1] != self.channels or latent.dim() != want and not (self.temporal and latent.dim() == 4):
+            raise ValueError(f"{self.name} decodes {self.channels}-channel latents, got {list(latent.shape)}")
+        x = latent[:, :3].float().sigmoid()
+        if latent.dim() == 4:
+            return F.interpolate(x, scale_factor=self.down, mode="nearest").movedim(1, -1)
+        x = x.movedim(2, 1).flatten(0, 1)  # (B*T, 3, h, w)
+        x = F.interpolate(x, scale_factor=self.down, mode="nearest").movedim(1, -1)
+        b, t = latent.shape[0], latent.shape[2]
+        x = x.reshape(b, t, *x.shape[1:])
+        return x.repeat_interleave(self.temporal, dim=1)[:, self.temporal - 1:]  # 1 + temporal * (t - 1) frames
 
 
 class _Server:
@@ -420,6 +595,15 @@ class _Server:
 
     def queue_updated(self):
         pass
+
+
+# (tests/tiny_families.py family, the width of the text encoder its workflow picks, the file names it loads)
+TINY_FILES = (("flux2", 15360, ("flux2_dev_fp8mixed.safetensors",)),
+              ("flux2_klein", 7680, ("flux-2-klein-4b.safetensors",)),
+              ("chroma", 4096, ("Chroma1-HD.safetensors",)),
+              ("qwen_image", 3584, ("qwen_image_fp8_e4m3fn.safetensors",)),
+              ("wan", 4096, ("wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
+                             "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors")))
 
 
 @pytest.fixture(scope="module")
@@ -465,11 +649,28 @@ def env(comfy, tmp_path_factory):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(dirs["input"] / "example.png")
 
+    # The newer families: tiny instances of ComfyUI's classes with the real text encoders' widths.
+    import types
+
+    import comfy.model_detection as md
+    import convrot.families
+    from tiny_families import tiny_detect_unet_config, tiny_state_dict
+
+    pack = comfy.pack or types.SimpleNamespace(convrot=types.SimpleNamespace(families=convrot.families))
+    for family, width, names in TINY_FILES:
+        for seed, name in enumerate(names):
+            save_file(tiny_state_dict(family, pack, context_dim=width, seed=seed), str(dirs["diffusion_models"] / name))
+    orig_detect = md.detect_unet_config
+    md.detect_unet_config = tiny_detect_unet_config(orig_detect)
+
     comfy.nodes.NODE_CLASS_MAPPINGS["ConvRotTestTinyText"] = _TinyText
     comfy.nodes.NODE_CLASS_MAPPINGS["ConvRotTestTinyVAE"] = _TinyVAE
+    comfy.nodes.NODE_CLASS_MAPPINGS["ConvRotTestTinyCLIP"] = _TinyCLIPLoader
     yield dirs
+    md.detect_unet_config = orig_detect
     comfy.nodes.NODE_CLASS_MAPPINGS.pop("ConvRotTestTinyText", None)
     comfy.nodes.NODE_CLASS_MAPPINGS.pop("ConvRotTestTinyVAE", None)
+    comfy.nodes.NODE_CLASS_MAPPINGS.pop("ConvRotTestTinyCLIP", None)
     for k, v in saved.items():
         if v is None:
             fp.folder_names_and_paths.pop(k, None)
@@ -490,14 +691,25 @@ def shrink(prompt, stock_loader=False):
         t, inp = node["class_type"], node["inputs"]
         if t == "DualCLIPLoader":
             continue
-        if t == "CLIPTextEncode":
+        if t == "CLIPTextEncode" and prompt[inp["clip"][0]]["class_type"] == "DualCLIPLoader":  # FLUX.1
             node = {"class_type": "ConvRotTestTinyText", "inputs": {"text": inp["text"]}}
         elif t == "VAELoader":
             node = {"class_type": "ConvRotTestTinyVAE", "inputs": {"vae_name": inp["vae_name"]}}
-        elif t == "EmptySD3LatentImage":
+        elif t == "CLIPLoader":
+            node = {"class_type": "ConvRotTestTinyCLIP", "inputs": {"clip_name": inp["clip_name"], "type": inp["type"]}}
+        elif t in ("EmptySD3LatentImage", "EmptyFlux2LatentImage"):
             inp.update(width=64, height=64)
+        elif t == "EmptyHunyuanLatentVideo":
+            inp.update(width=64, height=64, length=5)
         elif t == "KSampler":
             inp["steps"] = 2
+        elif t == "Flux2Scheduler":
+            inp.update(steps=2, width=64, height=64)
+        elif t == "BasicScheduler":
+            inp["steps"] = 2
+        elif t == "KSamplerAdvanced":  # the two experts: one step each
+            inp.update(steps=2, start_at_step=min(inp["start_at_step"], 1), end_at_step=min(inp["end_at_step"], 1)
+                       if inp["end_at_step"] < 100 else inp["end_at_step"])
         elif t == "ConvRotW4A4Loader" and stock_loader:
             node = {"class_type": "UNETLoader", "inputs": {"unet_name": inp["unet_name"], "weight_dtype": "default"}}
         out[nid] = node
@@ -515,7 +727,7 @@ def run_prompt(comfy, prompt):
     errors = [d for ev, d in ex.status_messages if ev == "execution_error"]
     assert ex.success and not errors, "run failed:\n" + "\n".join(
         f"{e['node_type']} (node {e['node_id']}): {e['exception_type']}: {e['exception_message']}\n"
-        + "".join(e.get("traceback", [])[-6:]) for e in errors)
+        + "".join(e.get("traceback", [])[-14:]) for e in errors)
     return ex.history_result["outputs"]
 
 
@@ -524,10 +736,29 @@ def images(outputs, env):
     import numpy as np
 
     files = [im for out in outputs.values() for im in out.get("images", [])]
-    return [np.asarray(Image.open(os.path.join(env["output"], f["subfolder"], f["filename"]))) for f in files]
+    out = []
+    for f in files:
+        path = os.path.join(env["output"], f["subfolder"], f["filename"])
+        if path.endswith((".mp4", ".webm", ".mkv")):  # SaveVideo: the frames, (T, H, W, 3)
+            import av
+
+            with av.open(path) as c:
+                out.append(np.stack([fr.to_ndarray(format="rgb24") for fr in c.decode(video=0)]))
+        else:
+            out.append(np.asarray(Image.open(path)))
+    return out
 
 
 RESULTS: dict[str, list] = {}
+
+
+def check_size(imgs):
+    """The picture (or every frame) is the size the shrunk latent node asks for. ComfyUI resizes the channels of an
+    empty latent of the wrong kind to the model's (comfy.sample.fix_empty_latent_channels), so a wrong latent node
+    runs but makes a picture of the wrong size."""
+    for im in imgs:
+        assert im.shape[-3:] == (64, 64, 3), f"asked for 64x64, got {im.shape}: wrong latent node for this model?"
+        assert im.ndim == 3 or im.shape[0] == 5, f"asked for a 5-frame clip, got {im.shape[0]} frames"
 
 
 RUN_ORDER = ["flux1_dev_text_to_image", "flux1_dev_lora", "flux1_schnell_text_to_image",
@@ -564,6 +795,8 @@ def test_workflow_runs_headless(comfy, env, name):
         return
     imgs = images(outputs, env)
     assert len(imgs) == 1 and imgs[0].shape[-1] == 3
+    if name in FAMILY_WORKFLOWS:
+        check_size(imgs)
     assert imgs[0].std() > 0, "a flat image: the sampler produced nothing"
     RESULTS[name] = imgs
     if name == "flux1_dev_lora" and "flux1_dev_text_to_image" in RESULTS:
@@ -575,3 +808,47 @@ def test_workflow_runs_headless(comfy, env, name):
         assert a.shape == b.shape
         diff = abs(a.astype(int) - b.astype(int)).mean()
         assert diff <= 2.0, f"saved file gives a different image than on-the-fly quantization (mean |diff| {diff})"
+
+
+
+def _mutate(name, type_=None, new_type=None, widget=None):
+    wf = load(os.path.join(WORKFLOW_DIR, name + ".json"))
+    for n in wf["nodes"]:
+        if n["type"] == type_:
+            if new_type:
+                n["type"] = new_type
+            if widget:
+                n["widgets_values"][widget[0]] = widget[1]
+    return wf
+
+
+# (workflow, node type, replacement type, (widget index, value)), and the layer that must refuse it
+WRONG = {
+    "node name": ("flux2_dev_text_to_image", "EmptyFlux2LatentImage", "EmptyFlux2Latent", None, 2),
+    # (EmptySD3LatentImage in a FLUX.2 graph is no mistake in v0.29: an empty latent that says its downscale ratio is
+    # resized to the model's channels and ratio by comfy.sample.fix_empty_latent_channels, and the picture comes
+    # out right; EmptyFlux2LatentImage in a Chroma graph comes out at half the size.)
+    "latent node, Chroma": ("chroma_text_to_image", "EmptySD3LatentImage", "EmptyFlux2LatentImage", None, 3),
+    "latent node, Wan": ("wan22_14b_text_to_video", "EmptyHunyuanLatentVideo", "EmptySD3LatentImage", None, 2),
+    "CLIP type, klein": ("flux2_klein_text_to_image", "CLIPLoader", None, (1, "qwen_image"), 3),
+    "CLIP type, Chroma": ("chroma_text_to_image", "CLIPLoader", None, (1, "sd3"), 3),
+    "CLIP type, Wan": ("wan22_14b_text_to_video", "CLIPLoader", None, (1, "chroma"), 3),
+    "text encoder, FLUX.2 dev": ("flux2_dev_text_to_image", "CLIPLoader", None, (0, "qwen_3_4b.safetensors"), 3),
+    "VAE, Qwen-Image": ("qwen_image_text_to_image", "VAELoader", None, (0, "flux2-vae.safetensors"), 3),
+}
+
+
+@pytest.mark.parametrize("what", list(WRONG))
+def test_wrong_choices_fail(comfy, env, what):
+    """The layers above can fail: a graph with a wrong node name, latent node, CLIP type or file is refused."""
+    name, type_, new_type, widget, layer = WRONG[what]
+    wf = _mutate(name, type_, new_type, widget)
+    if layer == 2:
+        with pytest.raises((AssertionError, pytest.fail.Exception)):
+            check_node_definitions(comfy, wf)
+        return
+    check_node_definitions(comfy, wf)  # valid as a graph: only running it shows the mistake
+    if comfy.pack_error:
+        pytest.fail(comfy.pack_error)
+    with pytest.raises(AssertionError, match="run failed|rejects|asked for"):
+        check_size(images(run_prompt(comfy, shrink(to_api(wf, comfy))), env))
