@@ -125,6 +125,11 @@ def _decide(device, forced, cuda, triton, torchmm, note=""):
 _routes: dict[str, Route] = {}
 
 
+def decided() -> dict[str, str]:
+    """device -> route name, for the devices decided so far in this process (nothing is decided by asking)."""
+    return {k: r.name for k, r in _routes.items()}
+
+
 def route_for(device: torch.device) -> Route:
     """The route for a device (cached; the first decision per device is logged once)."""
     key = _key(device)

@@ -47,11 +47,19 @@ def _unsupported(q, k, v, mask, skip_reshape, kwargs, reference: bool) -> str | 
     """Why this call runs the attention it would have run without the node (None: it runs quantized)."""
     if mask is not None:
         return "an attention mask (runs ComfyUI's attention)"
+    if kwargs.get("low_precision_attention", True) is False:  # as ComfyUI's own sage attention honours it
+        return "the model asks for full-precision attention here (runs ComfyUI's attention)"
     if kwargs.get("enable_gqa", False):
         return "grouped-query attention (runs ComfyUI's attention)"
     if not skip_reshape and (q.dim() != 3 or k.dim() != 3 or v.dim() != 3):
         return f"inputs of shape {tuple(q.shape)} (runs ComfyUI's attention)"
-    if skip_reshape and (q.dim() != 4 or k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]):
+    if skip_reshape and (q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[:2] != q.shape[:2]
+                         or v.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]):
+        return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (runs ComfyUI's attention)"
+    seq = -2 if skip_reshape else 1
+    if k.shape[seq] != v.shape[seq] or (not skip_reshape and (k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]
+                                                               or k.shape[-1] != q.shape[-1]
+                                                               or v.shape[-1] != q.shape[-1])):
         return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (runs ComfyUI's attention)"
     if q.dtype != k.dtype or q.dtype != v.dtype:
         return f"mixed dtypes {q.dtype}/{k.dtype}/{v.dtype} (runs ComfyUI's attention)"

@@ -12,12 +12,14 @@ LoRAs and sampler behaviour; it works on bf16 models as well.
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 
 import torch
 
 from comfy_api.latest import io
 
+from ..convrot.graphs import async_allocator
 from .ops import quantized_layers
 
 log = logging.getLogger("convrot")
@@ -33,8 +35,12 @@ def block_keys(model_patcher) -> list[str]:
     finds block layers (a top-level module list named `blocks`, `transformer_blocks`, `layers`, `noise_refiner`...)."""
     from ..convrot.families import BLOCK_LIST
     dm = model_patcher.get_model_object("diffusion_model")
+    # a list of containers (a UNet's input_blocks of TimestepEmbedSequential, Stable Cascade's lists of lists) is
+    # iterated by its model, not called: a compiled element could not be iterated
+    containers = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
     keys = [f"diffusion_model.{name}.{i}" for name, child in dm.named_children()
-            if isinstance(child, torch.nn.ModuleList) and BLOCK_LIST.fullmatch(name) for i in range(len(child))]
+            if isinstance(child, torch.nn.ModuleList) and BLOCK_LIST.fullmatch(name)
+            and not any(isinstance(b, containers) for b in child) for i in range(len(child))]
     if not keys:
         raise ValueError(f"ConvRot Compile Blocks: {type(dm).__name__} has no list of transformer blocks (no "
                          f"`blocks`/`double_blocks`/`layers`-style module list); use ComfyUI's TorchCompileModel "
@@ -42,14 +48,26 @@ def block_keys(model_patcher) -> list[str]:
     return keys
 
 
+_cpp_build_failed: list[str] = []  # why a C++-wrapper build failed in this process: not tried again
+
+
 def cpp_wrapper_unavailable() -> str | None:
-    """Why Inductor cannot write C++ wrappers here (None: it can). Asked of Inductor itself: the compiler it would
-    use (g++ or $CXX on Linux, cl on Windows)."""
+    """Why Inductor cannot write C++ wrappers for CUDA here (None: it can): the C++ compiler it would use (asked of
+    Inductor itself: g++ or $CXX on Linux, cl on Windows), the CUDA toolkit's headers its CUDA wrappers include
+    (PyTorch's pip wheels ship the runtime, not the headers), or an earlier failed build in this process."""
+    if _cpp_build_failed:
+        return _cpp_build_failed[0]
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
         get_cpp_compiler()
     except Exception as e:  # noqa: BLE001 - any failure means no C++ wrappers; the Python ones still work
         return f"Inductor found no C++ compiler for its C++ wrappers ({type(e).__name__}: {str(e)[:120]})"
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME
+    except Exception as e:  # noqa: BLE001
+        return f"torch.utils.cpp_extension is not importable ({type(e).__name__})"
+    if not CUDA_HOME or not os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        return ("no CUDA toolkit headers were found (CUDA_HOME), which Inductor's C++ wrappers for CUDA include")
     return None
 
 
@@ -57,7 +75,7 @@ def compile_blocks(model_patcher, backend: str = "inductor", mode: str | None = 
                    uncompiled_with_lora: bool = False, cpp_wrapper: bool | None = None):
     """A clone of `model_patcher` whose transformer blocks run torch.compile'd (compiled lazily, on the first step).
 
-    `cpp_wrapper` (Inductor only; None: wherever a C++ compiler is found): Inductor's generated code launches its
+    `cpp_wrapper` (Inductor only; None: under cudaMallocAsync, where the toolchain allows it): Inductor's generated code launches its
     kernels from C++ rather than through Triton's Python launchers. Those launchers check every pointer with the
     driver, which fails for buffers allocated while a CUDA graph is captured under cudaMallocAsync (ComfyUI's
     default allocator); the C++ wrapper does not, so its blocks can be replayed as CUDA graphs under any allocator
@@ -73,8 +91,8 @@ def compile_blocks(model_patcher, backend: str = "inductor", mode: str | None = 
 
     keys = block_keys(model_patcher)
     inductor = backend == "inductor"
-    if cpp_wrapper is None:
-        cpp_wrapper = inductor and cpp_wrapper_unavailable() is None
+    if cpp_wrapper is None:  # under the native allocator Python launchers capture as well, and compile faster
+        cpp_wrapper = inductor and async_allocator() and cpp_wrapper_unavailable() is None
     options = {"guard_filter_fn": _skip_transformer_options}
     if inductor and cpp_wrapper:
         options["cpp_wrapper"] = True
@@ -92,7 +110,8 @@ def compile_blocks(model_patcher, backend: str = "inductor", mode: str | None = 
     for w in compiled:
         m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, COMPILE_KEY,
                                _described(w, python_launchers=inductor and not cpp_wrapper,
-                                          uncompiled_with_lora=uncompiled_with_lora, fallback=fallback))
+                                          uncompiled_with_lora=uncompiled_with_lora, fallback=fallback,
+                                          not_capturable=CUDAGRAPHS_BACKEND if backend == "cudagraphs" else None))
     log.info("ConvRot: %d blocks will be compiled with torch.compile(%s%s) on the first step", len(keys), backend,
              ", C++ wrapper" if inductor and cpp_wrapper else "")
     return m
@@ -103,23 +122,28 @@ def has_lora_branches(diffusion_model) -> bool:
     return any(m.convrot_patches for _, m in quantized_layers(diffusion_model))
 
 
-def _compile_failure(error: BaseException) -> bool:
-    """Whether `error` is torch.compile failing to build code (Dynamo's backend or Inductor), not the model."""
-    import torch._dynamo.exc as dynamo_exc
+def _cpp_build_failure(error: BaseException) -> bool:
+    """Whether `error` is a C++ build failing (the compiler's error, a missing toolkit, a failed subprocess), found
+    anywhere in its chain: a Triton compile error or an out-of-memory while autotuning is not one."""
+    import subprocess
     import torch._inductor.exc as inductor_exc
-    kinds = tuple(k for k in (getattr(dynamo_exc, "BackendCompilerFailed", None),
-                              getattr(inductor_exc, "InductorError", None),
-                              getattr(inductor_exc, "CppCompileError", None)) if k is not None)
+    kinds = tuple(k for k in (getattr(inductor_exc, "CppCompileError", None), OSError,
+                              subprocess.CalledProcessError) if k is not None)
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, kinds):
             return True
         seen.add(id(error))
-        error = error.__cause__ or error.__context__
+        error = error.__cause__ or error.__context__ or getattr(error, "inner_exception", None)
     return False
 
 
-def _described(compiled_wrapper, python_launchers: bool, uncompiled_with_lora: bool, fallback=None):
+# Dynamo's cudagraphs backend records CUDA graphs itself; a capture around it would nest captures
+CUDAGRAPHS_BACKEND = "the blocks are compiled with the cudagraphs backend, which records CUDA graphs itself"
+
+
+def _described(compiled_wrapper, python_launchers: bool, uncompiled_with_lora: bool, fallback=None,
+               not_capturable: str | None = None):
     """ComfyUI's compile wrapper, with what nodes/graph.py needs to know about it as attributes: whether its kernels
     start through Triton's Python launchers (`convrot_python_launchers`) and, for speed=auto, a test for the runs
     it steps aside for (`convrot_uncompiled_for`).
@@ -152,8 +176,10 @@ def _described(compiled_wrapper, python_launchers: bool, uncompiled_with_lora: b
         try:
             return current[0](executor, *args, **kwargs)
         except Exception as e:
-            if current[1] is None or not _compile_failure(e):
+            if current[1] is None or not _cpp_build_failure(e):
                 raise
+            _cpp_build_failed.append(f"building Inductor's C++ wrapper failed earlier in this process "
+                                     f"({type(e).__name__})")
             log.warning("ConvRot: Inductor's C++ wrapper failed to build (%s: %s); the blocks are compiled with "
                         "Triton's Python launchers instead (under cudaMallocAsync their steps are not replayed as "
                         "CUDA graphs)", type(e).__name__, str(e).strip().splitlines()[0][:200] if str(e) else "")
@@ -162,6 +188,7 @@ def _described(compiled_wrapper, python_launchers: bool, uncompiled_with_lora: b
             return current[0](executor, *args, **kwargs)
     wrapper.convrot_uncompiled_for = steps_aside
     wrapper.convrot_python_launchers = python_launchers
+    wrapper.convrot_not_capturable = not_capturable
     return wrapper
 
 

@@ -69,20 +69,35 @@ def _not_capturable(model: torch.nn.Module, args, kwargs) -> str | None:
     if any(o.get("multigpu_thread_device") is not None for o in options):
         # ComfyUI's multi-GPU sampling calls the model from one thread per device, all through this wrapper
         return "multi-GPU sampling (the model is called from several threads)"
+    for w in _compile_wrappers(options):
+        if getattr(w, "convrot_not_capturable", None):
+            return w.convrot_not_capturable
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.device.type != "cuda":
             return f"{name} is not on the GPU (low-VRAM offloading); load the model fully to use CUDA graphs"
     return None
 
 
+def _compile_wrappers(dicts) -> list:
+    """ComfyUI's compile wrappers (COMPILE_KEY) registered in the transformer_options among `dicts`."""
+    from comfy.patcher_extension import WrappersMP
+    from comfy_api.torch_helpers.torch_compile import COMPILE_KEY
+    found = []
+    for o in dicts:
+        wrappers = o.get("wrappers", {})
+        compiled = wrappers.get(WrappersMP.APPLY_MODEL, {}).get(COMPILE_KEY) if isinstance(wrappers, dict) else None
+        found.extend(compiled or ())
+    return found
+
+
 # Triton's kernel launchers (Inductor's static one and Triton's own) check every pointer argument with the CUDA
 # driver; a buffer that cudaMallocAsync allocates while capturing is not mapped until the graph is launched, so the
 # check fails and so does the capture (bench/NOTES.md, Session 7). PyTorch's native allocator has no such buffers,
 # and Inductor's C++ wrapper launches kernels without the check (Session 8).
-ASYNC_COMPILED = ("kernels started by Triton's Python launchers (compiled blocks without Inductor's C++ wrapper, or "
-                  "ConvRot Quantized Attention) cannot be captured under the cudaMallocAsync allocator, ComfyUI's "
+ASYNC_COMPILED = ("kernels started by Triton's Python launchers (compiled blocks without Inductor's C++ wrapper, "
+                  "ConvRot Quantized Attention, ConvRot's Triton route) cannot be captured under the cudaMallocAsync allocator, ComfyUI's "
                   "default; steps run without graphs (Compile Blocks and the loader's speed=auto compile with the "
-                  "C++ wrapper where a C++ compiler is found; --disable-cuda-malloc allows graphs for all of them)")
+                  "C++ wrapper where a C++ compiler and the CUDA toolkit's headers are found; --disable-cuda-malloc allows graphs for all of them)")
 
 
 def _cpp_wrapper_everywhere() -> bool:
@@ -96,27 +111,25 @@ def _cpp_wrapper_everywhere() -> bool:
 
 def _python_launched(model: torch.nn.Module, args=(), kwargs=None) -> bool:
     """Whether this call runs Triton kernels started through Triton's Python launchers: ConvRot Quantized
-    Attention's kernel (a custom op, Python even inside compiled code), or torch.compile'd code without Inductor's
+    Attention's kernel (a custom op, Python even inside compiled code), ConvRot's Triton route, or torch.compile'd code without Inductor's
     C++ wrapper (ComfyUI's compile wrapper registered for the run: Compile Blocks, TorchCompileModel; or compiled
     modules swapped in)."""
-    from comfy.patcher_extension import WrappersMP
-    from comfy_api.torch_helpers.torch_compile import COMPILE_KEY
+    from ..convrot import routes
     dicts = [a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, dict)]
     if any(getattr(o.get("optimized_attention_override"), "convrot_python_launchers", False) for o in dicts):
+        return True
+    if "triton" in routes.decided().values():  # CONVROT_ROUTE=triton: our own linears are Triton kernels
         return True
     if _cpp_wrapper_everywhere():
         return False
     if torch.compiler.is_compiling():
         return True
     registered = False
-    for o in dicts:
-        wrappers = o.get("wrappers", {})
-        compiled = wrappers.get(WrappersMP.APPLY_MODEL, {}).get(COMPILE_KEY) if isinstance(wrappers, dict) else None
-        for w in compiled or ():
-            registered = True
-            aside = getattr(w, "convrot_uncompiled_for", None)  # speed=auto's wrapper runs LoRA models uncompiled
-            if (aside is None or not aside(model)) and getattr(w, "convrot_python_launchers", True):
-                return True
+    for w in _compile_wrappers(dicts):
+        registered = True
+        aside = getattr(w, "convrot_uncompiled_for", None)  # speed=auto's wrapper runs LoRA models uncompiled
+        if (aside is None or not aside(model)) and getattr(w, "convrot_python_launchers", True):
+            return True
     # A registered wrapper has swapped its compiled modules into the model for this call (so they are seen below
     # whatever they launch with); without one, compiled modules were put there by someone else.
     return not registered and any(hasattr(m, "_orig_mod") for m in model.modules())

@@ -130,10 +130,10 @@ def with_speed(patcher, speed: str):
         log.info("ConvRot: blocks are compiled (the first step takes ~20 s longer); steps are not replayed as CUDA "
                  "graphs under ComfyUI's cudaMallocAsync allocator: %s", no_cpp)
     else:
-        log.info("ConvRot: blocks are compiled and steps replayed as CUDA graphs (the first step takes ~45 s longer "
+        log.info("ConvRot: blocks are compiled and steps replayed as CUDA graphs (the first step takes %s longer "
                  "while compiling, less once Inductor's cache holds the code; set speed = eager on the loader to "
-                 "turn this off)")
-    return graph_model(compile_blocks(patcher, uncompiled_with_lora=True, cpp_wrapper=no_cpp is None))
+                 "turn this off)", "~45 s" if async_allocator() else "~20 s")
+    return graph_model(compile_blocks(patcher, uncompiled_with_lora=True))  # C++ wrapper where it matters
 
 
 def load_convrot_model(path: str, preset: str = "mixed", group_size: int | str = 256, overrides: str = "",

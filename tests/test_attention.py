@@ -350,4 +350,26 @@ def test_node_on_cpu_passes_through_and_reference_is_close(comfy, flux_model, mo
     # 2 steps of a random tiny FLUX (4 blocks): attention error of a few % per call, damped by the residual stream
     assert 0 < err < 0.05, err
     twice = node_output(node.execute(quant))[0]  # applying it twice keeps one quantized attention
+    assert twice.model_options["transformer_options"][mod.OVERRIDE_KEY].convrot_previous is None
     assert torch.equal(sample(comfy, twice), y)
+
+
+def test_calls_the_kernel_does_not_take_run_comfyuis_attention(comfy):
+    """Full-precision requests (low_precision_attention=False, as ComfyUI's sage attention honours) and k/v of
+    lengths or head sizes that do not pair run the attention below the override, never the quantized one."""
+    mod = comfy.pack.nodes.attention
+    ov = mod.make_override(comfy.pack.convrot.attention.DEFAULT, reference=True)
+    ran = []
+
+    def below(q, k, v, heads, **kw):
+        ran.append(kw.get("skip_reshape"))
+        return torch.zeros(q.shape[0], q.shape[-2] if kw.get("skip_reshape") else q.shape[1], 8)
+    q = torch.randn(1, 2, 50, 64)
+    assert ov(below, q, q, q, 2, skip_reshape=True, low_precision_attention=False).shape == (1, 50, 8)
+    assert ov(below, q, torch.randn(1, 2, 40, 64), torch.randn(1, 2, 41, 64), 2, skip_reshape=True).shape[1] == 50
+    assert ov(below, q, torch.randn(1, 2, 40, 64), torch.randn(1, 2, 40, 32), 2, skip_reshape=True).shape[1] == 50
+    q3 = torch.randn(1, 50, 128)
+    assert ov(below, q3, torch.randn(1, 40, 128), torch.randn(1, 41, 128), 2).shape[1] == 50
+    assert ran == [True, True, True, False]
+    out = ov(below, q, q, q, 2, skip_reshape=True)  # a call it takes: quantized (the reference on the CPU)
+    assert ran == [True, True, True, False] and out.shape == (1, 50, 128)

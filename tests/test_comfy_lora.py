@@ -345,6 +345,51 @@ def test_a_failed_cpp_wrapper_build_recompiles_with_python_launchers(env, caplog
     with pytest.raises(inductor_exc.InductorError):
         w(executor, 1)
 
+    def triton_failing(executor_, *a, **k):  # a compile error that is not the C++ build's: no second compile
+        raise inductor_exc.InductorError(RuntimeError("triton: out of resources"), None)
+    made.clear()
+    w = compile_._described(triton_failing, python_launchers=False, uncompiled_with_lora=False, fallback=fallback)
+    with pytest.raises(inductor_exc.InductorError):
+        w(executor, 1)
+    assert made == []
+
+
+def test_cpp_wrapper_choice_and_what_the_graph_node_is_told(env, monkeypatch):
+    """The C++ wrapper is used where it matters (cudaMallocAsync) and the toolchain allows it; an earlier failed
+    build turns it off for the process; the cudagraphs backend is never captured around (it records graphs
+    itself); lists of containers (a UNet's input_blocks) are not compiled as blocks."""
+    import types
+    from comfy.patcher_extension import WrappersMP
+    from comfy_api.torch_helpers.torch_compile import COMPILE_KEY
+    compile_, graph = env["comfy"].pack.nodes.compile, env["comfy"].pack.nodes.graph
+
+    def options(m):
+        return m.model_options["torch_compile_kwargs"]["options"]
+    monkeypatch.setattr(compile_, "cpp_wrapper_unavailable", lambda: None)
+    for allocator_async, want in ((False, False), (True, True)):
+        monkeypatch.setattr(compile_, "async_allocator", lambda a=allocator_async: a)
+        assert options(compile_.compile_blocks(env["ours"], "inductor")).get("cpp_wrapper", False) is want
+    monkeypatch.setattr(compile_, "cpp_wrapper_unavailable", lambda: "no toolkit")
+    assert "cpp_wrapper" not in options(compile_.compile_blocks(env["ours"], "inductor"))
+    monkeypatch.undo()
+    monkeypatch.setattr(compile_, "_cpp_build_failed", ["building Inductor's C++ wrapper failed earlier"])
+    assert compile_.cpp_wrapper_unavailable() == "building Inductor's C++ wrapper failed earlier"
+
+    (w,) = compile_.compile_blocks(env["ours"], "cudagraphs").get_wrappers(WrappersMP.APPLY_MODEL, COMPILE_KEY)
+    opts = {"transformer_options": {"wrappers": {WrappersMP.APPLY_MODEL: {COMPILE_KEY: [w]}}}}
+    block = torch.nn.Linear(2, 2)
+    reason = graph._not_capturable(block, (torch.ones(1),), opts)  # CPU tensor: that reason comes first
+    assert reason.startswith("the model runs on the CPU")
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda")))
+    assert graph._not_capturable(block, (torch.ones(1),), opts) == compile_.CUDAGRAPHS_BACKEND
+    monkeypatch.undo()
+
+    unet = types.SimpleNamespace(get_model_object=lambda k: types.SimpleNamespace(named_children=lambda: [
+        ("input_blocks", torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(2, 2))])),
+        ("output_blocks", torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(2, 2))]))]))
+    with pytest.raises(ValueError, match="no list of transformer blocks"):
+        compile_.block_keys(unet)
+
 
 def test_compile_blocks_node(env):
     """ConvRot Compile Blocks (regional compile through ComfyUI's wrapper) samples as the uncompiled model, with
@@ -472,6 +517,11 @@ def test_cuda_graph_skips_compiled_models_under_cuda_malloc_async(env, monkeypat
         assert launched(compiled, (), opts(w)) is not cpp  # inside the call its compiled modules are swapped in
     w_eager = compile_.compile_blocks(env["ours"], "eager").get_wrappers(WrappersMP.APPLY_MODEL, COMPILE_KEY)[0]
     assert not launched(plain, (), opts(w_eager))  # Dynamo's eager backend launches no Triton kernels
+    # ConvRot's own Triton route (CONVROT_ROUTE=triton) on a device: its linears are Python-launched Triton kernels
+    routes = env["comfy"].pack.convrot.routes
+    monkeypatch.setitem(routes._routes, "cuda:7", routes.Route("triton", "forced", None))
+    assert launched(plain, (), {})
+    monkeypatch.delitem(routes._routes, "cuda:7")
     # ConvRot Quantized Attention's kernel: Python-launched wherever it runs; its reference (pure torch) is not
     qattn = env["comfy"].pack.nodes.attention
     for reference in (False, True):
