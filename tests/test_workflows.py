@@ -142,7 +142,11 @@ def test_help_pages_exist():
         m = re.search(r"""^WEB_DIRECTORY\s*=\s*["']([^"']+)["']""", open(init, encoding="utf-8").read(), re.M)
         assert m, "__init__.py sets no WEB_DIRECTORY: ComfyUI would not serve web/docs"
         web = os.path.normpath(m.group(1))
-    for node in OUR_NODES + ("ConvRotCompileBlocks", "ConvRotCUDAGraph"):
+    # every node the pack defines (node_id in nodes/*.py), so a new node without a page fails here
+    ids = {m for f in glob.glob(os.path.join(REPO, "nodes", "*.py"))
+           for m in re.findall(r'node_id="(\w+)"', open(f, encoding="utf-8").read())}
+    assert set(OUR_NODES) | {"ConvRotCompileBlocks", "ConvRotCUDAGraph", "ConvRotQuantizedAttention"} <= ids, ids
+    for node in sorted(ids):
         path = os.path.join(REPO, web, "docs", node + ".md")
         assert os.path.isfile(path), path
         text = open(path, encoding="utf-8").read()
