@@ -136,6 +136,18 @@ def _quantized(env):
     return env["comfy"].pack.nodes.ops.quantized_layers(env["ours"].model.diffusion_model)
 
 
+def test_load_lora_node_with_a_clip_slot_patches_the_model_as_the_model_only_node(env):
+    """Stock "Load LoRA" (LoraLoader, model + CLIP) goes through the same load_lora_for_models as the model-only
+    node; on the quantized model it gives the same samples (no CLIP here: its slot passes through as None)."""
+    c = env["comfy"]
+    name = next(iter(LORAS))
+    model, clip = c.nodes.LoraLoader().load_lora(env["ours"], None, name, 0.8, 1.0)
+    assert clip is None
+    y = sample(c, model)
+    y_only = sample(c, with_loras(c, env["ours"], (name, 0.8)))
+    assert torch.equal(y, y_only) and rel(y, env["y_ours"]) > 0.01
+
+
 @pytest.mark.parametrize("name", list(LORAS))
 def test_lora_formats_match_bf16_lora(env, name, monkeypatch):
     ops = env["comfy"].pack.nodes.ops
