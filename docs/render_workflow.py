@@ -27,38 +27,28 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Stub torchaudio (ComfyUI imports it at module level; CPU-only environments may lack it), then run ComfyUI's main.
-LAUNCHER = r'''
-import importlib.abc, importlib.machinery, os, runpy, sys, types
-class _D:
-    def __init__(self, *a, **k): pass
-class _M(types.ModuleType):
-    def __getattr__(self, n):
-        if n.startswith("__"): raise AttributeError(n)
-        return type(n, (_D,), {})
-class _F(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] == "torchaudio":
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-    def create_module(self, spec):
-        m = _M(spec.name); m.__path__ = []; m.__version__ = "0"; return m
-    def exec_module(self, m): pass
-try:
-    import torchaudio
-except ImportError:
-    sys.meta_path.insert(0, _F())
-comfy = sys.argv[1]
-os.chdir(comfy); sys.path.insert(0, comfy)
-sys.argv = ["main.py"] + sys.argv[2:]
-runpy.run_path(os.path.join(comfy, "main.py"), run_name="__main__")
-'''
+# ComfyUI started through the pack's own CPU launcher (tools/run_comfy_cpu.py: torchvision/torchaudio stubbed only
+# where they cannot load against a CPU-only torch)
+LAUNCHER = os.path.join(REPO, "tools", "run_comfy_cpu.py")
 
-PLACEHOLDERS = [
-    "diffusion_models/flux1-dev.safetensors", "diffusion_models/flux1-schnell.safetensors",
-    "diffusion_models/flux1-kontext-dev.safetensors", "diffusion_models/convrot/flux_w4a4_00001_.safetensors",
-    "text_encoders/clip_l.safetensors", "text_encoders/t5xxl_fp16.safetensors",
-    "text_encoders/t5xxl_fp8_e4m3fn.safetensors", "vae/ae.safetensors", "loras/your_flux_lora.safetensors",
-]
+# the model folder each loader's file combos list (the placeholder files are named after the workflows' choices)
+FOLDERS = {"ConvRotW4A4Loader": "diffusion_models", "UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders",
+           "DualCLIPLoader": "text_encoders", "VAELoader": "vae", "LoraLoaderModelOnly": "loras"}
+
+
+def placeholders(workflow_paths) -> list[str]:
+    """models/<folder>/<file> for every model file a workflow picks, so the frontend shows it as present."""
+    out = set()
+    for path in workflow_paths:
+        with open(path, encoding="utf-8") as f:
+            for node in json.load(f).get("nodes", []):
+                folder = FOLDERS.get(node.get("type"))
+                for v in node.get("widgets_values") or []:
+                    if folder and isinstance(v, str) and v.endswith(".safetensors"):
+                        out.add(f"{folder}/{v}")
+    return sorted(out)
+
+
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False}
 
 # Bounds of all nodes and groups, in screen pixels, after fitting the view.
@@ -215,7 +205,7 @@ def main() -> int:
         for d in ("custom_nodes", "input", "user/default"):
             os.makedirs(os.path.join(base, d), exist_ok=True)
         os.symlink(REPO, os.path.join(base, "custom_nodes", "ComfyUI-ConvRot"))
-        for p in PLACEHOLDERS:
+        for p in placeholders(w for w, _ in jobs):
             path = os.path.join(base, "models", p)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             open(path, "wb").close()
@@ -224,14 +214,12 @@ def main() -> int:
             shutil.copy(example, os.path.join(base, "input"))
         with open(os.path.join(base, "user", "default", "comfy.settings.json"), "w") as f:
             json.dump(SETTINGS, f)
-        launcher = os.path.join(base, "launch_comfyui.py")
-        with open(launcher, "w") as f:
-            f.write(LAUNCHER)
         port = free_port()
         log = open(os.path.join(base, "comfyui.log"), "w")
-        server = subprocess.Popen([sys.executable, launcher, comfy, "--cpu", "--base-directory", base, "--listen",
-                                   "127.0.0.1", "--port", str(port), "--disable-auto-launch"],
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen([sys.executable, LAUNCHER, os.path.join(comfy, "main.py"), "--cpu",
+                                   "--base-directory", base, "--listen", "127.0.0.1", "--port", str(port),
+                                   "--disable-auto-launch"],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=comfy)
         wait_http(f"http://127.0.0.1:{port}/object_info/ConvRotW4A4Loader", 180)
         asyncio.run(screenshot(f"http://127.0.0.1:{port}", jobs, a.width, a.height, a.scale))
     finally:
