@@ -31,34 +31,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from convrot import dequant, reference, torchmm  # noqa: E402
 from convrot.bench import Timer  # noqa: E402
+from triton_bench import compare, make_inputs  # noqa: E402  (bench/triton_bench.py: the same inputs and check)
 
 # FLUX.1-dev's linears: (K, N) of the double blocks' qkv/proj/mlp and the single blocks' out projection, at the
 # token counts of a 1024² image (4096 image tokens, 4608 with the text) and of the 512-token text stream
 FLUX_KN = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 3072)]
 FLUX_M = [4096, 4608, 512]
 FLUX_SHAPES = [(m, k, n) for m in FLUX_M for (k, n) in FLUX_KN]
-
-
-def make_inputs(m, k, n, group_size, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(m, k, device="cuda", generator=g)
-    x[:, torch.randint(0, k, (8,), device="cuda", generator=g)] *= 40.0  # outlier channels
-    x = x.to(torch.bfloat16)
-    w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
-    bias = (torch.randn(n, device="cuda", generator=g) * 0.1).to(torch.bfloat16)
-    w4, s4 = reference.rotate_quantize(w, group_size, 4)
-    w8, s8 = reference.rotate_quantize(w, group_size, 8)
-    return x, w, bias, (w4, s4), (w8, s8)
-
-
-def compare(y, want):
-    y, want = y.float(), want.float()
-    rel = ((y - want).abs().amax() / want.abs().amax().clamp_min(1e-6)).item()
-    same = (y == want).float().mean().item()
-    return f"max err {rel:.2e} of max|y|, {100 * same:.2f}% bit-equal"
 
 
 def main() -> int:
