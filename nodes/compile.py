@@ -75,9 +75,9 @@ def compile_blocks(model_patcher, backend: str = "inductor", mode: str | None = 
                    uncompiled_with_lora: bool = False, cpp_wrapper: bool | None = None):
     """A clone of `model_patcher` whose transformer blocks run torch.compile'd (compiled lazily, on the first step).
 
-    `cpp_wrapper` (Inductor only; None: under cudaMallocAsync, where the toolchain allows it): Inductor's generated code launches its
-    kernels from C++ rather than through Triton's Python launchers. Those launchers check every pointer with the
-    driver, which fails for buffers allocated while a CUDA graph is captured under cudaMallocAsync (ComfyUI's
+    `cpp_wrapper` (Inductor only; None: under cudaMallocAsync, where the toolchain allows it): Inductor's generated
+    code launches its kernels from C++ rather than through Triton's Python launchers. Those launchers check every
+    pointer with the driver, which fails for buffers allocated while a CUDA graph is captured under cudaMallocAsync (ComfyUI's
     default allocator); the C++ wrapper does not, so its blocks can be replayed as CUDA graphs under any allocator
     (bench/NOTES.md, Session 8). Its first compilation takes longer (a C++ build per graph, cached on disk).
 
@@ -151,7 +151,8 @@ def _described(compiled_wrapper, python_launchers: bool, uncompiled_with_lora: b
     `fallback` (C++-wrapper builds): makes the same compile wrapper with Python launchers. The C++ wrapper needs
     more of the toolchain than Triton's launchers do (a C++ compiler that builds against PyTorch's headers); when
     building it fails, the blocks are compiled again the usual way, once, with one warning, and the call is run
-    again (nothing of the failed call was computed: compilation happens before a block runs)."""
+    again from its inputs (a block kind compiles at its first call, so blocks of another kind may have run; the
+    model call has no side effects, and that partial work is discarded)."""
     logged = []
     current = [compiled_wrapper, fallback]
     layers: dict = {}  # id(diffusion model) -> (weak reference, its quantized layers): a walk of ~1,100 modules

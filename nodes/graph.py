@@ -95,9 +95,10 @@ def _compile_wrappers(dicts) -> list:
 # check fails and so does the capture (bench/NOTES.md, Session 7). PyTorch's native allocator has no such buffers,
 # and Inductor's C++ wrapper launches kernels without the check (Session 8).
 ASYNC_COMPILED = ("kernels started by Triton's Python launchers (compiled blocks without Inductor's C++ wrapper, "
-                  "ConvRot Quantized Attention, ConvRot's Triton route) cannot be captured under the cudaMallocAsync allocator, ComfyUI's "
-                  "default; steps run without graphs (Compile Blocks and the loader's speed=auto compile with the "
-                  "C++ wrapper where a C++ compiler and the CUDA toolkit's headers are found; --disable-cuda-malloc allows graphs for all of them)")
+                  "ConvRot Quantized Attention, ConvRot's Triton route) cannot be captured under the cudaMallocAsync "
+                  "allocator, ComfyUI's default; steps run without graphs (Compile Blocks and the loader's "
+                  "speed=auto compile with the C++ wrapper where a C++ compiler and the CUDA toolkit's headers are "
+                  "found; --disable-cuda-malloc allows graphs for all of them)")
 
 
 def _cpp_wrapper_everywhere() -> bool:
@@ -111,9 +112,9 @@ def _cpp_wrapper_everywhere() -> bool:
 
 def _python_launched(model: torch.nn.Module, args=(), kwargs=None) -> bool:
     """Whether this call runs Triton kernels started through Triton's Python launchers: ConvRot Quantized
-    Attention's kernel (a custom op, Python even inside compiled code), ConvRot's Triton route, or torch.compile'd code without Inductor's
-    C++ wrapper (ComfyUI's compile wrapper registered for the run: Compile Blocks, TorchCompileModel; or compiled
-    modules swapped in)."""
+    Attention's kernel (a custom op, Python even inside compiled code), ConvRot's Triton route, or torch.compile'd
+    code without Inductor's C++ wrapper (ComfyUI's compile wrapper registered for the run: Compile Blocks,
+    TorchCompileModel; or compiled modules swapped in)."""
     from ..convrot import routes
     dicts = [a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, dict)]
     if any(getattr(o.get("optimized_attention_override"), "convrot_python_launchers", False) for o in dicts):
