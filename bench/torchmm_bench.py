@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from convrot import dequant, reference, torchmm  # noqa: E402
 from convrot.bench import Timer  # noqa: E402
-from triton_bench import compare, make_inputs  # noqa: E402  (bench/triton_bench.py: the same inputs and check)
+from triton_bench import compare, make_inputs, row_cells, time_runs  # noqa: E402  (the same inputs, checks, rows)
 
 # FLUX.1-dev's linears: (K, N) of the double blocks' qkv/proj/mlp and the single blocks' out projection, at the
 # token counts of a 1024² image (4096 image tokens, 4608 with the text) and of the 512-token text stream
@@ -127,24 +127,8 @@ def main() -> int:
                 continue
             wq, sq = (w8, s8) if "W8" in name else (w4, s4)
             runs[name] = (lambda fn=fn, wq=wq, sq=sq: fn(x, wq, sq, bias))
-        times = {}
-        for name, fn in runs.items():
-            try:
-                times[name] = timer(fn)
-            except Exception as e:
-                times[name] = None
-                print(f"  {name} failed at {m}x{k}x{n}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        base = times["bf16"]
-        cells = []
-        for c in cols:
-            t = times.get(c)
-            if t is None:
-                cells.append(f"{'-':>16}")
-            elif c == "bf16":
-                cells.append(f"{t:>14.1f}us")
-            else:
-                cells.append(f"{t:>8.1f} {base / t:>6.2f}x")
-        print(f"{f'{m}x{k}x{n}':>18} " + " ".join(cells), flush=True)
+        times = time_runs(runs, timer, f"{m}x{k}x{n}")
+        print(f"{f'{m}x{k}x{n}':>18} " + row_cells(times, cols, 16), flush=True)
         if args.check:
             q, s = torchmm.rotate_quantize(x, g)
             qr, sr = reference.rotate_quantize(x, g, 4)

@@ -67,6 +67,33 @@ def compare(y, want):
     return f"max err {rel:.2e} of max|y|, {100 * same:.2f}% bit-equal"
 
 
+def time_runs(runs: dict, time_fn, where: str) -> dict:
+    """name -> time_fn(fn) for every run, None (and one line saying why) for a run that fails."""
+    times = {}
+    for name, fn in runs.items():
+        try:
+            times[name] = time_fn(fn)
+        except Exception as e:  # noqa: BLE001 - a route that cannot run a shape is a finding, not the end
+            times[name] = None
+            print(f"  {name} failed at {where}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    return times
+
+
+def row_cells(times: dict, cols: list, width: int) -> str:
+    """One table row: bf16 in µs, every other column as its time and its ratio to bf16 ("-" where it failed)."""
+    base = times["bf16"]
+    cells = []
+    for c in cols:
+        t = times.get(c)
+        if t is None:
+            cells.append(f"{'-':>{width}}")
+        elif c == "bf16":
+            cells.append(f"{t:>{width - 2}.1f}us")
+        else:
+            cells.append(f"{t:>{width - 8}.1f} {base / t:>{width - 10}.2f}x")
+    return " ".join(cells)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="also compare every route with convrot.reference")
@@ -131,24 +158,8 @@ def main() -> int:
         if e4 is not None:
             runs["ext W4"] = lambda: e4(x, w4, s4, bias)
             runs["ext W8"] = lambda: e8(x, w8, s8, bias)
-        times = {}
-        for name, fn in runs.items():
-            try:
-                times[name] = bench(fn, args.iters, flush)
-            except Exception as e:
-                times[name] = None
-                print(f"  {name} failed at {m}x{k}x{n}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        base = times["bf16"]
-        cells = []
-        for c in cols:
-            t = times.get(c)
-            if t is None:
-                cells.append(f"{'-':>15}")
-            elif c == "bf16":
-                cells.append(f"{t:>13.1f}us")
-            else:
-                cells.append(f"{t:>7.1f} {base / t:>5.2f}x")
-        print(f"{f'{m}x{k}x{n}':>20} " + " ".join(cells))
+        times = time_runs(runs, lambda fn: bench(fn, args.iters, flush), f"{m}x{k}x{n}")
+        print(f"{f'{m}x{k}x{n}':>20} " + row_cells(times, cols, 15))
         try:
             from convrot import _triton_jit as j
 

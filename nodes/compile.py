@@ -11,6 +11,7 @@ LoRAs and sampler behaviour; it works on bf16 models as well.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import weakref
@@ -57,6 +58,12 @@ def cpp_wrapper_unavailable() -> str | None:
     (PyTorch's pip wheels ship the runtime, not the headers), or an earlier failed build in this process."""
     if _cpp_build_failed:
         return _cpp_build_failed[0]
+    return _toolchain_missing()
+
+
+@functools.lru_cache(maxsize=None)
+def _toolchain_missing() -> str | None:
+    """The toolchain part of cpp_wrapper_unavailable: fixed for the process, and the compiler search runs it."""
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
         get_cpp_compiler()
