@@ -95,6 +95,12 @@ def quantize(r: torch.Tensor, bits: int, code_dtype: torch.dtype = torch.int8):
     return codes, scale
 
 
+def fp8_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Integer codes as float8_e4m3fn, exactly (|code| <= 7). Through fp16: Triton has no int8 -> fp8 cast, so a
+    compiled block that fuses the weight's unpack into this cast fails to build without the step between."""
+    return codes.to(torch.float16).to(_FP8)
+
+
 def rotate_quantize(x2d: torch.Tensor, group_size: int):
     codes, scale = quantize(rotate(x2d, group_size), 4)
     return reference.pack_int4(codes), scale
@@ -145,7 +151,7 @@ def linear(x2d: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: to
     a, a_scale = quantize(rotate(x2d, group_size), bits, _FP8 if fp8 else torch.int8)
     w = reference.codes_of(w_q, bits)
     if fp8:
-        return torch._scaled_mm(a, w.to(_FP8).t(), a_scale.unsqueeze(-1),
+        return torch._scaled_mm(a, fp8_codes(w).t(), a_scale.unsqueeze(-1),
                                 w_scale.to(torch.float32).unsqueeze(0),
                                 bias=None if bias is None else bias.to(dtype), out_dtype=dtype, use_fast_accum=False)
     return epilogue(int_mm(a, w), a_scale, w_scale, bias, dtype)

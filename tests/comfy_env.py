@@ -85,7 +85,17 @@ def setup_comfy(models_dir: Path) -> ComfyEnv:
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
     stubbed = install_stubs()
+    try:
+        return _import_comfy(path, models_dir, stubbed)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] in ("comfy", "comfy_api", "comfy_extras", "nodes", "folder_paths"):
+            raise
+        # a package ComfyUI's requirements.txt names is not installed here (e.g. av on a bare GPU machine)
+        pytest.skip(f"ComfyUI at {path} cannot be imported here: {e} (install its requirements.txt)")
 
+
+def _import_comfy(path: Path, models_dir: Path, stubbed: list[str]) -> ComfyEnv:
+    global _ENV
     import comfy.options
     comfy.options.enable_args_parsing(False)
     import comfy.cli_args

@@ -22,6 +22,20 @@ from convrot import ConvRotLinear, dequant, ops, reference, routes, torchmm
 
 CUDA = torch.cuda.is_available()
 FP8_GPU = CUDA and not torch.version.hip and torch.cuda.get_device_capability() >= torchmm.GEMMS["fp8"].cuda_cc
+
+
+def _cpu_rowwise_fp8_reason() -> str | None:
+    """Why this torch cannot run the fp8 GEMM with per-row scales on the CPU (None: it can). torch 2.11's CPU
+    _scaled_mm takes per-tensor scales only; the route never runs fp8 on a CPU, the test uses it for the math."""
+    a = torch.zeros(2, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), torch.ones(2, 1), torch.ones(1, 2), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as e:
+        return f"torch {torch.__version__}: CPU _scaled_mm refuses per-row scales ({str(e).splitlines()[0][:120]})"
+    return None
+
+
+CPU_FP8_SKIP = _cpu_rowwise_fp8_reason()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -71,6 +85,7 @@ def test_int8_gemm_equals_the_reference(m, n, g, bits, has_bias, dtype):
 @pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("g", [16, 64, 256])
 @pytest.mark.parametrize("m, n", [(1, 32), (5, 48), (33, 16)])
+@pytest.mark.skipif(CPU_FP8_SKIP is not None, reason=str(CPU_FP8_SKIP))
 def test_fp8_gemm_is_within_one_ulp_of_the_reference(m, n, g, has_bias):
     x, w_q, w_s, bias = _inputs(m, g, n, torch.bfloat16, seed=m + g, bits=4)
     bias = bias if has_bias else None
@@ -88,7 +103,8 @@ def test_the_comparison_can_fail():
     codes[3, 5] = codes[3, 5] + (1 if codes[3, 5] < 7 else -1)
     off = torchmm.linear(x, reference.pack_int4(codes), w_s, bias, 64, 4)
     assert not torch.equal(off, want) and _ulps(off, want) > 1
-    assert _ulps(torchmm.linear(x, reference.pack_int4(codes), w_s, bias, 64, 4, gemm="fp8"), want) > 1
+    if CPU_FP8_SKIP is None:
+        assert _ulps(torchmm.linear(x, reference.pack_int4(codes), w_s, bias, 64, 4, gemm="fp8"), want) > 1
     assert _ulps(dequant.linear(x, w_q, w_s, bias, 64, 4), want) > 1
 
 
@@ -151,6 +167,7 @@ def test_traces_as_one_graph(bits, dynamic):
         assert torch.equal(f(x, w_q, w_s, bias, 64), reference.convrot_linear(x, w_q, w_s, bias, 64, bits))
 
 
+@pytest.mark.skipif(CPU_FP8_SKIP is not None, reason=str(CPU_FP8_SKIP))
 def test_fp8_traces_as_one_graph():
     torch._dynamo.reset()
     f = torch.compile(torchmm.linear, backend="aot_eager", fullgraph=True)
