@@ -44,4 +44,6 @@ fi
 # progress bars end in \r, not \n: split them off so that log lines printed during sampling are kept
 for f in /tmp/srv_logs/*.log; do echo "=== $f"; tr '\r' '\n' < $f | grep -v "it/s\]\|s/it\]" | tail -c 60000; done \
   > $OUT/server_logs.txt 2>/dev/null; rm -rf /tmp/srv_logs
+# at most 8 files come back: a run that finished leaves its .jsonl, so its .partial.jsonl is dropped
+for f in $OUT/*.partial.jsonl; do [ -f "${f%.partial.jsonl}.jsonl" ] && rm -f "$f"; done
 echo "total $(( $(date +%s) - t0 )) s"

@@ -99,6 +99,9 @@ class ConvRotLinearOp:
         self.convrot_bits, self.convrot_group_size = fmt if fmt is not None else (None, 256)
         if any(t is not None for t in stored_lr):
             self._load_stored_correction(*stored_lr, where)
+        for k in LR_KEYS:  # a branch computed above while quantizing is not missing from the file
+            if getattr(self, k) is not None and prefix + k in missing_keys:
+                missing_keys.remove(prefix + k)
         for k in list(state_dict):
             if k.startswith(prefix) and k[len(prefix):] in LAYER_SIDE_KEYS:
                 unexpected_keys.append(k)  # left over: a scale without a quantized weight

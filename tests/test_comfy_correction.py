@@ -51,6 +51,16 @@ def test_the_branch_is_the_engines_on_every_w4a4_layer_only(comfy, models):
     assert plain.convrot_lr_down is None and not torch.equal(plain.weight._qdata, m.weight._qdata)
 
 
+def test_loading_an_lr_preset_reports_no_missing_keys(comfy, models, caplog):
+    """The branch is computed while loading: ComfyUI must not list it as missing from the file ("unet missing:
+    [...convrot_lr_down...]" was a user-visible warning on every +lr load)."""
+    loader = comfy.nodes.NODE_CLASS_MAPPINGS["ConvRotW4A4Loader"]
+    with caplog.at_level("WARNING"):
+        node_output(loader.execute(NAME, "compact+lr", "256", ""))
+    missing = [r.getMessage()[:200] for r in caplog.records if "missing" in r.getMessage()]
+    assert not missing, missing
+
+
 def test_lr_presets_sample_closer_to_bf16(comfy, models):
     y_ref = sample(comfy, models["stock"])
     err = rel(sample(comfy, models["plain"]), y_ref)
