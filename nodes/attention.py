@@ -152,8 +152,8 @@ class ConvRotQuantizedAttention(io.ComfyNode):
             category="model/optimization",
             description="Run the model's attention quantized, SageAttention-style: Q and K in INT8 with per-block "
                         "scales (K smoothed), softmax in fp32, P·V in FP8 (bf16 before sm_89), one Triton kernel. "
-                        "Experimental: meant to speed attention up at a small image change (its GPU speed is not "
-                        "measured yet). Needs an NVIDIA GPU (sm_80+) and Triton; "
+                        "Experimental: on an H200 it is slower than ComfyUI's default (cuDNN) attention, 0.5x at "
+                        "FLUX's 1024² size; for experiments, not speed. Needs an NVIDIA GPU (sm_80+) and Triton; "
                         "otherwise the model passes through unchanged and the log says why. Masked attention and "
                         "other unsupported calls run ComfyUI's attention.",
             inputs=[io.Model.Input("model")],
