@@ -161,6 +161,19 @@ class MemPoll:
     def used(self) -> int:
         return self._mem(self.h).used if self.h is not None else 0
 
+    def settle(self, timeout: float = 10.0) -> float:
+        """Wait until the used memory stops falling (ComfyUI releases a freed model's pages lazily); GB used then."""
+        if self.h is None:
+            return 0.0
+        last, t0, still = self.used(), time.time(), time.time()
+        while time.time() - t0 < timeout and time.time() - still < 1.0:
+            time.sleep(0.1)
+            now = self.used()
+            if now < last - 2**20:
+                still = time.time()
+            last = min(last, now)
+        return last / 2**30
+
     def start(self):
         self.peak, self._run = self.used(), True
         threading.Thread(target=self._loop, daemon=True).start()
@@ -227,6 +240,7 @@ async def run_prompt(session, ws, server: Server, graph: dict, client_id: str, m
     async with session.post(f"{server.base}/free", json={"unload_models": True, "free_memory": True}) as r:
         await r.read()
     await asyncio.sleep(1.0)
+    idle = await asyncio.to_thread(mem.settle)
     mem.start()
     t_queue = time.time()
     async with session.post(f"{server.base}/prompt", json={"prompt": graph, "client_id": client_id}) as r:
@@ -269,7 +283,7 @@ async def run_prompt(session, ws, server: Server, graph: dict, client_id: str, m
                                                       and data.get("prompt_id") == pid):
             break
     peak = mem.stop()
-    res = {"prompt_id": pid, "wall_s": time.time() - t_queue, "peak_vram_gb": peak}
+    res = {"prompt_id": pid, "wall_s": time.time() - t_queue, "peak_vram_gb": peak, "idle_vram_gb": idle}
     if error:
         res["error"] = error
     order = [n for n, _ in starts]
@@ -364,12 +378,18 @@ async def run_mode(mode: str, flags: list[str], variants: list[str], a, cond: Pa
             server.stop()
 
 
+def idle_note(r: dict) -> str:
+    """The device memory already in use when the prompt was queued (another model not yet released), where any."""
+    idle = r.get("idle_vram_gb")
+    return f" (idle {idle:.1f})" if idle is not None and idle >= 1.0 else ""
+
+
 def table(rows: list, env: str) -> str:
     ref = {r["mode"]: r["latent"] for r in rows if r.get("variant") == "bf16" and r.get("latent") is not None}
     glob = ref.get("default")
     mixed_default = next((r["latent"] for r in rows if r.get("mode") == "default" and r.get("variant") == "mixed"
                           and r.get("latent") is not None), None)
-    out = [env, "", "| mode | variant | it/s | vs bf16 (same mode, else default) | load s | peak VRAM GB | latent err vs bf16 "
+    out = [env, "", "| mode | variant | it/s | vs bf16 (same mode, else default) | load s | peak VRAM GB (idle: in use when queued) | latent err vs bf16 "
            "(same mode, else default) | vs bf16 default | mixed vs mixed default |", "|---|---|---|---|---|---|---|---|---|"]
     bf = {r["mode"]: r.get("it_s") for r in rows if r.get("variant") == "bf16"}
     for r in rows:
@@ -384,7 +404,8 @@ def table(rows: list, env: str) -> str:
                                                   and r.get("variant") == "mixed") else None
         err = r.get("error")
         out.append(f"| {r['mode']} | {r['variant']} | {f(r.get('it_s'))} | "
-                   f"{f(ratio) + 'x' if ratio else '–'} | {f(r.get('load_s'), 1)} | {f(r.get('peak_vram_gb'), 1)} | "
+                   f"{f(ratio) + 'x' if ratio else '–'} | {f(r.get('load_s'), 1)} | {f(r.get('peak_vram_gb'), 1)}"
+                   f"{idle_note(r)} | "
                    f"{f(e_mode, 1) + '%' if e_mode is not None else '–'} | "
                    f"{f(e_glob, 1) + '%' if e_glob is not None else '–'} | "
                    f"{f(e_mix, 2) + '%' if e_mix is not None else ''}"
