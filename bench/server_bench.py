@@ -16,6 +16,9 @@ unloaded (POST /free) between prompts so each row loads its own.
 Weights: a FLUX.1-dev-size transformer (12B) with seeded random bf16 weights (bench/e2e_comfy.py writes it), a
 rank-32 LoRA on every block linear, and a native ConvRot `mixed` file written by `python -m convrot quantize`;
 `--tiny` uses a tiny model of the same layout (seconds on a CPU). Prints a markdown table; JSON lines to --out.
+`--family` (FAMILY_RUNS) runs another family instead: random weights of ComfyUI's own full-size class
+(bench/family_weights.py), that family's latent node and text width, FluxGuidance only where its template has it,
+no LoRA rows.
 """
 from __future__ import annotations
 
@@ -36,6 +39,29 @@ sys.path.insert(0, str(REPO))
 
 FLUX = "flux1-dev-random.safetensors"
 NATIVE = "flux1-dev-random-convrot-mixed.safetensors"
+# --family: what each family's text-to-image (or video) graph needs in place of FLUX.1's, as ComfyUI's own
+# templates build it (docs/build_workflows.py): text width and length, the empty-latent node, FluxGuidance or none
+FAMILY_RUNS = {
+    "flux1": dict(ctx=4096, txt=256, pooled=768, latent="EmptySD3LatentImage", guidance=3.5),
+    "flux2_dev": dict(ctx=15360, txt=512, latent="EmptyFlux2LatentImage", guidance=4.0),
+    "flux2_klein9b": dict(ctx=12288, txt=512, latent="EmptyFlux2LatentImage", guidance=None),
+    "flux2_klein4b": dict(ctx=7680, txt=512, latent="EmptyFlux2LatentImage", guidance=None),
+    "chroma": dict(ctx=4096, txt=512, latent="EmptySD3LatentImage", guidance=None),
+    "qwen_image": dict(ctx=3584, txt=512, latent="EmptySD3LatentImage", guidance=None),
+    "wan14b": dict(ctx=4096, txt=512, latent="EmptyHunyuanLatentVideo", guidance=None,
+                   video=dict(width=832, height=480, length=81), tiny_video=dict(width=64, height=64, length=5)),
+}
+LORA_FAMILIES = ("flux1",)  # the generated bench LoRA targets FLUX.1's block linears
+
+
+def model_file(family: str) -> str:
+    return FLUX if family == "flux1" else f"{family}-random.safetensors"
+
+
+def native_file(family: str) -> str:
+    return NATIVE if family == "flux1" else f"{family}-random-convrot-mixed.safetensors"
+
+
 LORA = "convrot-bench-rank32.safetensors"
 PACK_LINK = "ComfyUI-ConvRot"
 BENCH_NODES = "convrot_bench_nodes"
@@ -69,15 +95,17 @@ VARIANTS = ["bf16", "fp8_fast", "mixed", "mixed+eager", "compact", "mixed+lora",
 
 # ---------------------------------------------------------------- prompts (API format)
 
-def prompt_for(variant: str, cond: str, steps: int, res: int, prefix: str) -> dict:
+def prompt_for(variant: str, cond: str, steps: int, res: int, prefix: str, family: str = "flux1",
+               tiny: bool = False) -> dict:
+    run = FAMILY_RUNS[family]
     if variant in ("bf16", "fp8_fast", "stock_native", "stock_native_nopack"):
         loader = {"class_type": "UNETLoader", "inputs": {
-            "unet_name": NATIVE if variant.startswith("stock_native") else FLUX,
+            "unet_name": native_file(family) if variant.startswith("stock_native") else model_file(family),
             "weight_dtype": "fp8_e4m3fn_fast" if variant == "fp8_fast" else "default"}}
     else:  # ConvRot loader; "+eager" sets its speed input to eager (default: auto), "+lr" picks PRESET+lr
         preset, *mods = variant.split("+")
         loader = {"class_type": "ConvRotW4A4Loader", "inputs": {
-            "unet_name": FLUX, "preset": preset + ("+lr" if "lr" in mods else ""), "group_size": "256", "overrides": "",
+            "unet_name": model_file(family), "preset": preset + ("+lr" if "lr" in mods else ""), "group_size": "256", "overrides": "",
             "speed": "eager" if "eager" in mods else "auto"}}
     g = {"1": loader}
     model = ["1", 0]
@@ -89,18 +117,22 @@ def prompt_for(variant: str, cond: str, steps: int, res: int, prefix: str) -> di
         g["8"] = {"class_type": "ConvRotCUDAGraph", "inputs": {"model": model}}
         model = ["8", 0]
     g["3"] = {"class_type": "ConvRotBenchConditioning", "inputs": {"path": cond}}
-    g["4"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["3", 0], "guidance": 3.5}}
-    g["5"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": res, "height": res, "batch_size": 1}}
+    positive = ["3", 0]
+    if run["guidance"] is not None:
+        g["4"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["3", 0], "guidance": run["guidance"]}}
+        positive = ["4", 0]
+    size = run.get("tiny_video" if tiny else "video") or {"width": res, "height": res}
+    g["5"] = {"class_type": run["latent"], "inputs": {**size, "batch_size": 1}}
     g["6"] = {"class_type": "KSampler", "inputs": {
         "model": model, "seed": 0, "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
-        "positive": ["4", 0], "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}}
+        "positive": positive, "negative": positive, "latent_image": ["5", 0], "denoise": 1.0}}
     g["7"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": prefix}}
     return g
 
 
 # ---------------------------------------------------------------- preparing the files
 
-def prepare(work: Path, comfy: Path, tiny: bool, native: bool = True) -> Path:
+def prepare(work: Path, comfy: Path, tiny: bool, native: bool = True, family: str = "flux1") -> Path:
     import torch
     from safetensors.torch import save_file
     sys.path.insert(0, str(REPO / "bench"))
@@ -110,23 +142,36 @@ def prepare(work: Path, comfy: Path, tiny: bool, native: bool = True) -> Path:
     dm, loras = models / "diffusion_models", models / "loras"
     dm.mkdir(parents=True, exist_ok=True)
     loras.mkdir(parents=True, exist_ok=True)
-    flux = dm / FLUX
-    if not flux.exists():
+    flux = dm / model_file(family)
+    if not flux.exists() and family == "flux1":
         e2e_comfy.write_random_flux(flux, tiny)
-    if not (loras / LORA).exists():
+    elif not flux.exists():  # ComfyUI's own class of the family: in a child, so this process stays off the GPU
+        subprocess.run([sys.executable, str(REPO / "bench" / "family_weights.py"), family, str(flux),
+                        *(["--tiny"] if tiny else [])], cwd=REPO, check=True,
+                       env=dict(os.environ, COMFYUI_PATH=str(comfy)))
+    if family in LORA_FAMILIES and not (loras / LORA).exists():
         e2e_comfy.write_random_lora(loras / LORA, flux)
-    if native and not (dm / NATIVE).exists():  # only the stock_native rows read it
+    native_path = dm / native_file(family)
+    if native and not native_path.exists():  # only the stock_native rows read it
         t = time.time()
         dev = "cuda" if torch.cuda.is_available() else "cpu"
-        subprocess.run([sys.executable, "-m", "convrot", "quantize", str(flux), str(dm / NATIVE), "--preset",
+        subprocess.run([sys.executable, "-m", "convrot", "quantize", str(flux), str(native_path), "--preset",
                         "mixed", "--device", dev], cwd=REPO, check=True)
         print(f"native file written in {time.time() - t:.0f} s", flush=True)
-    cond = work / "cond.safetensors"
+    run = FAMILY_RUNS[family]
+    cond = work / f"cond-{family}{'-tiny' if tiny else ''}.safetensors"
     if not cond.exists():
         gen = torch.Generator().manual_seed(0)
-        ctx, vec = (4096, 768)
-        save_file({"cond": torch.randn(1, 256 if not tiny else 16, ctx, generator=gen),
-                   "pooled": torch.randn(1, vec, generator=gen)}, str(cond))
+        ctx = run["ctx"]
+        if tiny and family != "flux1":  # the tiny instances' text width (tests/tiny_families.py)
+            sys.path.insert(0, str(REPO / "tests"))
+            import family_weights
+            import tiny_families
+            ctx = tiny_families.FAMILIES[family_weights.FAMILIES[family][1]][3]
+        t = {"cond": torch.randn(1, 16 if tiny else run["txt"], ctx, generator=gen)}
+        if run.get("pooled"):
+            t["pooled"] = torch.randn(1, run["pooled"], generator=gen)
+        save_file(t, str(cond))
     # the pack and the benchmark node, as custom nodes of this ComfyUI
     cn = comfy / "custom_nodes"
     cn.mkdir(exist_ok=True)
@@ -346,7 +391,7 @@ async def run_mode(mode: str, flags: list[str], variants: list[str], a, cond: Pa
                 async with session.ws_connect(f"{server.base}/ws?clientId={cid}", max_msg_size=0) as ws:
                     for v in vs:
                         prefix = f"bench/{tag}_{v.replace('+', '_')}_{uuid.uuid4().hex[:6]}"
-                        graph = prompt_for(v, str(cond), a.steps, a.res, prefix)
+                        graph = prompt_for(v, str(cond), a.steps, a.res, prefix, a.family, a.tiny)
                         r = await run_prompt(session, ws, server, graph, cid, mem, a.prompt_timeout)
                         r.update(mode=mode, variant=v, flags=" ".join([*(f"{k}={x}" for k, x in env.items()), *flags]),
                                  server_start_s=start_s, prefix=prefix,
@@ -433,10 +478,13 @@ def main(argv=None) -> int:
     p.add_argument("--comfy", required=True)
     p.add_argument("--workdir", default="/tmp/convrot_server")
     p.add_argument("--modes", default="default")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=None, help=f"default: {','.join(VARIANTS)} (without the LoRA rows for "
+                   "families the bench LoRA does not fit)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--res", type=int, default=1024)
-    p.add_argument("--tiny", action="store_true", help="a tiny FLUX-layout model (CPU twin, CI)")
+    p.add_argument("--tiny", action="store_true", help="a tiny model of the family's layout (CPU twin, CI)")
+    p.add_argument("--family", default="flux1", choices=sorted(FAMILY_RUNS),
+                   help="the model family (random weights of its full-size ComfyUI class, bench/family_weights.py)")
     p.add_argument("--port", type=int, default=8388)
     p.add_argument("--start-timeout", type=float, default=180)
     p.add_argument("--prompt-timeout", type=float, default=300)
@@ -451,9 +499,19 @@ def main(argv=None) -> int:
     a.log_dir = a.log_dir or str(work / "logs")
     Path(a.log_dir).mkdir(parents=True, exist_ok=True)
     comfy = Path(a.comfy).resolve()
+    if a.variants is None:
+        a.variants = ",".join(v for v in VARIANTS if a.family in LORA_FAMILIES or "+lora" not in v)
     variants = [v for v in a.variants.split(",") if v]
     wanted = variants + [v for m in a.modes.split(",") for v in m.partition("@")[2].split("|")]
-    cond = prepare(work, comfy, a.tiny, native=any(v.startswith("stock_native") for v in wanted))
+    if a.family not in LORA_FAMILIES and any("+lora" in v or "+bypass" in v for v in wanted):
+        p.error(f"--family {a.family}: the LoRA rows need {', '.join(LORA_FAMILIES)} (the bench LoRA's layers)")
+    if a.tiny and a.family != "flux1":
+        sys.path.insert(0, str(REPO / "bench"))
+        import family_weights
+        if a.family not in family_weights.TINY_DETECTABLE:
+            p.error(f"--tiny --family {a.family}: ComfyUI detects this family's sizes as the real model's; tiny "
+                    f"families: {', '.join(family_weights.TINY_DETECTABLE)}")
+    cond = prepare(work, comfy, a.tiny, native=any(v.startswith("stock_native") for v in wanted), family=a.family)
     mem = MemPoll()
     rows: list = []
     for spec in [m for m in a.modes.split(",") if m]:
@@ -463,8 +521,13 @@ def main(argv=None) -> int:
             total = mem._mem(mem.h).total / 2**30 if mem.h is not None else 0
             flags = ["--reserve-vram", f"{max(total - a.pressure_budget_gb, 0):.1f}"]
         asyncio.run(run_mode(mode, flags, only.split("|") if only else variants, a, cond, mem, rows))
-    text = table(rows, environment(comfy) + f"; FLUX.1-dev-size random weights{' (tiny)' if a.tiny else ''}, "
-                       f"{a.res}², {a.steps} steps, euler/simple, FluxGuidance 3.5")
+    run = FAMILY_RUNS[a.family]
+    what = "FLUX.1-dev-size" if a.family == "flux1" else f"{a.family}-size"
+    size = run.get("tiny_video" if a.tiny else "video")
+    size = f"{size['width']}x{size['height']}x{size['length']}" if size else f"{a.res}²"
+    guide = f"FluxGuidance {run['guidance']}" if run["guidance"] is not None else "no guidance node"
+    text = table(rows, environment(comfy) + f"; {what} random weights{' (tiny)' if a.tiny else ''}, "
+                       f"{size}, {a.steps} steps, euler/simple, cfg 1, {guide}")
     print(text, flush=True)
     if a.out:
         with open(a.out, "w") as f:

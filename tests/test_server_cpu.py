@@ -64,3 +64,30 @@ def test_server_latents_agree(server_rows):
     assert rel(lat["mixed+bypass"], lat["mixed+lora"]) < 0.02 < rel(lat["mixed+bypass"], lat["mixed"]) * 4
     # the correction preset: closer to bf16 than the plain preset
     assert rel(lat["mixed+lr"], lat["bf16"]) < rel(lat["mixed"], lat["bf16"])
+
+
+@pytest.mark.parametrize("family", ["flux2_klein4b", "wan14b"])
+def test_other_families_run_in_a_cpu_server(tmp_path, family):
+    """`--family`: ComfyUI's own class of the family with random weights, the family's latent node, no FluxGuidance;
+    the stock loader and ours in one stock server, and the stock loader on our saved file computes what ours does."""
+    comfy = comfyui_path()
+    if comfy is None:
+        pytest.skip(_not_found_reason())
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, str(REPO / "bench" / "server_bench.py"), "--comfy", str(comfy), "--tiny", "--family", family,
+           "--modes", "cpu", "--steps", "2", "--res", "64", "--workdir", str(tmp_path), "--out", str(out),
+           "--port", "8392", "--variants", "bf16,mixed,stock_native", "--keep-latents"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    logs = "\n".join(p.read_text()[-3000:] for p in sorted((tmp_path / "logs").glob("*.log")))
+    assert out.exists(), f"harness failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}\n{logs}"
+    rows = {row["variant"]: row for row in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"bf16", "mixed", "stock_native"}
+    for v, row in rows.items():
+        assert "error" not in row, (v, row["error"], logs[-3000:])
+        assert row.get("it_s", 0) > 0, (v, row)
+    lat = {v: _latent(tmp_path, row) for v, row in rows.items()}
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    assert lat["bf16"].dim() == (5 if family == "wan14b" else 4)  # the family's own latent node ran
+    assert rel(lat["stock_native"], lat["mixed"]) < 1e-3
+    assert 0 < rel(lat["mixed"], lat["bf16"]) < 0.15
+    assert "FluxGuidance" not in r.stdout and "no guidance node" in r.stdout

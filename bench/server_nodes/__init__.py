@@ -15,7 +15,7 @@ class ConvRotBenchConditioning:
 
     def load(self, path):
         t = load_file(path)
-        return ([[t["cond"], {"pooled_output": t["pooled"]}]],)
+        return ([[t["cond"], {"pooled_output": t["pooled"]} if "pooled" in t else {}]],)  # FLUX.1 only has one
 
 
 NODE_CLASS_MAPPINGS = {"ConvRotBenchConditioning": ConvRotBenchConditioning}
