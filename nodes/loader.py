@@ -103,10 +103,12 @@ def fast_path_unavailable(patcher) -> str | None:
     if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
         return "no C compiler was found (Triton compiles its kernel launchers with one)"
     need = patcher.model_size() + ACTIVATION_HEADROOM
-    free = comfy.model_management.get_free_memory(dev) + patcher.loaded_size()
+    mm = comfy.model_management
+    # what ComfyUI itself may use: --reserve-vram (extra_reserved_memory) is held back from every load it plans
+    free = mm.get_free_memory(dev) + patcher.loaded_size() - mm.extra_reserved_memory()
     if free < need:
-        return (f"the model and a step need {need / 2**30:.1f} GB but {free / 2**30:.1f} GB of VRAM are free, so "
-                f"ComfyUI streams its weights (dynamic VRAM) and steps run eagerly")
+        return (f"the model and a step need {need / 2**30:.1f} GB but {max(free, 0) / 2**30:.1f} GB of VRAM are "
+                f"free to ComfyUI (after its reserved VRAM), so it streams the weights and steps run eagerly")
     return None
 
 

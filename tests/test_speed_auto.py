@@ -1,0 +1,44 @@
+"""The loader's `speed = auto` decision (nodes/loader.py fast_path_unavailable): compile and capture only when the
+whole model stays resident, counted the way ComfyUI counts its own free memory. ComfyUI on the CPU, with a stand-in
+GPU patcher: the decision reads only sizes, the device type and the toolchain."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+GB = 2**30
+
+
+@pytest.fixture
+def decide(comfy, monkeypatch):
+    loader = comfy.pack.nodes.loader
+    monkeypatch.setattr(comfy.pack.nodes.compile, "block_keys", lambda patcher: ["double_blocks"])
+    monkeypatch.setattr(loader.shutil, "which", lambda name: f"/usr/bin/{name}")
+    pytest.importorskip("triton", reason="the decision asks for Triton first")
+    mm = comfy.mm
+
+    def run(free_gb: float, reserved_gb: float, model_gb: float = 8.0, loaded_gb: float = 0.0):
+        monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: free_gb * GB)
+        monkeypatch.setattr(mm, "extra_reserved_memory", lambda: reserved_gb * GB)
+        patcher = types.SimpleNamespace(load_device=torch.device("cuda", 0), model_size=lambda: model_gb * GB,
+                                        loaded_size=lambda: loaded_gb * GB)
+        return loader.fast_path_unavailable(patcher)
+    return run
+
+
+def test_a_model_that_fits_is_compiled(decide):
+    assert decide(free_gb=130, reserved_gb=0.4) is None
+
+
+def test_reserved_vram_counts_against_the_fit(decide):
+    """--reserve-vram 133.4 on a 140 GB card: ComfyUI streams an 8 GB model, so steps must not be captured (S15 ran
+    this case with compiled blocks: the rule did not count the reserve)."""
+    why = decide(free_gb=139, reserved_gb=133.4)
+    assert why is not None and "reserved" in why and "eagerly" in why
+
+
+def test_weights_already_loaded_count_as_free(decide):
+    assert decide(free_gb=7, reserved_gb=0.4, loaded_gb=8) is None
+    assert decide(free_gb=7, reserved_gb=0.4, loaded_gb=0) is not None
