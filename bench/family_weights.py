@@ -2,6 +2,9 @@
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/family_weights.py chroma /tmp/chroma-random.safetensors
     COMFYUI_PATH=/path/to/ComfyUI python bench/family_weights.py flux2_klein4b out.safetensors --tiny
+    ... --cond cond.safetensors --tokens 512    # also conditioning tensors of the family's text width
+
+An existing OUT is kept (only --cond is written then).
 
 Full size: ComfyUI's own model class with the real model's configuration (docs/preset_memory.py FAMILY_CONFIGS),
 built on the meta device; every tensor is drawn on the GPU when there is one and written as it is made, so a 20B
@@ -33,8 +36,6 @@ FAMILIES = {
 # ComfyUI's detection fixes Chroma's and Qwen-Image's sizes to the real models' (tests/tiny_families.py says which),
 # so a server can run a tiny instance only of these
 TINY_DETECTABLE = ("flux2_dev", "flux2_klein9b", "flux2_klein4b", "wan14b")
-_ONES = ("norm.weight", "norm.scale", "_norm.weight", "_norm.scale", "norm_q.weight", "norm_k.weight",
-         "norm_added_q.weight", "norm_added_k.weight", "norm3.weight")
 
 
 def model_and_config(family: str, tiny: bool):
@@ -56,17 +57,36 @@ def init(name: str, shape: tuple, gen, device):
     """A weight ~ N(0, 1/fan_in) (modulation x 0.3, as bench/e2e_comfy.py does for FLUX.1), norms 1, the rest small.
     Chroma's approximator output x 0.1: random weights put its scales at O(1) (tests/tiny_families.py says why)."""
     import torch
-    if name.endswith(_ONES) or ".norms." in name:
-        return torch.ones(shape, device=device)
+    from tiny_families import is_norm
     if len(shape) >= 2 and name.endswith("weight"):
         t = torch.randn(shape, generator=gen, device=device) / math.sqrt(math.prod(shape[1:]))
         if "mod" in name or "adaLN" in name:
             t *= 0.3
+    elif is_norm(name):
+        return torch.ones(shape, device=device)
     else:
         t = 0.02 * torch.randn(shape, generator=gen, device=device)
     if name.startswith("distilled_guidance_layer.out_proj"):
         t *= 0.1
     return t
+
+
+def context_width(family: str, tiny: bool = False) -> int:
+    """The width of the text conditioning the family's model takes (its config, else its class's default)."""
+    import inspect
+    from tiny_families import CONTEXT_ARG
+    cls, cfg, _ = model_and_config(family, tiny)
+    arg = CONTEXT_ARG[FAMILIES[family][1]]
+    return int(cfg[arg] if arg in cfg else inspect.signature(cls).parameters[arg].default)
+
+
+def write_cond(family: str, path: str, tokens: int, tiny: bool = False, seed: int = 0) -> None:
+    """Seeded conditioning [1, tokens, width] in place of the family's text encoder (no pooled vector: only FLUX.1
+    has one)."""
+    import torch
+    from safetensors.torch import save_file
+    gen = torch.Generator().manual_seed(seed)
+    save_file({"cond": torch.randn(1, tokens, context_width(family, tiny), generator=gen)}, path)
 
 
 def write(family: str, path: str, tiny: bool = False, seed: int = 0) -> None:
@@ -100,11 +120,16 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cond", default=None, help="also write conditioning tensors of the family's text width here")
+    p.add_argument("--tokens", type=int, default=512, help="text tokens of --cond")
     a = p.parse_args(argv)
     if a.tiny and a.family not in TINY_DETECTABLE:
         p.error(f"--tiny {a.family}: ComfyUI's detection fixes this family's sizes to the real model's, so a server "
                 f"cannot load a tiny instance; tiny runs: {', '.join(TINY_DETECTABLE)}")
-    write(a.family, a.out, a.tiny, a.seed)
+    if not os.path.exists(a.out):
+        write(a.family, a.out, a.tiny, a.seed)
+    if a.cond:
+        write_cond(a.family, a.cond, a.tokens, a.tiny)
     return 0
 
 

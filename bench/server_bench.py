@@ -39,27 +39,30 @@ sys.path.insert(0, str(REPO))
 
 FLUX = "flux1-dev-random.safetensors"
 NATIVE = "flux1-dev-random-convrot-mixed.safetensors"
-# --family: what each family's text-to-image (or video) graph needs in place of FLUX.1's, as ComfyUI's own
-# templates build it (docs/build_workflows.py): text width and length, the empty-latent node, FluxGuidance or none
+# --family: what each family's graph needs in place of FLUX.1's, as ComfyUI's own templates build it
+# (docs/build_workflows.py): text tokens, the empty-latent node, FluxGuidance or none. Every family samples at cfg 1
+# (one model call per step) so that bf16 and ConvRot rows compare the same work; the templates' cfg > 1 doubles it
+# for both. The text width comes from the family's model config (bench/family_weights.py context_width).
 FAMILY_RUNS = {
-    "flux1": dict(ctx=4096, txt=256, pooled=768, latent="EmptySD3LatentImage", guidance=3.5),
-    "flux2_dev": dict(ctx=15360, txt=512, latent="EmptyFlux2LatentImage", guidance=4.0),
-    "flux2_klein9b": dict(ctx=12288, txt=512, latent="EmptyFlux2LatentImage", guidance=None),
-    "flux2_klein4b": dict(ctx=7680, txt=512, latent="EmptyFlux2LatentImage", guidance=None),
-    "chroma": dict(ctx=4096, txt=512, latent="EmptySD3LatentImage", guidance=None),
-    "qwen_image": dict(ctx=3584, txt=512, latent="EmptySD3LatentImage", guidance=None),
-    "wan14b": dict(ctx=4096, txt=512, latent="EmptyHunyuanLatentVideo", guidance=None,
+    "flux1": dict(txt=256, latent="EmptySD3LatentImage", guidance=3.5),
+    "flux2_dev": dict(txt=512, latent="EmptyFlux2LatentImage", guidance=4.0),
+    "flux2_klein9b": dict(txt=512, latent="EmptyFlux2LatentImage", guidance=None),
+    "flux2_klein4b": dict(txt=512, latent="EmptyFlux2LatentImage", guidance=None),
+    "chroma": dict(txt=512, latent="EmptySD3LatentImage", guidance=None),
+    "qwen_image": dict(txt=512, latent="EmptySD3LatentImage", guidance=None),
+    "wan14b": dict(txt=512, latent="EmptyHunyuanLatentVideo", guidance=None,
                    video=dict(width=832, height=480, length=81), tiny_video=dict(width=64, height=64, length=5)),
 }
 LORA_FAMILIES = ("flux1",)  # the generated bench LoRA targets FLUX.1's block linears
 
 
-def model_file(family: str) -> str:
-    return FLUX if family == "flux1" else f"{family}-random.safetensors"
+def model_file(family: str, tiny: bool = False) -> str:
+    name = FLUX if family == "flux1" else f"{family}-random.safetensors"
+    return name.replace(".safetensors", "-tiny.safetensors") if tiny else name
 
 
-def native_file(family: str) -> str:
-    return NATIVE if family == "flux1" else f"{family}-random-convrot-mixed.safetensors"
+def native_file(family: str, tiny: bool = False) -> str:
+    return model_file(family, tiny).replace(".safetensors", "-convrot-mixed.safetensors")
 
 
 LORA = "convrot-bench-rank32.safetensors"
@@ -100,12 +103,12 @@ def prompt_for(variant: str, cond: str, steps: int, res: int, prefix: str, famil
     run = FAMILY_RUNS[family]
     if variant in ("bf16", "fp8_fast", "stock_native", "stock_native_nopack"):
         loader = {"class_type": "UNETLoader", "inputs": {
-            "unet_name": native_file(family) if variant.startswith("stock_native") else model_file(family),
+            "unet_name": native_file(family, tiny) if variant.startswith("stock_native") else model_file(family, tiny),
             "weight_dtype": "fp8_e4m3fn_fast" if variant == "fp8_fast" else "default"}}
     else:  # ConvRot loader; "+eager" sets its speed input to eager (default: auto), "+lr" picks PRESET+lr
         preset, *mods = variant.split("+")
         loader = {"class_type": "ConvRotW4A4Loader", "inputs": {
-            "unet_name": model_file(family), "preset": preset + ("+lr" if "lr" in mods else ""), "group_size": "256", "overrides": "",
+            "unet_name": model_file(family, tiny), "preset": preset + ("+lr" if "lr" in mods else ""), "group_size": "256", "overrides": "",
             "speed": "eager" if "eager" in mods else "auto"}}
     g = {"1": loader}
     model = ["1", 0]
@@ -142,36 +145,30 @@ def prepare(work: Path, comfy: Path, tiny: bool, native: bool = True, family: st
     dm, loras = models / "diffusion_models", models / "loras"
     dm.mkdir(parents=True, exist_ok=True)
     loras.mkdir(parents=True, exist_ok=True)
-    flux = dm / model_file(family)
+    flux = dm / model_file(family, tiny)
+    run = FAMILY_RUNS[family]
+    cond = work / f"cond-{family}{'-tiny' if tiny else ''}.safetensors"
+    tokens = 16 if tiny else run["txt"]
     if not flux.exists() and family == "flux1":
         e2e_comfy.write_random_flux(flux, tiny)
-    elif not flux.exists():  # ComfyUI's own class of the family: in a child, so this process stays off the GPU
+    elif family != "flux1" and not (flux.exists() and cond.exists()):
+        # ComfyUI's own class of the family, weights and conditioning, in a child: this process stays off the GPU
         subprocess.run([sys.executable, str(REPO / "bench" / "family_weights.py"), family, str(flux),
-                        *(["--tiny"] if tiny else [])], cwd=REPO, check=True,
-                       env=dict(os.environ, COMFYUI_PATH=str(comfy)))
+                        "--cond", str(cond), "--tokens", str(tokens), *(["--tiny"] if tiny else [])], cwd=REPO,
+                       check=True, env=dict(os.environ, COMFYUI_PATH=str(comfy)))
     if family in LORA_FAMILIES and not (loras / LORA).exists():
         e2e_comfy.write_random_lora(loras / LORA, flux)
-    native_path = dm / native_file(family)
+    native_path = dm / native_file(family, tiny)
     if native and not native_path.exists():  # only the stock_native rows read it
         t = time.time()
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         subprocess.run([sys.executable, "-m", "convrot", "quantize", str(flux), str(native_path), "--preset",
                         "mixed", "--device", dev], cwd=REPO, check=True)
         print(f"native file written in {time.time() - t:.0f} s", flush=True)
-    run = FAMILY_RUNS[family]
-    cond = work / f"cond-{family}{'-tiny' if tiny else ''}.safetensors"
-    if not cond.exists():
+    if not cond.exists():  # FLUX.1: T5's width and CLIP's pooled vector, as bench/e2e_comfy.py's model takes them
         gen = torch.Generator().manual_seed(0)
-        ctx = run["ctx"]
-        if tiny and family != "flux1":  # the tiny instances' text width (tests/tiny_families.py)
-            sys.path.insert(0, str(REPO / "tests"))
-            import family_weights
-            import tiny_families
-            ctx = tiny_families.FAMILIES[family_weights.FAMILIES[family][1]][3]
-        t = {"cond": torch.randn(1, 16 if tiny else run["txt"], ctx, generator=gen)}
-        if run.get("pooled"):
-            t["pooled"] = torch.randn(1, run["pooled"], generator=gen)
-        save_file(t, str(cond))
+        save_file({"cond": torch.randn(1, tokens, 4096, generator=gen),
+                   "pooled": torch.randn(1, 768, generator=gen)}, str(cond))
     # the pack and the benchmark node, as custom nodes of this ComfyUI
     cn = comfy / "custom_nodes"
     cn.mkdir(exist_ok=True)
@@ -206,18 +203,17 @@ class MemPoll:
     def used(self) -> int:
         return self._mem(self.h).used if self.h is not None else 0
 
-    def settle(self, timeout: float = 10.0) -> float:
-        """Wait until the used memory stops falling (ComfyUI releases a freed model's pages lazily); GB used then."""
+    def settle(self, floor: int | None, timeout: float = 10.0) -> float:
+        """Wait until the used memory is back near `floor` (bytes used by the idle server before its first prompt;
+        ComfyUI releases a freed model's pages lazily), at most `timeout` s; the GB used then."""
         if self.h is None:
             return 0.0
-        last, t0, still = self.used(), time.time(), time.time()
-        while time.time() - t0 < timeout and time.time() - still < 1.0:
+        t0 = time.time()
+        now = self.used()
+        while floor is not None and now > floor + 2**29 and time.time() - t0 < timeout:
             time.sleep(0.1)
             now = self.used()
-            if now < last - 2**20:
-                still = time.time()
-            last = min(last, now)
-        return last / 2**30
+        return now / 2**30
 
     def start(self):
         self.peak, self._run = self.used(), True
@@ -285,7 +281,7 @@ async def run_prompt(session, ws, server: Server, graph: dict, client_id: str, m
     async with session.post(f"{server.base}/free", json={"unload_models": True, "free_memory": True}) as r:
         await r.read()
     await asyncio.sleep(1.0)
-    idle = await asyncio.to_thread(mem.settle)
+    idle = await asyncio.to_thread(mem.settle, getattr(server, "idle_bytes", None))
     mem.start()
     t_queue = time.time()
     async with session.post(f"{server.base}/prompt", json={"prompt": graph, "client_id": client_id}) as r:
@@ -328,7 +324,8 @@ async def run_prompt(session, ws, server: Server, graph: dict, client_id: str, m
                                                       and data.get("prompt_id") == pid):
             break
     peak = mem.stop()
-    res = {"prompt_id": pid, "wall_s": time.time() - t_queue, "peak_vram_gb": peak, "idle_vram_gb": idle}
+    res = {"prompt_id": pid, "wall_s": time.time() - t_queue, "peak_vram_gb": peak, "idle_vram_gb": idle,
+           "nodes": [n for n, _ in starts]}
     if error:
         res["error"] = error
     order = [n for n, _ in starts]
@@ -386,6 +383,7 @@ async def run_mode(mode: str, flags: list[str], variants: list[str], a, cond: Pa
             async with aiohttp.ClientSession() as session:
                 t0 = time.time()
                 stats = await server.wait_ready(session, a.start_timeout)
+                server.idle_bytes = mem.used() if mem.h is not None else None
                 start_s = time.time() - t0
                 cid = uuid.uuid4().hex
                 async with session.ws_connect(f"{server.base}/ws?clientId={cid}", max_msg_size=0) as ws:

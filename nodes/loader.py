@@ -105,7 +105,8 @@ def fast_path_unavailable(patcher) -> str | None:
     need = patcher.model_size() + ACTIVATION_HEADROOM
     mm = comfy.model_management
     # what ComfyUI itself may use: --reserve-vram (extra_reserved_memory) is held back from every load it plans
-    free = mm.get_free_memory(dev) + patcher.loaded_size() - mm.extra_reserved_memory()
+    reserved = getattr(mm, "extra_reserved_memory", lambda: 0)()
+    free = mm.get_free_memory(dev) + patcher.loaded_size() - reserved
     if free < need:
         return (f"the model and a step need {need / 2**30:.1f} GB but {max(free, 0) / 2**30:.1f} GB of VRAM are "
                 f"free to ComfyUI (after its reserved VRAM), so it streams the weights and steps run eagerly")

@@ -88,8 +88,9 @@ def setup_comfy(models_dir: Path) -> ComfyEnv:
     try:
         return _import_comfy(path, models_dir, stubbed)
     except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] in ("comfy", "comfy_api", "comfy_extras", "nodes", "folder_paths"):
-            raise
+        top = (e.name or "").split(".")[0]
+        if not top or (path / top).is_dir() or (path / f"{top}.py").exists() or os.environ.get("CONVROT_TEST_STRICT"):
+            raise  # ComfyUI's own module is missing: a wrong or broken checkout, not a missing package
         # a package ComfyUI's requirements.txt names is not installed here (e.g. av on a bare GPU machine)
         pytest.skip(f"ComfyUI at {path} cannot be imported here: {e} (install its requirements.txt)")
 

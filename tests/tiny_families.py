@@ -64,15 +64,20 @@ CONTEXT_ARG = {"flux2": "context_in_dim", "flux2_klein": "context_in_dim", "chro
                "qwen_image": "joint_attention_dim", "wan": "text_dim"}
 
 
+def is_norm(name: str) -> bool:
+    """A norm's weight or scale (set to 1 in random models), by the names ComfyUI's classes of these families use."""
+    return name.endswith(("norm.weight", "norm.scale")) or ".norms." in name or "_norm" in name \
+        or name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight",
+                          "norm3.weight"))
+
+
 def _randomize(model: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2 and name.endswith("weight"):
                 p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            elif name.endswith(("norm.weight", "norm.scale")) or ".norms." in name or "_norm" in name \
-                    or name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight",
-                                      "norm_added_k.weight", "norm3.weight")):
+            elif is_norm(name):
                 p.fill_(1.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
