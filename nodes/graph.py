@@ -9,6 +9,7 @@ for the result; it wraps whatever the model does at sampling time).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -58,7 +59,28 @@ class RunGraphs:
                 run.disable(ASYNC_COMPILED, logging.INFO)  # expected with ComfyUI's defaults: not a warning
             else:
                 run.guard = weight_addresses(executor.class_obj)
+        if run.disabled is None:
+            with comfy_compiler_off():
+                return run(executor, *args, **kwargs)
         return run(executor, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def comfy_compiler_off():
+    """Newer ComfyUI (the "Comfy Compiler", comfy/model_prefetch.py) records aimdo allocation plans and per-block CUDA
+    graphs from inside the model's forward unless `--disable-comfy-compiler`; inside this node's capture of a whole
+    step that would record a graph within a graph. Its switch is read on every call (malloc_graph_enabled), so it is
+    set for the length of a call this node captures or replays. A ComfyUI without the switch: nothing to do."""
+    import comfy.cli_args
+    args = comfy.cli_args.args
+    if getattr(args, "disable_comfy_compiler", True):
+        yield
+        return
+    args.disable_comfy_compiler = True
+    try:
+        yield
+    finally:
+        args.disable_comfy_compiler = False
 
 
 def _not_capturable(model: torch.nn.Module, args, kwargs) -> str | None:

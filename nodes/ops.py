@@ -97,6 +97,12 @@ class ConvRotLinearOp:
                                       error_msgs)
         fmt = convrot_format(getattr(self, "weight", None))
         self.convrot_bits, self.convrot_group_size = fmt if fmt is not None else (None, 256)
+        if fmt is not None:
+            # ComfyUI's fused paths that read a quantized weight without calling forward (newer comfy.ops'
+            # linear_input_act runs int8_tensorwise weights on comfy-kitchen directly) fall back to forward for
+            # full-precision layers; ours need forward (our kernels, LoRA branches). Forward never reads it, and the
+            # saved config comes from _full_precision_mm_config, which stays as loaded.
+            self._full_precision_mm = True
         if any(t is not None for t in stored_lr):
             self._load_stored_correction(*stored_lr, where)
         for k in LR_KEYS:  # a branch computed above while quantizing is not missing from the file
