@@ -336,6 +336,23 @@ async def run_prompt(session, ws, server: Server, graph: dict, client_id: str, m
     return res
 
 
+def convrot_path(log_text: str) -> str:
+    """What the pack's log lines written during one prompt say about its speed path: compiled (with which
+    launchers), CUDA graphs captured and replayed, or eager and why; "" where the pack said nothing (stock rows)."""
+    import re
+    lines = [ln for ln in log_text.splitlines() if "ConvRot" in ln]
+    parts = []
+    if any("blocks will be compiled" in ln for ln in lines):
+        parts.append("compiled" + (" (C++ wrapper)" if any("C++ wrapper" in ln for ln in lines) else ""))
+    for ln in lines:
+        m = re.search(r"(\d+) graph\(s\) captured, (\d+) steps replayed", ln)
+        if m:
+            parts.append(f"{m.group(1)} graph(s) captured, {m.group(2)} replayed")
+        elif "steps run eagerly" in ln or "runs eagerly" in ln or "not replayed" in ln:
+            parts.append("eager: " + ln.split("ConvRot", 1)[1].split(":", 1)[-1].strip()[:160])
+    return "; ".join(dict.fromkeys(parts))
+
+
 def step_rate(steps: list[tuple[int, float]], t_start: float) -> dict:
     """Seconds per step from the sampler's progress messages [(step value, arrival time)].
 
@@ -390,7 +407,11 @@ async def run_mode(mode: str, flags: list[str], variants: list[str], a, cond: Pa
                     for v in vs:
                         prefix = f"bench/{tag}_{v.replace('+', '_')}_{uuid.uuid4().hex[:6]}"
                         graph = prompt_for(v, str(cond), a.steps, a.res, prefix, a.family, a.tiny)
+                        log_at = server.log.stat().st_size if server.log.exists() else 0
                         r = await run_prompt(session, ws, server, graph, cid, mem, a.prompt_timeout)
+                        with open(server.log, errors="replace") as f:
+                            f.seek(log_at)
+                            r["path"] = convrot_path(f.read())
                         r.update(mode=mode, variant=v, flags=" ".join([*(f"{k}={x}" for k, x in env.items()), *flags]),
                                  server_start_s=start_s, prefix=prefix,
                                  device=stats.get("devices", [{}])[0].get("name", "?"))
@@ -408,7 +429,7 @@ async def run_mode(mode: str, flags: list[str], variants: list[str], a, cond: Pa
                             r["latent_err"] = rel(r["latent"], base)
                         print(f"   {v}: " + ", ".join(f"{k}={r[k]:.3f}" if isinstance(r[k], float) else f"{k}={r[k]}"
                                                       for k in ("it_s", "load_s", "peak_vram_gb", "first_step_s",
-                                                                "latent_err", "error")
+                                                                "latent_err", "path", "error")
                                                       if k in r), flush=True)
                         if a.out:  # each row as soon as it is measured: a call that runs out of time keeps them
                             with open(Path(a.out).with_suffix(".partial.jsonl"), "a") as f:
@@ -433,7 +454,8 @@ def table(rows: list, env: str) -> str:
     mixed_default = next((r["latent"] for r in rows if r.get("mode") == "default" and r.get("variant") == "mixed"
                           and r.get("latent") is not None), None)
     out = [env, "", "| mode | variant | it/s | vs bf16 (same mode, else default) | load s | peak VRAM GB (idle: in use when queued) | latent err vs bf16 "
-           "(same mode, else default) | vs bf16 default | mixed vs mixed default |", "|---|---|---|---|---|---|---|---|---|"]
+           "(same mode, else default) | vs bf16 default | mixed vs mixed default | speed path (the pack's log) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     bf = {r["mode"]: r.get("it_s") for r in rows if r.get("variant") == "bf16"}
     for r in rows:
         lat = r.get("latent")
@@ -452,7 +474,7 @@ def table(rows: list, env: str) -> str:
                    f"{f(e_mode, 1) + '%' if e_mode is not None else '–'} | "
                    f"{f(e_glob, 1) + '%' if e_glob is not None else '–'} | "
                    f"{f(e_mix, 2) + '%' if e_mix is not None else ''}"
-                   f"{' FAILED: ' + err.replace('|', '/')[:300] if err else ''} |")
+                   f"{' FAILED: ' + err.replace('|', '/')[:300] if err else ''} | {r.get('path') or ''} |")
     return "\n".join(out)
 
 

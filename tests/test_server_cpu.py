@@ -49,6 +49,9 @@ def test_every_prompt_runs_in_a_cpu_server(server_rows):
     for v, row in rows.items():
         assert "error" not in row, (v, row["error"], log[-3000:])
         assert row.get("it_s", 0) > 0 and row.get("load_s", 0) > 0, (v, row)
+    # the speed path read from the pack's own log lines during each prompt: on a CPU server, eager, saying why
+    assert rows["mixed"]["path"].startswith("eager") and "cpu" in rows["mixed"]["path"], rows["mixed"]["path"]
+    assert rows["bf16"]["path"] == "", rows["bf16"]["path"]
 
 
 def test_server_latents_agree(server_rows):
