@@ -82,6 +82,7 @@ class ConvRotLinearOp:
         where = f"{spec.file_name if spec else 'model'}: {name}"
         get = lambda k: state_dict.get(prefix + k)  # noqa: E731
         stored_lr = [state_dict.pop(prefix + k, None) for k in LR_KEYS]  # a +lr model saved by ComfyUI's own nodes
+        lr_before = [getattr(self, k) for k in LR_KEYS]
         w = get("weight")
         if w is not None:
             conf_t = get("comfy_quant")
@@ -105,8 +106,8 @@ class ConvRotLinearOp:
             self._full_precision_mm = True
         if any(t is not None for t in stored_lr):
             self._load_stored_correction(*stored_lr, where)
-        for k in LR_KEYS:  # a branch computed above while quantizing is not missing from the file
-            if getattr(self, k) is not None and prefix + k in missing_keys:
+        for k, before in zip(LR_KEYS, lr_before):  # a branch computed by this load is not missing from the file
+            if getattr(self, k) is not None and getattr(self, k) is not before and prefix + k in missing_keys:
                 missing_keys.remove(prefix + k)
         for k in list(state_dict):
             if k.startswith(prefix) and k[len(prefix):] in LAYER_SIDE_KEYS:
