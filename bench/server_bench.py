@@ -66,6 +66,10 @@ def native_file(family: str, tiny: bool = False) -> str:
 
 
 LORA = "convrot-bench-rank32.safetensors"
+
+
+def lora_file(tiny: bool = False) -> str:
+    return LORA.replace(".safetensors", "-tiny.safetensors") if tiny else LORA
 PACK_LINK = "ComfyUI-ConvRot"
 BENCH_NODES = "convrot_bench_nodes"
 
@@ -114,7 +118,7 @@ def prompt_for(variant: str, cond: str, steps: int, res: int, prefix: str, famil
     model = ["1", 0]
     if "+lora" in variant or "+bypass" in variant:  # the stock LoRA loader, or ComfyUI's bypass LoRA loader
         g["2"] = {"class_type": "LoraLoaderModelOnly" if "+lora" in variant else "LoraLoaderBypassModelOnly",
-                  "inputs": {"model": model, "lora_name": LORA, "strength_model": 1.0}}
+                  "inputs": {"model": model, "lora_name": lora_file(tiny), "strength_model": 1.0}}
         model = ["2", 0]
     if "+graph" in variant:  # the CUDA Graph node after the loader (and LoRA): with +eager, uncompiled + graphs
         g["8"] = {"class_type": "ConvRotCUDAGraph", "inputs": {"model": model}}
@@ -156,8 +160,8 @@ def prepare(work: Path, comfy: Path, tiny: bool, native: bool = True, family: st
         subprocess.run([sys.executable, str(REPO / "bench" / "family_weights.py"), family, str(flux),
                         "--cond", str(cond), "--tokens", str(tokens), *(["--tiny"] if tiny else [])], cwd=REPO,
                        check=True, env=dict(os.environ, COMFYUI_PATH=str(comfy)))
-    if family in LORA_FAMILIES and not (loras / LORA).exists():
-        e2e_comfy.write_random_lora(loras / LORA, flux)
+    if family in LORA_FAMILIES and not (loras / lora_file(tiny)).exists():
+        e2e_comfy.write_random_lora(loras / lora_file(tiny), flux)
     native_path = dm / native_file(family, tiny)
     if native and not native_path.exists():  # only the stock_native rows read it
         t = time.time()
