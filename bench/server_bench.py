@@ -112,7 +112,8 @@ def prompt_for(variant: str, cond: str, steps: int, res: int, prefix: str, famil
     else:  # ConvRot loader; "+eager" sets its speed input to eager (default: auto), "+lr" picks PRESET+lr
         preset, *mods = variant.split("+")
         loader = {"class_type": "ConvRotW4A4Loader", "inputs": {
-            "unet_name": model_file(family, tiny), "preset": preset + ("+lr" if "lr" in mods else ""), "group_size": "256", "overrides": "",
+            "unet_name": model_file(family, tiny), "preset": preset + ("+lr" if "lr" in mods else ""),
+            "group_size": "256", "overrides": "",
             "speed": "eager" if "eager" in mods else "auto"}}
     g = {"1": loader}
     model = ["1", 0]
@@ -240,6 +241,7 @@ class Server:
     def __init__(self, comfy: Path, work: Path, flags: list[str], port: int, log: Path, no_pack: bool,
                  extra_env: dict | None = None):
         self.comfy, self.work, self.port, self.log = comfy, work, port, log
+        self.idle_bytes: int | None = None  # device memory used once the server is up, before its first prompt
         fe = work / "frontend"
         fe.mkdir(exist_ok=True)
         (fe / "index.html").write_text("<html>benchmark server</html>")
@@ -285,7 +287,7 @@ async def run_prompt(session, ws, server: Server, graph: dict, client_id: str, m
     async with session.post(f"{server.base}/free", json={"unload_models": True, "free_memory": True}) as r:
         await r.read()
     await asyncio.sleep(1.0)
-    idle = await asyncio.to_thread(mem.settle, getattr(server, "idle_bytes", None))
+    idle = await asyncio.to_thread(mem.settle, server.idle_bytes)
     mem.start()
     t_queue = time.time()
     async with session.post(f"{server.base}/prompt", json={"prompt": graph, "client_id": client_id}) as r:
@@ -457,8 +459,9 @@ def table(rows: list, env: str) -> str:
     glob = ref.get("default")
     mixed_default = next((r["latent"] for r in rows if r.get("mode") == "default" and r.get("variant") == "mixed"
                           and r.get("latent") is not None), None)
-    out = [env, "", "| mode | variant | it/s | vs bf16 (same mode, else default) | load s | peak VRAM GB (idle: in use when queued) | latent err vs bf16 "
-           "(same mode, else default) | vs bf16 default | mixed vs mixed default | speed path (the pack's log) |",
+    out = [env, "", "| mode | variant | it/s | vs bf16 (same mode, else default) | load s | "
+           "peak VRAM GB (idle: in use when queued) | latent err vs bf16 (same mode, else default) | vs bf16 default | "
+           "mixed vs mixed default | speed path (the pack's log) |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     bf = {r["mode"]: r.get("it_s") for r in rows if r.get("variant") == "bf16"}
     for r in rows:

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from convrot import dequant, reference, torchmm  # noqa: E402
 from convrot.bench import Timer  # noqa: E402
-from triton_bench import compare, make_inputs, row_cells, time_runs  # noqa: E402  (the same inputs, checks, rows)
+from triton_bench import compare, make_inputs, parse_shapes, row_cells, time_runs  # noqa: E402  (the same inputs, checks, rows)
 
 # FLUX.1-dev's linears: (K, N) of the double blocks' qkv/proj/mlp and the single blocks' out projection, at the
 # token counts of a 1024² image (4096 image tokens, 4608 with the text) and of the 512-token text stream
@@ -55,7 +55,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("CUDA only: no GPU visible to PyTorch")
         return 2
-    shapes = FLUX_SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes = parse_shapes(args.shapes, FLUX_SHAPES)
     g = args.group_size
     dev = torch.device("cuda", torch.cuda.current_device())
     props = torch.cuda.get_device_properties(dev)

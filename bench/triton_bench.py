@@ -94,6 +94,11 @@ def row_cells(times: dict, cols: list, width: int) -> str:
     return " ".join(cells)
 
 
+def parse_shapes(text: str | None, default: list) -> list[tuple[int, int, int]]:
+    """--shapes "MxKxN,MxKxN" as (M, K, N) tuples; `default` when not given."""
+    return default if not text else [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="also compare every route with convrot.reference")
@@ -105,7 +110,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("CUDA only: no GPU visible to PyTorch")
         return 2
-    shapes = FLUX_SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes = parse_shapes(args.shapes, FLUX_SHAPES)
     g = args.group_size
     dev = torch.cuda.current_device()
     props = torch.cuda.get_device_properties(dev)

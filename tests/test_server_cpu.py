@@ -18,22 +18,27 @@ import pytest
 from comfy_env import REPO, _not_found_reason, comfyui_path
 
 
-@pytest.fixture(scope="module")
-def server_rows(tmp_path_factory):
+def run_harness(work, port: int, *args: str):
+    """bench/server_bench.py on a tiny model in a `--cpu` server in `work`: (rows by variant, stdout + server logs)."""
     comfy = comfyui_path()
     if comfy is None:
         pytest.skip(_not_found_reason())
-    work = tmp_path_factory.mktemp("server")
     out = work / "rows.jsonl"
     cmd = [sys.executable, str(REPO / "bench" / "server_bench.py"), "--comfy", str(comfy), "--tiny", "--modes", "cpu",
-           "--steps", "3", "--res", "64", "--workdir", str(work), "--out", str(out), "--port", "8391",
-           "--variants", "bf16,mixed,mixed+lora,mixed+bypass,mixed+lr,stock_native,stock_native_nopack",
-           "--keep-latents"]
+           "--res", "64", "--workdir", str(work), "--out", str(out), "--port", str(port), "--keep-latents", *args]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     logs = "\n".join(p.read_text()[-3000:] for p in sorted((work / "logs").glob("*.log")))
     assert out.exists(), f"harness failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}\n{logs}"
     rows = {row["variant"]: row for row in map(json.loads, out.read_text().splitlines())}
-    return rows, work, r.stdout + logs
+    return rows, r.stdout + logs
+
+
+@pytest.fixture(scope="module")
+def server_rows(tmp_path_factory):
+    work = tmp_path_factory.mktemp("server")
+    rows, log = run_harness(work, 8391, "--steps", "3", "--variants",
+                            "bf16,mixed,mixed+lora,mixed+bypass,mixed+lr,stock_native,stock_native_nopack")
+    return rows, work, log
 
 
 def _latent(work, row):
@@ -73,17 +78,8 @@ def test_server_latents_agree(server_rows):
 def test_other_families_run_in_a_cpu_server(tmp_path, family):
     """`--family`: ComfyUI's own class of the family with random weights, the family's latent node, no FluxGuidance;
     the stock loader and ours in one stock server, and the stock loader on our saved file computes what ours does."""
-    comfy = comfyui_path()
-    if comfy is None:
-        pytest.skip(_not_found_reason())
-    out = tmp_path / "rows.jsonl"
-    cmd = [sys.executable, str(REPO / "bench" / "server_bench.py"), "--comfy", str(comfy), "--tiny", "--family", family,
-           "--modes", "cpu", "--steps", "2", "--res", "64", "--workdir", str(tmp_path), "--out", str(out),
-           "--port", "8392", "--variants", "bf16,mixed,stock_native", "--keep-latents"]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    logs = "\n".join(p.read_text()[-3000:] for p in sorted((tmp_path / "logs").glob("*.log")))
-    assert out.exists(), f"harness failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}\n{logs}"
-    rows = {row["variant"]: row for row in map(json.loads, out.read_text().splitlines())}
+    rows, logs = run_harness(tmp_path, 8392, "--family", family, "--steps", "2",
+                             "--variants", "bf16,mixed,stock_native")
     assert set(rows) == {"bf16", "mixed", "stock_native"}
     for v, row in rows.items():
         assert "error" not in row, (v, row["error"], logs[-3000:])
