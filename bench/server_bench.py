@@ -354,8 +354,9 @@ def convrot_path(log_text: str) -> str:
         m = re.search(r"(\d+) graph\(s\) captured, (\d+) steps replayed", ln)
         if m:
             parts.append(f"{m.group(1)} graph(s) captured, {m.group(2)} replayed")
-        elif "steps run eagerly" in ln or "runs eagerly" in ln or "not replayed" in ln:
-            parts.append("eager: " + ln.split("ConvRot", 1)[1].split(":", 1)[-1].strip()[:160])
+        elif "eagerly" in ln or "not replayed" in ln or "run uncompiled" in ln:
+            said = ln.split("ConvRot", 1)[1].split(":", 1)[-1].strip()[:160]
+            parts.append(("eager: " if "eagerly" in ln else "uncompiled: ") + said)
     return "; ".join(dict.fromkeys(parts))
 
 

@@ -6,8 +6,6 @@ outlier) is then funnelled into one output channel. Equal row sums spread that o
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 SUPPORTED_GROUP_SIZES = (16, 64, 256)
@@ -33,19 +31,35 @@ def _build(size: int, device=None) -> torch.Tensor:
     return (h / size**0.5).to(torch.float32)
 
 
-@functools.lru_cache(maxsize=None)
-def _cached(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return _build(size, device).to(dtype)
+_kept: dict = {}
+
+
+def _tracing() -> bool:
+    """Whether tensors made now would belong to a trace: under Dynamo, or where AOTAutograd runs Python on fake or
+    functional tensors (a QuantizedTensor's dispatch, where torch 2.11's is_compiling() is False)."""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        key = torch._C._TorchDispatchModeKey
+        return any(torch._C._get_dispatch_mode(k) is not None for k in (key.FAKE, key.FUNCTIONAL, key.PROXY))
+    except AttributeError:  # a torch without these private hooks: the type check below still keeps fakes out
+        return False
 
 
 def regular_hadamard(size: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Normalized regular Hadamard of order `size` (a power of 4): orthogonal, symmetric, equal row sums.
 
-    Kept per device and dtype in eager code; built afresh while torch.compile traces (a cached real tensor inside
-    a traced op, e.g. the QuantizedTensor dispatch, is not allowed among fake tensors)."""
-    if torch.compiler.is_compiling():
+    Kept per device and dtype in eager code; built afresh while a trace runs: a tensor kept from one trace is fake
+    in the next ("Mixing fake modes"), and a kept real one is not allowed among fake tensors."""
+    if _tracing():
         return _build(size, device).to(dtype)
-    return _cached(size, torch.device(device if device is not None else "cpu"), dtype)
+    key = (size, torch.device(device if device is not None else "cpu"), dtype)
+    h = _kept.get(key)
+    if h is None:
+        h = _build(size, key[1]).to(dtype)
+        if type(h) is torch.Tensor:  # never keep a fake or functional tensor
+            _kept[key] = h
+    return h
 
 
 def fast_regular_hadamard(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -79,7 +79,8 @@ def _toolchain_missing() -> str | None:
 
 
 def compile_blocks(model_patcher, backend: str = "inductor", mode: str | None = None,
-                   uncompiled_with_lora: bool = False, cpp_wrapper: bool | None = None):
+                   uncompiled_with_lora: bool = False, cpp_wrapper: bool | None = None,
+                   uncompiled_on_failure: bool = False):
     """A clone of `model_patcher` whose transformer blocks run torch.compile'd (compiled lazily, on the first step).
 
     `cpp_wrapper` (Inductor only; None: under cudaMallocAsync, where the toolchain allows it): Inductor's generated
@@ -91,7 +92,10 @@ def compile_blocks(model_patcher, backend: str = "inductor", mode: str | None = 
     `uncompiled_with_lora` (the loader's speed=auto): the compiled blocks step aside for a sampling run in which
     LoRA branches sit on quantized layers. Compiled, each patched layer runs outside the graph (a graph break per
     layer: 0.76x of bf16 in the server, bench/NOTES.md Session 6); uncompiled, the branch runs next to the GEMM
-    (folded into it on Hopper) and the step can still be replayed as a CUDA graph."""
+    (folded into it on Hopper) and the step can still be replayed as a CUDA graph.
+
+    `uncompiled_on_failure` (speed=auto, which the user did not ask to compile): a compilation that fails runs the
+    blocks uncompiled from then on, with one warning, instead of failing the prompt."""
     from comfy.patcher_extension import WrappersMP
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from comfy_api.torch_helpers.torch_compile import COMPILE_KEY
@@ -118,6 +122,7 @@ def compile_blocks(model_patcher, backend: str = "inductor", mode: str | None = 
         m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, COMPILE_KEY,
                                _described(w, python_launchers=inductor and not cpp_wrapper,
                                           uncompiled_with_lora=uncompiled_with_lora, fallback=fallback,
+                                          uncompiled_on_failure=uncompiled_on_failure,
                                           not_capturable=CUDAGRAPHS_BACKEND if backend == "cudagraphs" else None))
     log.info("ConvRot: %d blocks will be compiled with torch.compile(%s%s) on the first step", len(keys), backend,
              ", C++ wrapper" if inductor and cpp_wrapper else "")
@@ -145,12 +150,27 @@ def _cpp_build_failure(error: BaseException) -> bool:
     return False
 
 
+def _compile_failure(error: BaseException) -> bool:
+    """Whether `error` is torch.compile failing (Dynamo, AOTAutograd, Inductor or Triton raised while compiling),
+    not the model's own error; an out-of-memory anywhere in the chain is left to ComfyUI."""
+    seen = set()
+    found = False
+    while error is not None and id(error) not in seen:
+        if isinstance(error, torch.OutOfMemoryError):
+            return False
+        mod = type(error).__module__ or ""
+        found = found or mod.startswith(("torch._dynamo", "torch._inductor", "torch._functorch", "triton."))
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__ or getattr(error, "inner_exception", None)
+    return found
+
+
 # Dynamo's cudagraphs backend records CUDA graphs itself; a capture around it would nest captures
 CUDAGRAPHS_BACKEND = "the blocks are compiled with the cudagraphs backend, which records CUDA graphs itself"
 
 
 def _described(compiled_wrapper, python_launchers: bool, uncompiled_with_lora: bool, fallback=None,
-               not_capturable: str | None = None):
+               not_capturable: str | None = None, uncompiled_on_failure: bool = False):
     """ComfyUI's compile wrapper, with what nodes/graph.py needs to know about it as attributes: whether its kernels
     start through Triton's Python launchers (`convrot_python_launchers`) and, for speed=auto, a test for the runs
     it steps aside for (`convrot_uncompiled_for`).
@@ -159,7 +179,8 @@ def _described(compiled_wrapper, python_launchers: bool, uncompiled_with_lora: b
     more of the toolchain than Triton's launchers do (a C++ compiler that builds against PyTorch's headers); when
     building it fails, the blocks are compiled again the usual way, once, with one warning, and the call is run
     again from its inputs (a block kind compiles at its first call, so blocks of another kind may have run; the
-    model call has no side effects, and that partial work is discarded)."""
+    model call has no side effects, and that partial work is discarded). `uncompiled_on_failure`: any other
+    compilation failure reruns the call, and every later one, uncompiled (see compile_blocks)."""
     logged = []
     current = [compiled_wrapper, fallback]
     layers: dict = {}  # id(diffusion model) -> (weak reference, its quantized layers): a walk of ~1,100 modules
@@ -181,11 +202,20 @@ def _described(compiled_wrapper, python_launchers: bool, uncompiled_with_lora: b
                          "each patched layer would break the graph); steps are still replayed as CUDA graphs where "
                          "possible")
             return executor(*args, **kwargs)
+        if current[0] is None:
+            return executor(*args, **kwargs)
         try:
             return current[0](executor, *args, **kwargs)
         except Exception as e:
             if current[1] is None or not _cpp_build_failure(e):
-                raise
+                if not (uncompiled_on_failure and _compile_failure(e)):
+                    raise
+                said = " ".join(ln.strip() for ln in str(e).strip().splitlines()[:2])
+                log.warning("ConvRot: compiling the blocks failed (%s: %s); this model's steps run uncompiled from "
+                            "now on (slower; the same result)", type(e).__name__, said[:200])
+                current[:] = [None, None]
+                wrapper.convrot_python_launchers = False
+                return executor(*args, **kwargs)
             _cpp_build_failed.append(f"building Inductor's C++ wrapper failed earlier in this process "
                                      f"({type(e).__name__})")
             log.warning("ConvRot: Inductor's C++ wrapper failed to build (%s: %s); the blocks are compiled with "

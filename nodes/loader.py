@@ -102,8 +102,11 @@ def fast_path_unavailable(patcher) -> str | None:
         return f"Triton is not importable ({type(e).__name__}), so torch.compile cannot build GPU kernels"
     if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
         return "no C compiler was found (Triton compiles its kernel launchers with one)"
-    need = patcher.model_size() + ACTIVATION_HEADROOM
     mm = comfy.model_management
+    if getattr(mm, "vram_state", None) is getattr(getattr(mm, "VRAMState", None), "NO_VRAM", ()):
+        return ("--novram keeps the weights in CPU memory and moves them to the GPU for each use, so steps run "
+                "eagerly")
+    need = patcher.model_size() + ACTIVATION_HEADROOM
     # what ComfyUI itself may use: --reserve-vram (extra_reserved_memory) is held back from every load it plans
     reserved = getattr(mm, "extra_reserved_memory", lambda: 0)()
     free = mm.get_free_memory(dev) + patcher.loaded_size() - reserved
@@ -136,7 +139,8 @@ def with_speed(patcher, speed: str):
         log.info("ConvRot: blocks are compiled and steps replayed as CUDA graphs (the first step takes %s longer "
                  "while compiling, less once Inductor's cache holds the code; set speed = eager on the loader to "
                  "turn this off)", "~45 s" if async_allocator() else "~20 s")
-    return graph_model(compile_blocks(patcher, uncompiled_with_lora=True))  # C++ wrapper where it matters
+    # C++ wrapper where it matters; a failed compile runs uncompiled rather than failing the prompt
+    return graph_model(compile_blocks(patcher, uncompiled_with_lora=True, uncompiled_on_failure=True))
 
 
 def load_convrot_model(path: str, preset: str = "mixed", group_size: int | str = 256, overrides: str = "",

@@ -366,6 +366,33 @@ def test_a_failed_cpp_wrapper_build_recompiles_with_python_launchers(env, caplog
     assert made == []
 
 
+def test_speed_auto_runs_uncompiled_when_compiling_fails(env, caplog):
+    """speed=auto compiles blocks the user never asked to compile: when torch.compile itself fails (seen on an H200:
+    the dequant route's first compile raised "Mixing fake modes"), the prompt still samples, uncompiled, with one
+    warning; Compile Blocks as a node (no fallback) raises. A real Dynamo failure: a backend that raises."""
+    c = env["comfy"]
+    compile_ = c.pack.nodes.compile
+    calls = []
+
+    def broken_backend(gm, example_inputs):
+        calls.append(True)
+        raise AssertionError("Mixing fake modes NYI")
+    torch._dynamo.reset()
+    m = compile_.compile_blocks(env["ours"], backend=broken_backend, uncompiled_with_lora=True,
+                                uncompiled_on_failure=True)
+    with caplog.at_level(logging.WARNING, logger="convrot"):
+        y = sample(c, m, steps=2)
+    assert calls, "the backend was never asked to compile"
+    assert torch.equal(y, sample(c, env["ours"], steps=2))
+    warned = [r for r in caplog.records if "compiling the blocks failed" in r.message]
+    assert len(warned) == 1 and "Mixing fake modes" in warned[0].getMessage()
+    torch._dynamo.reset()
+    m = compile_.compile_blocks(env["ours"], backend=broken_backend)
+    with pytest.raises(Exception, match="Mixing fake modes"):
+        sample(c, m, steps=1)
+    torch._dynamo.reset()
+
+
 def test_cpp_wrapper_choice_and_what_the_graph_node_is_told(env, monkeypatch):
     """The C++ wrapper is used where it matters (cudaMallocAsync) and the toolchain allows it; an earlier failed
     build turns it off for the process; the cudagraphs backend is never captured around (it records graphs

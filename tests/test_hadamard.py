@@ -60,3 +60,23 @@ def test_unsupported_group_size_is_refused(bad):
 def test_k_not_multiple_of_group_is_refused():
     with pytest.raises(ValueError, match="multiple"):
         rotate(torch.randn(2, 100), 64)
+
+
+def test_a_matrix_made_while_tracing_is_never_kept():
+    """Seen on an H200 server (dequant route, Compile Blocks): AOTAutograd ran the QuantizedTensor dispatch on fake
+    tensors with is_compiling() False, a matrix made there was kept, and the next block's compile failed with
+    "Mixing fake modes". Each trace must get a matrix of its own mode, eager code a real one."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    dtype = torch.float16  # a dtype no other test asks for, so nothing is kept before the traces below
+    for _ in range(2):
+        with FakeTensorMode() as mode:
+            h = regular_hadamard(64, "cpu", dtype)
+            assert isinstance(h, FakeTensor) and h.fake_mode is mode
+    traced = make_fx(lambda x: x @ regular_hadamard(64, x.device, dtype))(torch.ones(2, 64, dtype=dtype))
+    real = regular_hadamard(64, "cpu", dtype)
+    assert type(real) is torch.Tensor
+    assert torch.equal(real, regular_hadamard(64).to(dtype))
+    assert torch.equal(traced(torch.eye(64, dtype=dtype)[:2]), real[:2])
+    assert regular_hadamard(64, "cpu", dtype) is real  # eager calls share one

@@ -94,3 +94,21 @@ def test_other_families_run_in_a_cpu_server(tmp_path, family):
     graph = server_bench.prompt_for("mixed", "c", 2, 64, "p", family, tiny=True)
     assert "FluxGuidance" not in {n["class_type"] for n in graph.values()}  # neither family's template has it
     assert graph["5"]["class_type"] == ("EmptyHunyuanLatentVideo" if family == "wan14b" else "EmptyFlux2LatentImage")
+
+
+def test_speed_path_column_reads_the_packs_log_lines():
+    """The table's speed-path column comes from the pack's own log lines (lines as the S19 server wrote them)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import server_bench
+    log = "\n".join([
+        "[INFO] ConvRot: 57 blocks will be compiled with torch.compile(inductor, C++ wrapper) on the first step",
+        "[INFO] ConvRot CUDA Graph: 1 graph(s) captured, 19 steps replayed, 1 eager",
+        "[INFO] some other node: nothing of ours"])
+    assert server_bench.convrot_path(log) == "compiled (C++ wrapper); 1 graph(s) captured, 19 replayed"
+    got = server_bench.convrot_path("[WARNING] ConvRot CUDA Graph: running eagerly for the rest of this run: "
+                                    "img_in.bias is not on the GPU (low-VRAM offloading)")
+    assert got.startswith("eager: ") and "img_in.bias" in got
+    got = server_bench.convrot_path("[WARNING] ConvRot: compiling the blocks failed (BackendCompilerFailed: x); "
+                                    "this model's steps run uncompiled from now on (slower; the same result)")
+    assert got.startswith("uncompiled: ") and "BackendCompilerFailed" in got
+    assert server_bench.convrot_path("[INFO] got prompt") == ""
