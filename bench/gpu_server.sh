@@ -34,14 +34,20 @@ wait $build; tail -1 $OUT/env.txt; echo "setup $(( $(date +%s) - t0 )) s"
 [ -n "${SAVE_BUILD:-}" ] && tar -cJf $OUT/build.tar.xz -C /tmp convrot_cache 2>/dev/null
 # PRE: a command run once the extension is built (e.g. a probe script), before the tests and the harness
 if [ -n "${PRE:-}" ]; then (eval "$PRE") > $OUT/pre.txt 2>&1; tail -30 $OUT/pre.txt; fi
-if [ "$tests" != none ]; then
-  COMFYUI_PATH=/tmp/ComfyUI timeout 200 python3 -m pytest -q -x -p no:cacheprovider $tests > $OUT/tests.txt 2>&1
+# a PRE step may leave environment for the servers (e.g. the Triton GEMM variant its benchmark picked)
+[ -f /tmp/srv_env.sh ] && { . /tmp/srv_env.sh; cat /tmp/srv_env.sh; }
+run_tests() {
+  [ "$tests" = none ] && return
+  COMFYUI_PATH=/tmp/ComfyUI timeout ${TESTS_S:-200} python3 -m pytest -q -x -p no:cacheprovider $tests \
+    > $OUT/tests.txt 2>&1
   tail -15 $OUT/tests.txt
-fi
+}
+[ -n "${TESTS_LAST:-}" ] || run_tests  # TESTS_LAST=1: after the harness (its rows first if time runs out)
 [ "$modes" = none ] || timeout $(( ${BUDGET:-590} - ($(date +%s) - t0) )) python3 bench/server_bench.py --comfy /tmp/ComfyUI \
   --workdir $W --modes "$modes" --variants "$variants" --out $OUT/server.jsonl --log-dir /tmp/srv_logs "$@" \
   2>&1 | grep -v "^quantize \[" | tail -60
 # progress bars end in \r, not \n: split them off so that log lines printed during sampling are kept
+[ -n "${TESTS_LAST:-}" ] && run_tests
 for f in /tmp/srv_logs/*.log; do echo "=== $f"; tr '\r' '\n' < $f | grep -v "it/s\]\|s/it\]" | tail -c 60000; done \
   > $OUT/server_logs.txt 2>/dev/null; rm -rf /tmp/srv_logs
 # at most 8 files come back: a run that finished leaves its .jsonl, so its .partial.jsonl is dropped

@@ -3,11 +3,18 @@
     python bench/triton_bench.py [--check] [--group-size 256] [--iters 50] [--shapes 4096x3072x9216,...]
 
 For each (M, K, N): cuBLAS bf16 F.linear, then (times in µs, "x" = bf16 time / route time, > 1 is faster):
-  tW4 op      Triton W4A4 whole linear (rotate+quantize to int8 codes, GEMM unpacking the packed int4 weight)
-  tW4 cop     tW4 op through the torch.library custom op (linear_op(): what torch.compile sees)
-  tW4p op     the same with the weight prepared once as int8 codes (convrot.triton_kernels.prepare_weight)
-  tW4 gemm    the Triton GEMM alone (int8 activation codes x packed weight), tW4p gemm with the prepared weight
-  t rq        the Triton rotate+quantize pass alone
+  tW4 op      Triton W4A4 whole linear, W4_GEMM "packed" (rotate+quantize to int8 codes, one GEMM that unpacks
+              and re-interleaves the packed int4 weight in registers)
+  tW4s op     the same, W4_GEMM "split" (codes in the split chunk order, two dots per 128 channels, no interleave;
+              K % 128 != 0 runs the packed fallback, and the split-only columns stay empty)
+  tW4sw op    W4_GEMM "split_swap" (split, computing the transposed tile: the unpacked weight is wgmma's A)
+  tW4u op     W4_GEMM "unpack" (a Triton kernel unpacks the weight to int8 per call, then the int8 GEMM)
+  tW4x op     W4_GEMM "packed_x16" (tW4 op's one GEMM, the nibbles unpacked as 16x values: no sign extension)
+  tW4 cop     the custom op (linear_op(): what torch.compile sees), with the module's W4_GEMM (printed)
+  tW4p op     the weight prepared once as int8 codes (convrot.triton_kernels.prepare_weight)
+  tW4 gemm    a GEMM alone: tW4 gemm packed weight, tW4x gemm the same as packed_x16, tW4s / tW4sw gemm the
+              split kernels (split-order codes), tW4p gemm the prepared weight
+  t rq        the Triton rotate+quantize pass alone (t rqs: writing the split order); t unp the weight unpack alone
   tW8 op      Triton W8A8 whole linear
   ext W4 / ext W8   convrot.kernels.linear_fn (the built CUDA extension), when convrot.kernels.available()
 Every timed call runs after an L2 flush (a 256 MiB buffer written), timed with CUDA events; medians of --iters.
@@ -48,13 +55,17 @@ def bench(fn, iters: int, flush: torch.Tensor) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1000.0
 
 
-def make_inputs(m, k, n, group_size, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(m, k, device="cuda", generator=g)
-    x[:, torch.randint(0, k, (8,), device="cuda", generator=g)] *= 40.0  # outlier channels
+W4_ROUTES = {"tW4 op": "packed", "tW4s op": "split", "tW4sw op": "split_swap", "tW4u op": "unpack",
+             "tW4x op": "packed_x16"}
+
+
+def make_inputs(m, k, n, group_size, seed=0, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(m, k, device=device, generator=g)
+    x[:, torch.randint(0, k, (8,), device=device, generator=g)] *= 40.0  # outlier channels
     x = x.to(torch.bfloat16)
-    w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
-    bias = (torch.randn(n, device="cuda", generator=g) * 0.1).to(torch.bfloat16)
+    w = (torch.randn(n, k, device=device, generator=g) * 0.02).to(torch.bfloat16)
+    bias = (torch.randn(n, device=device, generator=g) * 0.1).to(torch.bfloat16)
     w4, s4 = reference.rotate_quantize(w, group_size, 4)
     w8, s8 = reference.rotate_quantize(w, group_size, 8)
     return x, w, bias, (w4, s4), (w8, s8)
@@ -94,6 +105,64 @@ def row_cells(times: dict, cols: list, width: int) -> str:
     return " ".join(cells)
 
 
+def make_runs(inp, g: int, fns: dict) -> dict:
+    """column -> zero-argument callable for one shape. inp: make_inputs' tuple; fns: linear functions by column
+    (the W4_ROUTES columns, "tW4 cop", "tW8 op", optionally "ext W4" / "ext W8")."""
+    x, w, bias, (w4, s4), (w8, s8) = inp
+    k = x.shape[1]
+    w4p = tk.prepare_weight(w4)
+    a8, a_s = tk.rotate_quantize(x, g, 4, packed=False)
+    runs = {"bf16": lambda: F.linear(x, w, bias)}
+    for col in W4_ROUTES:
+        runs[col] = (lambda f: lambda: f(x, w4, s4, bias))(fns[col])
+    runs["tW4 cop"] = lambda: fns["tW4 cop"](x, w4, s4, bias, g, 4)
+    runs["tW4p op"] = lambda: fns["tW4 op"](x, w4p, s4, bias)
+    runs["tW4 gemm"] = lambda: tk.gemm(a8, a_s, w4, s4, bias, torch.bfloat16, k=k)
+    runs["tW4x gemm"] = lambda: tk.gemm(a8, a_s, w4, s4, bias, torch.bfloat16, k=k, x16=True)
+    if k % tk.SPLIT_CHUNK == 0:
+        a8s, a_ss = tk.rotate_quantize(x, g, 4, packed=False, split=True)
+        runs["tW4s gemm"] = lambda: tk.gemm(a8s, a_ss, w4, s4, bias, torch.bfloat16, k=k, split=True)
+        runs["tW4sw gemm"] = lambda: tk.gemm(a8s, a_ss, w4, s4, bias, torch.bfloat16, k=k, split=True, swap=True)
+        runs["t rqs"] = lambda: tk.rotate_quantize(x, g, 4, packed=False, split=True)
+    runs["tW4p gemm"] = lambda: tk.gemm(a8, a_s, w4p, s4, bias, torch.bfloat16, k=k)
+    runs["t rq"] = lambda: tk.rotate_quantize(x, g, 4, packed=False)
+    runs["t unp"] = lambda: tk.unpack_weight(w4)
+    runs["tW8 op"] = lambda: fns["tW8 op"](x, w8, s8, bias)
+    for col in ("ext W4", "ext W8"):
+        if fns.get(col) is not None:
+            w_q, w_s = (w4, s4) if col == "ext W4" else (w8, s8)
+            runs[col] = (lambda f, w_q, w_s: lambda: f(x, w_q, w_s, bias))(fns[col], w_q, w_s)
+    return runs
+
+
+def check_lines(inp, g: int, runs: dict) -> list[str]:
+    """--check: every route's output against convrot.reference (and the rotate+quantize codes)."""
+    x, w, bias, (w4, s4), (w8, s8) = inp
+    lines = []
+    q, s = tk.rotate_quantize(x, g, 4)
+    qr, sr = reference.rotate_quantize(x, g, 4)
+    dq = (reference.unpack_int4(q).int() - reference.unpack_int4(qr).int()).abs()
+    srel = ((s - sr).abs() / sr).max().item()
+    lines.append(f"check rq: {int((dq != 0).sum())} of {dq.numel()} codes differ (max {int(dq.max())}), "
+                 f"scale max rel diff {srel:.1e}")
+    want4 = reference.convrot_linear(x, w4, s4, bias, g, 4)
+    want8 = reference.convrot_linear(x, w8, s8, bias, g, 8)
+    parts = [f"{c}: {compare(runs[c](), want8 if c in ('tW8 op', 'ext W8') else want4)}"
+             for c in [*W4_ROUTES, "tW4 cop", "tW4p op", "tW8 op", "ext W4", "ext W8"] if c in runs]
+    lines += [f"check {'; '.join(parts[i:i + 3])}" for i in range(0, len(parts), 3)]
+    # the GEMMs alone: the same codes as the reference's, so exactly its integer GEMM + epilogue
+    a8, a_s = tk.rotate_quantize(x, g, 4, packed=False)
+    want_g = reference.quantized_gemm(reference.pack_int4(a8), a_s, w4, s4, bias, torch.bfloat16, 4)
+    parts = [f"{c}: {compare(runs[c](), want_g)}"
+             for c in ("tW4 gemm", "tW4x gemm", "tW4s gemm", "tW4sw gemm", "tW4p gemm") if c in runs]
+    lines.append("check gemm alone, vs the reference gemm of the kernel's own codes:")
+    lines += [f"  {'; '.join(parts[i:i + 3])}" for i in range(0, len(parts), 3)]
+    ok_unp = torch.equal(runs["t unp"](), reference.unpack_int4(w4))
+    lines.append(f"check t unp: {'equal' if ok_unp else 'DIFFERS'} to reference.unpack_int4")
+    lines.append(f"(quantization itself, reference W4A4 vs bf16: {compare(want4, F.linear(x, w, bias))})")
+    return lines
+
+
 def parse_shapes(text: str | None, default: list) -> list[tuple[int, int, int]]:
     """--shapes "MxKxN,MxKxN" as (M, K, N) tuples; `default` when not given."""
     return default if not text else [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
@@ -106,6 +175,9 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--shapes", default=None, help="comma-separated MxKxN list (default: the FLUX linears)")
     ap.add_argument("--no-ext", action="store_true", help="skip the CUDA extension route")
+    ap.add_argument("--pick", default=None, metavar="FILE",
+                    help="write `export CONVROT_TRITON_W4=<route>` to FILE: the W4 route with the best geomean "
+                         "speed-up over the shapes with M >= 4096 whose every output matched (--check)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("CUDA only: no GPU visible to PyTorch")
@@ -134,65 +206,63 @@ def main() -> int:
         except Exception as e:
             print(f"CUDA extension: import failed ({type(e).__name__}: {e})")
     flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
-    t4, t8 = tk.linear_fn(g, 4), tk.linear_fn(g, 8)
-    e4 = e8 = None
+    fns = {col: tk.linear_fn(g, 4, w4_gemm=route) for col, route in W4_ROUTES.items()}
+    fns["tW8 op"] = tk.linear_fn(g, 8)
+    fns["tW4 cop"] = tk.linear_op()
+    print(f"tW4 cop runs W4_GEMM={tk.W4_GEMM!r} (CONVROT_TRITON_W4)")
     if ext is not None:
         try:
-            e4, e8 = ext.linear_fn(g, 4), ext.linear_fn(g, 8)
+            fns["ext W4"], fns["ext W8"] = ext.linear_fn(g, 4), ext.linear_fn(g, 8)
         except Exception as e:
             print(f"CUDA extension: linear_fn failed ({type(e).__name__}: {e}); its columns stay empty")
 
-    top = tk.linear_op()
-    cols = ["bf16", "tW4 op", "tW4 cop", "tW4p op", "tW4 gemm", "tW4p gemm", "t rq", "tW8 op", "ext W4", "ext W8"]
+    cols = ["bf16", "tW4 op", "tW4x op", "tW4s op", "tW4sw op", "tW4u op", "tW4 cop", "tW4p op", "tW4 gemm",
+            "tW4x gemm", "tW4s gemm", "tW4sw gemm", "tW4p gemm", "t rq", "t rqs", "t unp", "tW8 op", "ext W4",
+            "ext W8"]
     print()
     print(f"{'M x K x N':>20} " + " ".join(f"{c:>15}" for c in cols))
+    ratios: dict = {col: [] for col in W4_ROUTES}
     for (m, k, n) in shapes:
-        x, w, bias, (w4, s4), (w8, s8) = make_inputs(m, k, n, g)
-        w4p = tk.prepare_weight(w4)
-        a8, a_s = tk.rotate_quantize(x, g, 4, packed=False)
-        runs = {
-            "bf16": lambda: F.linear(x, w, bias),
-            "tW4 op": lambda: t4(x, w4, s4, bias),
-            "tW4 cop": lambda: top(x, w4, s4, bias, g, 4),
-            "tW4p op": lambda: t4(x, w4p, s4, bias),
-            "tW4 gemm": lambda: tk.gemm(a8, a_s, w4, s4, bias, torch.bfloat16, k=k),
-            "tW4p gemm": lambda: tk.gemm(a8, a_s, w4p, s4, bias, torch.bfloat16, k=k),
-            "t rq": lambda: tk.rotate_quantize(x, g, 4, packed=False),
-            "tW8 op": lambda: t8(x, w8, s8, bias),
-        }
-        if e4 is not None:
-            runs["ext W4"] = lambda: e4(x, w4, s4, bias)
-            runs["ext W8"] = lambda: e8(x, w8, s8, bias)
+        inp = make_inputs(m, k, n, g)
+        runs = make_runs(inp, g, fns)
         times = time_runs(runs, lambda fn: bench(fn, args.iters, flush), f"{m}x{k}x{n}")
         print(f"{f'{m}x{k}x{n}':>20} " + row_cells(times, cols, 15))
+        if m >= 4096:
+            for col in W4_ROUTES:
+                ok = times.get(col) is not None and times.get("bf16")
+                if ok and args.check:
+                    ok = _matches(runs[col](), reference.convrot_linear(inp[0], *inp[3], inp[2], g, 4))
+                ratios[col].append(times["bf16"] / times[col] if ok else None)
         try:
             from convrot import _triton_jit as j
 
-            for name, tuner in (("gemm", j.gemm_tuned), ("rq", j.rotate_quantize_tuned)):
+            for name, tuner in (("gemm", j.gemm_tuned), ("split gemm", j.gemm_split_tuned),
+                                ("rq", j.rotate_quantize_tuned)):
                 for key, cfg in getattr(tuner, "cache", {}).items():
                     if k in key and (name == "rq" or n in key):
                         print(f"{'':>20}  autotuned {name} {key}: {cfg}")
         except Exception:
             pass
         if args.check:
-            q, s = tk.rotate_quantize(x, g, 4)
-            qr, sr = reference.rotate_quantize(x, g, 4)
-            dq = (reference.unpack_int4(q).int() - reference.unpack_int4(qr).int()).abs()
-            srel = ((s - sr).abs() / sr).max().item()
-            print(f"{'':>20}  check rq: {int((dq != 0).sum())} of {dq.numel()} codes differ (max {int(dq.max())}), "
-                  f"scale max rel diff {srel:.1e}")
-            want4 = reference.convrot_linear(x, w4, s4, bias, g, 4)
-            want8 = reference.convrot_linear(x, w8, s8, bias, g, 8)
-            dense = F.linear(x, w, bias)
-            print(f"{'':>20}  check tW4 op: {compare(t4(x, w4, s4, bias), want4)}; tW4p op: "
-                  f"{compare(t4(x, w4p, s4, bias), want4)}; tW8 op: {compare(t8(x, w8, s8, bias), want8)}")
-            if e4 is not None:
-                print(f"{'':>20}  check ext W4: {compare(e4(x, w4, s4, bias), want4)}; ext W8: "
-                      f"{compare(e8(x, w8, s8, bias), want8)}")
-            print(f"{'':>20}  (quantization itself, reference W4A4 vs bf16: {compare(want4, dense)})")
-        del x, w, bias, w4, s4, w8, s8, w4p, a8, a_s
+            for line in check_lines(inp, g, runs):
+                print(f"{'':>20}  {line}")
+        del inp, runs
         torch.cuda.empty_cache()
+    summary = {col: statistics.geometric_mean(r) for col, r in ratios.items() if r and None not in r}
+    for col, gm in sorted(summary.items(), key=lambda kv: -kv[1]):
+        print(f"geomean at M >= 4096, {W4_ROUTES[col]:>11}: {gm:.2f}x of bf16")
+    if args.pick and summary:
+        best = W4_ROUTES[max(summary, key=summary.get)]
+        with open(args.pick, "w") as f:
+            f.write(f"export CONVROT_TRITON_W4={best}\n")
+        print(f"picked W4_GEMM={best} -> {args.pick}")
     return 0
+
+
+def _matches(y, want) -> bool:
+    """Within the rounding of the output dtype (routes compute the same integers; the epilogue may round apart)."""
+    y, want = y.float(), want.float()
+    return bool(((y - want).abs().amax() <= 1e-2 * want.abs().amax().clamp_min(1e-6)).item())
 
 
 if __name__ == "__main__":

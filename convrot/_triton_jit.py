@@ -11,6 +11,10 @@ import triton.language as tl
 # 1.5 * 2^23: for |v| < 2^22, (v + C) - C is v rounded to the nearest integer, ties to even, in fp32 arithmetic
 # (no libdevice call, so it is the same on NVIDIA, AMD and the interpreter).
 ROUND_MAGIC = tl.constexpr(12582912.0)  # jit code may read module globals only as constexpr
+# The split activation order: within each CHUNK channels, the HALF even channels first, then the HALF odd ones,
+# so a packed weight's low / high nibbles of bytes [c*HALF, (c+1)*HALF) meet contiguous code runs.
+CHUNK = tl.constexpr(128)
+HALF = tl.constexpr(64)
 
 
 @triton.jit
@@ -68,13 +72,14 @@ def _rotate_tile(x, h, G: tl.constexpr, NORM: tl.constexpr, BLOCK_M: tl.constexp
 @triton.jit
 def rotate_quantize_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, M_BUCKET,
                            G: tl.constexpr, HS: tl.constexpr, NORM: tl.constexpr, QMAX: tl.constexpr,
-                           PACK: tl.constexpr, DOT_F32: tl.constexpr,
+                           PACK: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Per row: r = x @ blockdiag(H_G) (fp32), scale = max(absmax(r), 1e-10) / QMAX, code = rint(r / scale).
 
     Two passes over the row block: the first finds absmax, the second recomputes the rotation (tensor-core
     cheap) and writes codes, so a row never has to fit in registers. PACK: two int4 codes per byte, low nibble =
-    even channel; else one int8 code per channel.
+    even channel; else one int8 code per channel, in channel order or (SPLIT) in the split chunk order that
+    gemm_split_kernel reads: per CHUNK channels, the even ones first, then the odd ones.
     """
     pid = tl.program_id(0)
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -105,6 +110,14 @@ def rotate_quantize_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_q
             p = ((lo & 15) | (hi << 4)).to(tl.int8)
             kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             tl.store(q_rows + kp[None, :], p, mask=m_ok[:, None] & (kp[None, :] < K // 2))
+        elif SPLIT:
+            tl.static_assert(BLOCK_K // CHUNK * CHUNK == BLOCK_K)
+            ev, od = tl.split(tl.reshape(q, (BLOCK_M, BLOCK_K // 2, 2)))
+            jp = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # pair index: channels 2jp, 2jp + 1
+            col = (jp // HALF) * CHUNK + jp % HALF  # runs of HALF contiguous bytes
+            ok = m_ok[:, None] & (jp[None, :] < K // 2)
+            tl.store(q_rows + col[None, :], ev.to(tl.int8), mask=ok)
+            tl.store(q_rows + (col + HALF)[None, :], od.to(tl.int8), mask=ok)
         else:
             tl.store(q_rows + kk[None, :], q.to(tl.int8), mask=m_ok[:, None] & (kk[None, :] < K))
 
@@ -119,14 +132,8 @@ def _unpack_int4(p, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
-def gemm_kernel(a_ptr, w_ptr, as_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_am, stride_wn, stride_ym, M_BUCKET,
-                A_PACKED: tl.constexpr, W_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                BF16_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """y[m, n] = (sum_k a[m, k] w[n, k]) * a_scale[m] * w_scale[n] (+ bias[n]), int32 accumulation, fp32 epilogue.
-
-    K counts codes. An operand is packed int4 ([rows, K/2] bytes, sign-extended to int8 in registers) or int8
-    codes ([rows, K]); both then meet in one int8 x int8 -> int32 tl.dot. BF16_RTNE: for the interpreter only.
-    """
+def _tile_of_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program, in grouped order (GROUP_M row tiles share the weight tiles in L2)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -136,7 +143,71 @@ def gemm_kernel(a_ptr, w_ptr, as_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_am, 
     group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
 
+
+@triton.jit
+def _epilogue(acc, rm, rn, M, N, as_ptr, ws_ptr, b_ptr, y_ptr, stride_ym, HAS_BIAS: tl.constexpr,
+              BF16_RTNE: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """y = (acc * a_scale[m]) * w_scale[n] (+ bias[n]) in fp32, stored in y's dtype. acc: int32 [BLOCK_M, BLOCK_N]
+    tile of rows rm, columns rn, or (TRANSPOSED) its [BLOCK_N, BLOCK_M] transpose, stored without a transpose."""
+    m_ok = rm < M
+    n_ok = rn < N
+    a_s = tl.load(as_ptr + rm, mask=m_ok, other=0.0)
+    w_s = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
+    if TRANSPOSED:
+        y = acc.to(tl.float32) * a_s[None, :] * w_s[:, None]
+    else:
+        y = acc.to(tl.float32) * a_s[:, None] * w_s[None, :]
+    if HAS_BIAS:
+        b = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if TRANSPOSED:
+            y = y + b[:, None]
+        else:
+            y = y + b[None, :]
+    if BF16_RTNE:
+        # The interpreter truncates fp32 -> bf16; round to nearest even by hand (finite values) as the GPU does.
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        y = bits.to(tl.float32, bitcast=True)
+    if TRANSPOSED:
+        y_ptrs = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+    else:
+        y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _nibbles_x16(p, ASM: tl.constexpr):
+    """Packed int8 bytes -> (16 * low nibble, 16 * high nibble) as int8, both signed and exact.
+
+    Moving each nibble to the top of its byte needs no sign extension, and the dots' int32 sums are then 16x
+    (exact, |sum| < 2^31 for K <= 65536), shifted back once per tile. Per-byte int8 shifts compile to byte
+    extract/insert sequences; ASM (NVIDIA only) does the same in three 32-bit ops per 4 bytes.
+    """
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; shl.b32 t, $2, 4; and.b32 $0, t, 0xF0F0F0F0; and.b32 $1, $2, 0xF0F0F0F0; }",
+            "=r,=r,r", [p], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    else:
+        lo = p << 4
+        hi = p & -16
+    return lo, hi
+
+
+@triton.jit
+def gemm_kernel(a_ptr, w_ptr, as_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_am, stride_wn, stride_ym, M_BUCKET,
+                A_PACKED: tl.constexpr, W_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                BF16_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP_M: tl.constexpr, W_X16: tl.constexpr, ASM: tl.constexpr):
+    """y[m, n] = (sum_k a[m, k] w[n, k]) * a_scale[m] * w_scale[n] (+ bias[n]), int32 accumulation, fp32 epilogue.
+
+    K counts codes. An operand is packed int4 ([rows, K/2] bytes, sign-extended to int8 in registers) or int8
+    codes ([rows, K]); both then meet in one int8 x int8 -> int32 tl.dot. BF16_RTNE: for the interpreter only.
+    W_X16 (packed weight): its nibbles unpacked as 16x values (_nibbles_x16, ASM) instead of sign-extended.
+    """
+    pid_m, pid_n = _tile_of_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # rows past the end read a valid row (its result is never stored), so the loads need no row mask
@@ -163,23 +234,94 @@ def gemm_kernel(a_ptr, w_ptr, as_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_am, 
         if A_PACKED:
             a = _unpack_int4(a, BLOCK_M, BLOCK_K)
         if W_PACKED:
-            w = _unpack_int4(w, BLOCK_N, BLOCK_K)
+            if W_X16:
+                lo, hi = _nibbles_x16(w, ASM)
+                w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+            else:
+                w = _unpack_int4(w, BLOCK_N, BLOCK_K)
         acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+    if W_PACKED and W_X16:
+        acc = acc >> 4  # exact: every product was 16x
+    _epilogue(acc, rm, rn, M, N, as_ptr, ws_ptr, b_ptr, y_ptr, stride_ym, HAS_BIAS, BF16_RTNE, False)
 
-    m_ok = rm < M
-    n_ok = rn < N
-    a_s = tl.load(as_ptr + rm, mask=m_ok, other=0.0)
-    w_s = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
-    y = acc.to(tl.float32) * a_s[:, None] * w_s[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if BF16_RTNE:
-        # The interpreter truncates fp32 -> bf16; round to nearest even by hand (finite values) as the GPU does.
-        bits = y.to(tl.uint32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        y = bits.to(tl.float32, bitcast=True)
-    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+@triton.jit
+def gemm_split_kernel(a_ptr, w_ptr, as_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_am, stride_wn, stride_ym,
+                      M_BUCKET, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr,
+                      BF16_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr, ONE_DOT: tl.constexpr):
+    """gemm_kernel's W4A4 product for int8 activation codes in the split chunk order (rotate_quantize_kernel
+    SPLIT) and a packed int4 weight [N, K/2]: per CHUNK, the low nibbles of HALF weight bytes meet the HALF
+    even-channel codes and the high nibbles the odd ones, so nothing is interleaved in registers. Two dots of
+    K = HALF, or (ONE_DOT) one of K = CHUNK with the weight's nibble halves concatenated along K (a
+    concatenation of two register tiles, no element shuffle) against the chunk loaded whole.
+
+    K % BLOCK_K == 0, BLOCK_K a multiple of CHUNK. SWAP: accumulate the transposed tile [BLOCK_N, BLOCK_M] with
+    the unpacked weight as the dot's first operand (Hopper's wgmma can read that one from registers instead of
+    shared memory) and store it transposed. ASM: see _nibbles_x16.
+    """
+    tl.static_assert(BLOCK_K // CHUNK * CHUNK == BLOCK_K)
+    pid_m, pid_n = _tile_of_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # rows past the end read a valid row (its result is never stored), so the loads need no mask
+    ram = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M).to(tl.int64)
+    rwn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N).to(tl.int64)
+    rh = tl.arange(0, HALF)
+    a_rows = a_ptr + ram[:, None] * stride_am
+    w_rows = w_ptr + rwn[:, None] * stride_wn + rh[None, :]
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for kb in range(0, K // BLOCK_K):
+        for c in tl.static_range(BLOCK_K // CHUNK):
+            ka = kb * BLOCK_K + c * CHUNK
+            p = tl.load(w_rows + (kb * (BLOCK_K // 2) + c * HALF))
+            w_lo, w_hi = _nibbles_x16(p, ASM)
+            if ONE_DOT:
+                a = tl.load(a_rows + (ka + tl.arange(0, CHUNK))[None, :])
+                w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (0, 2, 1)), (BLOCK_N, CHUNK))  # [lo | hi]
+                if SWAP:
+                    acc = tl.dot(w, tl.trans(a), acc, out_dtype=tl.int32)
+                else:
+                    acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+            else:
+                a_lo = tl.load(a_rows + (ka + rh)[None, :])
+                a_hi = tl.load(a_rows + (ka + HALF + rh)[None, :])
+                if SWAP:
+                    acc = tl.dot(w_lo, tl.trans(a_lo), acc, out_dtype=tl.int32)
+                    acc = tl.dot(w_hi, tl.trans(a_hi), acc, out_dtype=tl.int32)
+                else:
+                    acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
+                    acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
+    acc = acc >> 4  # exact: every product was 16x
+    _epilogue(acc, rm, rn, M, N, as_ptr, ws_ptr, b_ptr, y_ptr, stride_ym, HAS_BIAS, BF16_RTNE, SWAP)
+
+
+@triton.jit
+def _sext_nibbles(t):
+    """uint32 words whose bytes hold 0..15 -> each byte's 4-bit value sign-extended to 8 bits (t, or t - 16 for
+    t >= 8). Per byte, (t ^ 8) + 0x78 <= 0x87 never carries into the next byte; ^ 0x80 then subtracts 0x80."""
+    return ((t ^ 0x08080808) + 0x78787878) ^ 0x80808080
+
+
+@triton.jit
+def unpack_int4_kernel(p_ptr, q_ptr, N, KW, stride_pn, stride_qn, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Packed int4 [N, 4 KW] bytes, read as 32-bit words [N, KW] -> int8 codes [N, 8 KW] in channel order,
+    written as 64-bit words [N, KW]: bitwise ops on 4 bytes at a time (per-byte int8 math compiles to byte
+    extract/insert sequences), and one output word per input word (no interleave). Strides in words."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rw = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    ok = (rn < N)[:, None] & (rw < KW)[None, :]
+    rn64 = rn.to(tl.int64)
+    x = tl.load(p_ptr + rn64[:, None] * stride_pn + rw[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
+    lo = _sext_nibbles(x & 0x0F0F0F0F)  # byte i: the code of channel 8w + 2i
+    hi = _sext_nibbles((x >> 4) & 0x0F0F0F0F)  # byte i: channel 8w + 2i + 1
+    w0 = (lo & 0xFF) | ((hi & 0xFF) << 8) | ((lo & 0xFF00) << 8) | ((hi & 0xFF00) << 16)
+    w1 = ((lo >> 16) & 0xFF) | ((hi >> 8) & 0xFF00) | ((lo >> 8) & 0xFF0000) | (hi & 0xFF000000)
+    q = w0.to(tl.uint64) | (w1.to(tl.uint64) << 32)  # little-endian: w0's bytes first
+    tl.store(q_ptr + rn64[:, None] * stride_qn + rw[None, :], q.to(tl.int64, bitcast=True), mask=ok)
 
 
 INTERPRET = type(gemm_kernel).__name__ == "InterpretedFunction"
@@ -198,7 +340,39 @@ GEMM_CONFIGS = [
 ]
 
 gemm_tuned = triton.autotune(
-    configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "A_PACKED", "W_PACKED", "HAS_BIAS"])(gemm_fixed)
+    configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "A_PACKED", "W_PACKED", "HAS_BIAS", "W_X16"])(gemm_fixed)
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). The wgmma M side (BLOCK_M, or BLOCK_N under SWAP) needs
+# 64 rows per warpgroup, else mma.sync runs: so the small-M tiles are SWAP's, plus one mma.sync tile without it.
+# The large tiles come with ONE_DOT on and off (the two forms of the chunk product), the rest with it on.
+_SPLIT_TILES = [(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 256, 8, 3)]
+_SPLIT_TILES_ONE_DOT = [(128, 128, 128, 4, 4), (64, 128, 256, 4, 3)]
+_NO_SWAP_TILES = {(32, 64, 256, 4, 4)}
+_SWAP_TILES = {(64, 256, 128, 8, 3), (32, 128, 256, 4, 4), (16, 128, 256, 4, 4)}
+
+
+def _tile(c):
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
+
+
+def _split_config(bm, bn, bk, nw, ns, one_dot):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "ONE_DOT": one_dot},
+                         num_warps=nw, num_stages=ns)
+
+
+SPLIT_CONFIGS = ([_split_config(*t, od) for t in _SPLIT_TILES for od in (True, False)]
+                 + [_split_config(*t, True) for t in _SPLIT_TILES_ONE_DOT + sorted(_NO_SWAP_TILES | _SWAP_TILES)])
+
+
+def _prune_split(configs, named_args, **kwargs):
+    """The configs of this variant (SWAP or not) whose BLOCK_K divides K (K % 128 == 0: one always does)."""
+    other = _NO_SWAP_TILES if kwargs.get("SWAP") else _SWAP_TILES
+    return [c for c in configs if named_args["K"] % c.kwargs["BLOCK_K"] == 0 and _tile(c) not in other]
+
+
+gemm_split_tuned = triton.autotune(
+    configs=SPLIT_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BIAS", "SWAP"],
+    prune_configs_by={"early_config_prune": _prune_split})(gemm_split_kernel)
 
 ROTQ_CONFIGS = [
     triton.Config({"BLOCK_M": 8, "BLOCK_K": 256}, num_warps=4),
@@ -208,4 +382,4 @@ ROTQ_CONFIGS = [
 ]
 
 rotate_quantize_tuned = triton.autotune(
-    configs=ROTQ_CONFIGS, key=["M_BUCKET", "K", "G", "QMAX", "PACK"])(rotate_quantize_kernel)
+    configs=ROTQ_CONFIGS, key=["M_BUCKET", "K", "G", "QMAX", "PACK", "SPLIT"])(rotate_quantize_kernel)

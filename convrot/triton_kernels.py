@@ -16,24 +16,45 @@ available(device=None, probe=True) -> (ok: bool, reason: str)
     computation (a few seconds, once per process and device).
 supports_shape(k, n=None, group_size=256, bits=4) -> bool
     The shape limits in LIMITS, for dispatch.
-rotate_quantize(x2d, group_size, bits=4, *, packed=True, out=None, scale_out=None) -> (codes, scale fp32 [M])
+rotate_quantize(x2d, group_size, bits=4, *, packed=True, split=False, out=None, scale_out=None)
+        -> (codes, scale fp32 [M])
     bits=4: packed int8 [M, K/2] (packed=False: one int8 code per channel, [M, K], values in [-7, 7]);
     bits=8: int8 [M, K] in [-127, 127]. x2d: [M, K] fp16/bf16/fp32, last dim contiguous.
-gemm(a, a_scale, w, w_scale, bias, out_dtype, *, k, out=None) -> y [M, N]
+    split=True (bits=4, packed=False, K % 128 == 0): the int8 codes in the split chunk order that
+    gemm(split=True) reads: in each chunk of SPLIT_CHUNK = 128 channels, the 64 even channels (0, 2, .., 126)
+    first, then the 64 odd ones. Internal to the W4 GEMM routes; the default output is in channel order.
+gemm(a, a_scale, w, w_scale, bias, out_dtype, *, k, out=None, split=False, swap=False, x16=False) -> y [M, N]
     Integer GEMM with the epilogue. `k` = number of codes per row; an operand whose last dim is k/2 is packed
     int4, one whose last dim is k is int8 codes (so W4A4 with int8 activation codes, packed or prepared weights,
-    and W8A8 all go through here).
-linear(x2d, w_q, w_scale, bias, group_size, bits=4, *, out=None) -> y2d (x's dtype)
+    and W8A8 all go through here). split=True: a is split-order int8 codes, w packed int4, k % 128 == 0 (the
+    "split" W4 GEMM); swap=True with it: the "split_swap" kernel; x16=True (packed w, no split): "packed_x16".
+linear(x2d, w_q, w_scale, bias, group_size, bits=4, *, out=None, w4_gemm=None) -> y2d (x's dtype)
     The whole quantized linear: rotate + quantize (int8 codes) then gemm. w_q: bits=4 packed [N, K/2] or
-    prepare_weight's int8 codes [N, K]; bits=8 int8 [N, K].
-linear_fn(group_size, bits) -> f(x2d, w, w_scale, bias) -> y2d
+    prepare_weight's int8 codes [N, K]; bits=8 int8 [N, K]. w4_gemm: see W4_GEMM (None = W4_GEMM).
+linear_fn(group_size, bits, *, w4_gemm=None) -> f(x2d, w, w_scale, bias) -> y2d
     The contract of convrot.kernels.linear_fn: the caller has checked device and shape (x2d contiguous CUDA
-    [M, K] fp16/bf16, w/w_scale as stored, bias None or [N]).
+    [M, K] fp16/bf16, w/w_scale as stored, bias None or [N]). w4_gemm is fixed when f is made.
 linear_op() -> torch.ops.convrot_triton.linear.default(x2d, w, w_scale, bias, group_size, bits) -> y2d
     The same linear as one torch.library custom op with a fake (shape-only) kernel: opaque to torch.compile.
 prepare_weight(w_packed) -> int8 codes [N, K]
     Optional: unpacks a W4 weight once (2x the packed bytes, half of bf16) so the GEMM skips the in-register
     sign extension; gemm / linear accept either form.
+unpack_weight(w_packed, *, out=None) -> int8 codes [N, K]
+    The same unpack as one Triton kernel launch (what W4_GEMM = "unpack" runs per call).
+
+W4 GEMM route (W4_GEMM, env CONVROT_TRITON_W4, read at import; default "split"), for bits=4 with a packed
+weight only (prepared int8 weights and W8A8 always take the int8 x int8 GEMM):
+    "split"       rotate+quantize writes the codes in the split chunk order; per 128 channels the GEMM does two
+                  int8 dots, the weight's low nibbles against the even channels and the high nibbles against
+                  the odd ones (no interleave in registers). Needs K % 128 == 0, else "packed" runs.
+    "split_swap"  the same, computing the transposed output tile (the unpacked weight is the dot's first
+                  operand) and storing it transposed. Same K condition and fallback.
+    "unpack"      a Triton kernel unpacks the weight into a scratch int8 [N, K] per call, then the int8 GEMM
+                  (what the CUDA extension does); three launches instead of two, 2x the weight bytes read.
+    "packed"      one GEMM that unpacks and re-interleaves the nibbles in registers.
+    "packed_x16"  the same with the nibbles unpacked as 16x values (no sign extension; int32 sums shifted back
+                  by 4, exact), which takes far fewer instructions than the sign extension.
+Every route gives the same, bit-equal result. On NVIDIA the split and packed_x16 kernels unpack with inline PTX.
 
 Limits (LIMITS, a TritonLimits): group_size in {16, 64, 256}; K % group_size == 0 and 0 < K <= 65536 (int32
 accumulator exact for int8 codes up to K = 133,000); any N >= 1 (N % 8 recommended: cuBLAS/extension parity,
@@ -45,7 +66,7 @@ Notes for dispatch: AUTOTUNE (env CONVROT_TRITON_AUTOTUNE, default on) picks per
 configs; off, one fixed config is used (fewer compiles, slower GEMMs). With it on, the first call per (shape
 bucket, dtype) compiles and benchmarks each config (seconds per new kernel variant, once per process; compiled
 kernels are cached on disk by Triton), so warm up before CUDA-graph capture; afterwards a call is two kernel
-launches (int8 activation codes between them). The
+launches (int8 activation codes between them; three with W4_GEMM = "unpack"). The
 rotation is tensor-core matmuls with exact +-1 products and fp32 accumulation (fp32 inputs split into three
 bf16 pieces), so codes equal the reference's except at rare rounding ties (r / scale within an ulp of k + 0.5).
 Under TRITON_INTERPRET=1 (set before this module first imports triton) the same kernels run on CPU tensors in
@@ -62,7 +83,7 @@ import torch
 from . import reference
 
 __all__ = ["LIMITS", "TritonLimits", "available", "supports_shape", "rotate_quantize", "gemm", "linear",
-           "linear_fn", "linear_op", "prepare_weight"]
+           "linear_fn", "linear_op", "prepare_weight", "unpack_weight", "W4_GEMM", "W4_GEMMS", "SPLIT_CHUNK"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +113,11 @@ _avail_cache: dict = {}
 _NO_FUSION = {"enable_fp_fusion": False}
 # False (or CONVROT_TRITON_AUTOTUNE=0): one fixed block config per kernel, no autotuning (fewer compiles; tests)
 AUTOTUNE = os.environ.get("CONVROT_TRITON_AUTOTUNE", "1") not in ("0", "")
+W4_GEMMS = ("split", "split_swap", "unpack", "packed", "packed_x16")
+W4_GEMM = os.environ.get("CONVROT_TRITON_W4", "split")  # checked where used, so a typo cannot break the import
+SPLIT_CHUNK = 128  # the split activation order's chunk (_triton_jit.CHUNK)
+# the block config used without autotuning (the interpreter, CONVROT_TRITON_AUTOTUNE=0, the probe)
+_SPLIT_FIXED = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, ONE_DOT=True, num_warps=4)
 
 
 def _jit():
@@ -147,9 +173,10 @@ def _check_group(group_size: int, k: int) -> None:
         raise ValueError(f"K={k} must be a positive multiple of group_size={group_size}, at most {LIMITS.max_k}")
 
 
-def rotate_quantize(x2d: torch.Tensor, group_size: int, bits: int = 4, *, packed: bool = True,
+def rotate_quantize(x2d: torch.Tensor, group_size: int, bits: int = 4, *, packed: bool = True, split: bool = False,
                     out: torch.Tensor | None = None, scale_out: torch.Tensor | None = None):
-    """(codes, scale fp32 [M]) = reference.rotate_quantize(x2d, group_size, bits) (packed=False: unpacked int4).
+    """(codes, scale fp32 [M]) = reference.rotate_quantize(x2d, group_size, bits) (packed=False: unpacked int4;
+    split=True with it: in the split chunk order, see the module docstring).
 
     `out` / `scale_out`, when given, are written in place (shape [M, K/2] or [M, K] int8, [M] fp32) and returned.
     """
@@ -161,6 +188,9 @@ def rotate_quantize(x2d: torch.Tensor, group_size: int, bits: int = 4, *, packed
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     m, k = x2d.shape
     _check_group(group_size, k)
+    if split and (bits != 4 or packed or k % SPLIT_CHUNK):
+        raise ValueError(f"split=True needs bits=4, packed=False and K % {SPLIT_CHUNK} == 0 "
+                         f"(got bits={bits}, packed={packed}, K={k})")
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
     pack = bits == 4 and packed
@@ -175,18 +205,18 @@ def rotate_quantize(x2d: torch.Tensor, group_size: int, bits: int = 4, *, packed
         raise ValueError(f"scale_out must be contiguous float32 [{m}]")
     if m == 0:
         return out, scale_out
-    _launch_rotate_quantize(x2d, out, scale_out, group_size, _QMAX[bits], pack)
+    _launch_rotate_quantize(x2d, out, scale_out, group_size, _QMAX[bits], pack, split=split)
     return out, scale_out
 
 
-def _launch_rotate_quantize(x2d, out, scale_out, group_size, qmax, pack, fixed=False):
+def _launch_rotate_quantize(x2d, out, scale_out, group_size, qmax, pack, fixed=False, split=False):
     """One launch of the rotate+quantize kernel; `fixed` (the interpreter, the probe) skips autotuning."""
     j = _jit()
     m, k = x2d.shape
     hs = 64 if group_size == 64 else 16
     h = _hadamard_pm1(hs, x2d.device)
     args = (x2d, h, out, scale_out, m, k, x2d.stride(0), out.stride(0), _m_bucket(m))
-    consts = dict(G=group_size, HS=hs, NORM=1.0 / (group_size ** 0.5), QMAX=qmax, PACK=pack,
+    consts = dict(G=group_size, HS=hs, NORM=1.0 / (group_size ** 0.5), QMAX=qmax, PACK=pack, SPLIT=split,
                   DOT_F32=j.INTERPRET)
     if fixed or j.INTERPRET or not AUTOTUNE:
         j.rotate_quantize_kernel[(triton_cdiv(m, 32),)](*args, **consts, BLOCK_M=32, BLOCK_K=256, num_warps=4,
@@ -210,10 +240,14 @@ def _operand_packed(t: torch.Tensor, k: int, name: str) -> bool:
 
 
 def gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-         bias: torch.Tensor | None, out_dtype: torch.dtype, *, k: int, out: torch.Tensor | None = None):
+         bias: torch.Tensor | None, out_dtype: torch.dtype, *, k: int, out: torch.Tensor | None = None,
+         split: bool = False, swap: bool = False, x16: bool = False):
     """y[M, N] = (a_codes @ w_codesᵀ) * a_scale[m] * w_scale[n] + bias[n] (fp32 math), in out_dtype.
 
     k: codes per row. a [M, k/2 or k], w [N, k/2 or k]: last dim k/2 = packed int4, k = int8 codes.
+    split=True: a is int8 codes [M, k] in the split chunk order (rotate_quantize(split=True)), w packed int4,
+    k % SPLIT_CHUNK == 0; swap=True (with split only) picks the transposed-tile kernel. x16=True (packed w):
+    the weight's nibbles unpacked as 16x values (the "packed_x16" route); same result.
     """
     if out_dtype not in LIMITS.gemm_out_dtypes:
         raise ValueError(f"out_dtype must be one of {LIMITS.gemm_out_dtypes}, got {out_dtype}")
@@ -221,6 +255,13 @@ def gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch
         raise ValueError(f"k={k} must be even, positive and at most {LIMITS.max_k}")
     a_packed = _operand_packed(a, k, "a")
     w_packed = _operand_packed(w, k, "w")
+    if swap and not split:
+        raise ValueError("swap=True needs split=True")
+    if x16 and (split or not w_packed):
+        raise ValueError("x16=True needs a packed weight [N, k/2] and split=False")
+    if split and (a_packed or not w_packed or k % SPLIT_CHUNK):
+        raise ValueError(f"split=True needs int8 activation codes [M, k], a packed weight [N, k/2] and "
+                         f"k % {SPLIT_CHUNK} == 0 (k={k})")
     m, n = a.shape[0], w.shape[0]
     if a_scale.numel() != m or w_scale.numel() != n:
         raise ValueError(f"a_scale has {a_scale.numel()} entries for M={m}, w_scale {w_scale.numel()} for N={n}")
@@ -236,18 +277,26 @@ def gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch
     w_scale = w_scale.reshape(n).to(torch.float32).contiguous()
     if bias is not None:
         bias = bias.reshape(n).contiguous()
-    _launch_gemm(a, a_scale, w, w_scale, bias, out, k, a_packed, w_packed)
+    if split:
+        _launch_gemm_split(a, a_scale, w, w_scale, bias, out, k, swap)
+    else:
+        _launch_gemm(a, a_scale, w, w_scale, bias, out, k, a_packed, w_packed, w_x16=x16)
     return out
 
 
-def _launch_gemm(a, a_scale, w, w_scale, bias, out, k, a_packed, w_packed, fixed=False):
+def _asm(j) -> bool:
+    """Inline PTX in the kernels: compiled for NVIDIA (not the interpreter, not ROCm)."""
+    return not j.INTERPRET and torch.version.hip is None
+
+
+def _launch_gemm(a, a_scale, w, w_scale, bias, out, k, a_packed, w_packed, fixed=False, w_x16=False):
     """One launch of the GEMM kernel (a_scale/w_scale fp32 contiguous, bias None or contiguous [N])."""
     j = _jit()
     m, n = a.shape[0], w.shape[0]
     args = (a, w, a_scale, w_scale, a_scale if bias is None else bias, out, m, n, k,
             a.stride(0), w.stride(0), out.stride(0), _m_bucket(m))
-    consts = dict(A_PACKED=a_packed, W_PACKED=w_packed, HAS_BIAS=bias is not None,
-                  BF16_RTNE=j.INTERPRET and out.dtype == torch.bfloat16)
+    consts = dict(A_PACKED=a_packed, W_PACKED=w_packed, HAS_BIAS=bias is not None, W_X16=w_x16 and w_packed,
+                  ASM=_asm(j), BF16_RTNE=j.INTERPRET and out.dtype == torch.bfloat16)
     if fixed or j.INTERPRET or not AUTOTUNE:
         grid = (triton_cdiv(m, 32) * triton_cdiv(n, 64),)
         j.gemm_fixed[grid](*args, **consts, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4,
@@ -257,6 +306,35 @@ def _launch_gemm(a, a_scale, w, w_scale, bias, out, k, a_packed, w_packed, fixed
             *args, **consts, **_NO_FUSION)
 
 
+def _launch_gemm_split(a, a_scale, w, w_scale, bias, out, k, swap, fixed=False):
+    """One launch of the split W4 GEMM: a split-order int8 codes [M, k], w packed [N, k/2], k % 128 == 0."""
+    j = _jit()
+    m, n = a.shape[0], w.shape[0]
+    args = (a, w, a_scale, w_scale, a_scale if bias is None else bias, out, m, n, k,
+            a.stride(0), w.stride(0), out.stride(0), _m_bucket(m))
+    consts = dict(HAS_BIAS=bias is not None, SWAP=swap, ASM=_asm(j),
+                  BF16_RTNE=j.INTERPRET and out.dtype == torch.bfloat16)
+    if fixed or j.INTERPRET or not AUTOTUNE:
+        cfg = _SPLIT_FIXED
+        grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]),)
+        j.gemm_split_kernel[grid](*args, **consts, **cfg, **({} if j.INTERPRET else _NO_FUSION))
+    else:
+        j.gemm_split_tuned[lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * triton_cdiv(n, meta["BLOCK_N"]),)](
+            *args, **consts, **_NO_FUSION)
+
+
+def _launch_unpack(w, out):
+    """Packed int4 w [N, K/2] (last dim contiguous) -> int8 codes into out [N, K] (contiguous); K % 8 == 0."""
+    j = _jit()
+    n, kp = w.shape
+    if w.stride(0) % 4 or w.storage_offset() % 4 or w.data_ptr() % 4:  # read as 32-bit words
+        w = w.clone()
+    bn, bw = 8, 256
+    j.unpack_int4_kernel[(triton_cdiv(n, bn), triton_cdiv(kp // 4, bw))](
+        w.view(torch.int32), out.view(torch.int64), n, kp // 4, w.stride(0) // 4, kp // 4,
+        BLOCK_N=bn, BLOCK_W=bw, num_warps=4)
+
+
 def prepare_weight(w_packed: torch.Tensor) -> torch.Tensor:
     """Packed int4 [N, K/2] -> int8 codes [N, K] (torch ops, once per weight)."""
     p = w_packed.view(torch.uint8).to(torch.int16)
@@ -264,30 +342,71 @@ def prepare_weight(w_packed: torch.Tensor) -> torch.Tensor:
     return torch.where(both >= 8, both - 16, both).to(torch.int8).contiguous()
 
 
+def unpack_weight(w_packed: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed int4 [N, K/2] -> int8 codes [N, K] in channel order (= prepare_weight), one Triton launch; K % 8 == 0."""
+    if w_packed.dim() != 2 or w_packed.dtype != torch.int8 or w_packed.stride(1) != 1:
+        raise ValueError("w_packed must be a 2-D int8 tensor with a contiguous last dim")
+    n, kp = w_packed.shape
+    if kp % 4:
+        raise ValueError(f"unpack_weight needs K % 8 == 0 (got {kp} bytes per row)")
+    if out is None:
+        out = torch.empty((n, 2 * kp), device=w_packed.device, dtype=torch.int8)
+    elif out.shape != (n, 2 * kp) or out.dtype != torch.int8 or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous int8 [{n}, {2 * kp}]")
+    if n and kp:
+        _launch_unpack(w_packed, out)
+    return out
+
+
+def _w4_route(w4_gemm: str | None, k: int, w_packed: bool) -> str:
+    """The W4 GEMM that runs for this weight form and K (see W4_GEMM); "int8" = the prepared-weight GEMM."""
+    mode = W4_GEMM if w4_gemm is None else w4_gemm
+    if mode not in W4_GEMMS:
+        raise ValueError(f"W4 GEMM route (CONVROT_TRITON_W4) must be one of {W4_GEMMS}, got {mode!r}")
+    if not w_packed:
+        return "int8"
+    if mode in ("split", "split_swap") and k % SPLIT_CHUNK:
+        return "packed"
+    return mode
+
+
 def linear(x2d: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-           group_size: int, bits: int = 4, *, out: torch.Tensor | None = None) -> torch.Tensor:
+           group_size: int, bits: int = 4, *, out: torch.Tensor | None = None,
+           w4_gemm: str | None = None) -> torch.Tensor:
     """reference.convrot_linear for a 2-D input: rotate + quantize x per token, integer GEMM, epilogue.
 
     Output dtype = x's (fp16/bf16). The activation codes go through memory as int8 (one byte per code) so the
     GEMM's A operand needs no unpacking; the weight may be packed [N, K/2] or prepared int8 [N, K].
+    w4_gemm: the W4 GEMM route for a packed weight (None = W4_GEMM; see the module docstring).
     """
     if x2d.dtype not in LIMITS.linear_dtypes:
         raise ValueError(f"linear returns x's dtype, which must be float16 or bfloat16, got {x2d.dtype}")
-    if bits == 8 and w_q.shape[-1] != x2d.shape[-1]:
-        raise ValueError(f"W8A8 weight has {w_q.shape[-1]} codes per row; expected K={x2d.shape[-1]}")
+    k = x2d.shape[-1]
+    if bits == 8 and w_q.shape[-1] != k:
+        raise ValueError(f"W8A8 weight has {w_q.shape[-1]} codes per row; expected K={k}")
+    route = _w4_route(w4_gemm, k, w_q.dim() == 2 and w_q.shape[-1] * 2 == k) if bits == 4 else "int8"
+    if route in ("split", "split_swap"):
+        a, a_scale = rotate_quantize(x2d, group_size, 4, packed=False, split=True)
+        return gemm(a, a_scale, w_q, w_scale, bias, x2d.dtype, k=k, out=out, split=True,
+                    swap=route == "split_swap")
+    if route == "unpack":
+        w_q = unpack_weight(w_q)
     a, a_scale = rotate_quantize(x2d, group_size, bits, packed=False)
-    return gemm(a, a_scale, w_q, w_scale, bias, x2d.dtype, k=x2d.shape[1], out=out)
+    return gemm(a, a_scale, w_q, w_scale, bias, x2d.dtype, k=k, out=out, x16=route == "packed_x16")
 
 
-def linear_fn(group_size: int, bits: int, *, _fixed: bool = False):
+def linear_fn(group_size: int, bits: int, *, w4_gemm: str | None = None, _fixed: bool = False):
     """f(x2d, w, w_scale, bias) -> y2d with convrot.kernels.linear_fn's contract (checks left to the caller).
 
     x2d contiguous [M, K] fp16/bf16 on a device where available() is True, K inside LIMITS for group_size;
     w packed [N, K/2] or int8 [N, K] (bits=8: int8 [N, K]); w_scale [N] (fp32 avoids a conversion);
     bias None or contiguous [N] (x's dtype avoids nothing: it is read as fp32 in any float dtype).
+    w4_gemm: the W4 GEMM route for packed weights (None = W4_GEMM now), fixed for this f.
     """
     if group_size not in LIMITS.group_sizes or bits not in _QMAX:
         raise ValueError(f"unsupported group_size={group_size} / bits={bits}")
+    mode = W4_GEMM if w4_gemm is None else w4_gemm
+    _w4_route(mode, SPLIT_CHUNK, False)  # reject an unknown route now
     _jit()
     qmax = _QMAX[bits]
 
@@ -297,12 +416,22 @@ def linear_fn(group_size: int, bits: int, *, _fixed: bool = False):
         y = torch.empty((m, w.shape[0]), device=dev, dtype=x.dtype)
         if m == 0:
             return y
+        w_packed = w.shape[1] != k
+        route = _w4_route(mode, k, w_packed) if bits == 4 else "int8"
+        split = route in ("split", "split_swap")
         a = torch.empty((m, k), device=dev, dtype=torch.int8)
         a_s = torch.empty((m,), device=dev, dtype=torch.float32)
-        _launch_rotate_quantize(x, a, a_s, group_size, qmax, False, _fixed)
+        _launch_rotate_quantize(x, a, a_s, group_size, qmax, False, _fixed, split=split)
         if w_scale.dtype != torch.float32:
             w_scale = w_scale.float()
-        _launch_gemm(a, a_s, w, w_scale, bias, y, k, False, w.shape[1] != k, _fixed)
+        if split:
+            _launch_gemm_split(a, a_s, w, w_scale, bias, y, k, route == "split_swap", _fixed)
+            return y
+        if route == "unpack":
+            w8 = torch.empty((w.shape[0], k), device=dev, dtype=torch.int8)
+            _launch_unpack(w, w8)
+            w, w_packed = w8, False
+        _launch_gemm(a, a_s, w, w_scale, bias, y, k, False, w_packed, _fixed, w_x16=route == "packed_x16")
         return y
 
     return f
@@ -325,9 +454,10 @@ def linear_op():
                 fns: dict = {}
 
                 def impl(x, w, w_scale, bias, group_size, bits):
-                    f = fns.get((group_size, bits))
+                    key = (group_size, bits, W4_GEMM)
+                    f = fns.get(key)
                     if f is None:
-                        f = fns[(group_size, bits)] = linear_fn(group_size, bits)
+                        f = fns[key] = linear_fn(group_size, bits)
                     return f(x.contiguous(), w, w_scale, bias)
 
                 op = torch.library.custom_op(
@@ -396,19 +526,20 @@ def available(device=None, probe: bool = True) -> tuple[bool, str]:
 
 
 def _probe(dev: torch.device) -> str | None:
-    """Compile and run one tiny W4A4 and W8A8 linear; compare with a plain torch computation. None when fine."""
+    """Compile and run one tiny W4A4 and W8A8 linear; compare with a plain torch computation. None when fine.
+    K = 128, so the W4 route that W4_GEMM picks for real shapes (split ones need K % 128 == 0) is the one probed."""
     try:
         g = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.randn(5, 64, generator=g).to(dev, torch.bfloat16)
+        x = torch.randn(5, 128, generator=g).to(dev, torch.bfloat16)
         for bits in (4, 8):
             qmax = _QMAX[bits]
-            codes = torch.randint(-qmax, qmax + 1, (16, 64), generator=g, dtype=torch.int8).to(dev)
+            codes = torch.randint(-qmax, qmax + 1, (16, 128), generator=g, dtype=torch.int8).to(dev)
             w = codes if bits == 8 else (((codes[:, 1::2].to(torch.int16) & 0xF) << 4)
                                          | (codes[:, 0::2].to(torch.int16) & 0xF)).to(torch.uint8).view(torch.int8)
             ws = torch.rand(16, generator=g).to(dev) + 0.5
             y = linear_fn(16, bits, _fixed=True)(x.contiguous(), w.contiguous(), ws, None).float()
             h = _hadamard_pm1(16, dev) * 0.25
-            r = (x.float().reshape(5, 4, 16) @ h).reshape(5, 64)
+            r = (x.float().reshape(5, 8, 16) @ h).reshape(5, 128)
             s = r.abs().amax(1).clamp_min(reference.SCALE_FLOOR) / qmax
             a = torch.round(r / s[:, None]).clamp(-qmax, qmax)
             ref = (a @ codes.float().t()) * s[:, None] * ws

@@ -138,6 +138,8 @@ def test_gemm_exact_accumulator_and_epilogue(a_fmt, w_fmt, m):
     assert acc is out
     exact = ref.int_matmul(ac, wc, qmax + 1)  # int32, exact
     assert torch.equal(acc, exact.to(torch.float32))  # the same int32 -> fp32 rounding (|acc| may pass 2^24)
+    if w_fmt == "packed":  # the packed_x16 unpack of the weight (K tail included): the same sums
+        assert torch.equal(tk.gemm(a, ones_m, w, ones_n, None, torch.float32, k=k, x16=True), acc)
     # real scales and bias in each output dtype: bit-equal to the reference's fp32 epilogue
     g = torch.Generator().manual_seed(3)
     a_s = (torch.rand(m, generator=g) + 0.01).to(DEV) * 1e-2
@@ -247,6 +249,188 @@ def test_linear_op_is_opaque_to_tracing():
     assert y.shape == (17, 24) and y.dtype == torch.bfloat16
 
 
+def _split_perm(k):
+    """perm[p] = the channel whose code the split order stores at position p (built from the definition: per 128
+    channels, the 64 even ones, then the 64 odd ones), independent of the kernels' index arithmetic."""
+    perm = []
+    for c in range(0, k, 128):
+        perm += [c + 2 * i for i in range(64)] + [c + 2 * i + 1 for i in range(64)]
+    return torch.tensor(perm, device=DEV)
+
+
+def test_split_perm_is_the_documented_order():
+    perm = _split_perm(384)
+    assert torch.equal(perm.sort().values, torch.arange(384, device=DEV))
+    spots = {0: 0, 1: 2, 63: 126, 64: 1, 65: 3, 127: 127, 128: 128, 129: 130, 192: 129, 383: 383}
+    assert {p: perm[p].item() for p in spots} == spots
+
+
+@pytest.mark.parametrize("group_size,k", [(16, 384), (64, 256), (256, 512)] + ([(256, 3072)] if CUDA else []))
+@pytest.mark.parametrize("m", [1, 77])
+def test_rotate_quantize_split_order(group_size, k, m):
+    """split=True writes the channel-order codes permuted into the split chunk order: undoing the permutation
+    gives exactly the kernel's channel-order codes, and those match the reference."""
+    x = _acts(m, k, torch.bfloat16, seed=k + m)
+    q = _poisoned_codes((m, k))
+    s = torch.full((m,), float("nan"), device=DEV)
+    tk.rotate_quantize(x, group_size, 4, packed=False, split=True, out=q, scale_out=s)
+    assert (q != -128).all(), "unwritten code bytes"
+    qc, sc = tk.rotate_quantize(x, group_size, 4, packed=False)
+    assert torch.equal(s, sc)
+    unperm = torch.empty_like(q)
+    unperm[:, _split_perm(k)] = q
+    assert torch.equal(unperm, qc)
+    assert not torch.equal(q, qc)  # (the permutation is no identity on these codes)
+    qr, sr = ref.rotate_quantize(x, group_size, 4)
+    torch.testing.assert_close(s, sr, rtol=2e-6, atol=0)
+    _assert_codes_close(ref.pack_int4(unperm), qr, 4)
+
+
+# block configs besides the fixed one (ONE_DOT on): two dots per chunk; two chunks per K step, in both forms
+_SPLIT_CFGS = {"two_dots": dict(ONE_DOT=False), "bk256": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, GROUP_M=2),
+               "bk256_two_dots": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, GROUP_M=2, ONE_DOT=False)}
+# (M, N, K, block config); BLOCK_K=256 only where K % 256 == 0 (as the autotuner prunes)
+_SPLIT_GEMM_CASES = [(1, 40, 256, "fixed"), (3, 200, 384, "fixed"), (77, 40, 384, "two_dots"),
+                     (1, 200, 384, "two_dots"), (77, 200, 256, "bk256"), (3, 40, 256, "bk256_two_dots")]
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["split", "split_swap"])
+@pytest.mark.parametrize("m,n,k,cfg", _SPLIT_GEMM_CASES)
+def test_gemm_split_exact_accumulator_and_epilogue(m, n, k, cfg, swap, monkeypatch):
+    """gemm(split=True[, swap=True]): split-order int8 activation codes x packed int4 weight (K % 128 == 0) equals
+    the reference GEMM of the channel-order codes: exactly (int32 accumulator) and bit-equal after the epilogue."""
+    if cfg != "fixed":
+        monkeypatch.setattr(tk, "_SPLIT_FIXED", {**tk._SPLIT_FIXED, **_SPLIT_CFGS[cfg]})
+    m, n = (m * 61, n * 16) if CUDA else (m, n)
+    ac, wc = _codes(m, k, 7, 31 + m), _codes(n, k, 8, 32 + n).clamp_(-8, 7)  # -8: the full int4 range
+    a = ac[:, _split_perm(k)].contiguous()
+    w = ref.pack_int4(wc)
+    ones_m, ones_n = torch.ones(m, device=DEV), torch.ones(n, device=DEV)
+    out = torch.full((m, n), float("nan"), device=DEV)
+    acc = tk.gemm(a, ones_m, w, ones_n, None, torch.float32, k=k, out=out, split=True, swap=swap)
+    assert acc is out
+    assert torch.equal(acc, ref.int_matmul(ac, wc, 8).to(torch.float32))
+    if m == 3:  # the same codes in channel order are no valid split-order input: the test tells the orders apart
+        assert not torch.equal(tk.gemm(ac, ones_m, w, ones_n, None, torch.float32, k=k, split=True, swap=swap), acc)
+    g = torch.Generator().manual_seed(k + n)
+    a_s = (torch.rand(m, generator=g) + 0.01).to(DEV) * 1e-2
+    w_s = (torch.rand(n, generator=g) + 0.01).to(DEV) * 1e-2
+    b32 = torch.randn(n, generator=g).to(DEV)
+    # fp32 out: the epilogue's own roundings, (acc * a_scale) * w_scale + bias, in that order, show bit for bit
+    for dt, bias in ((torch.float32, b32), (torch.bfloat16, b32.bfloat16()), (torch.float16, None)):
+        y = torch.full((m, n), float("nan"), device=DEV, dtype=dt)
+        tk.gemm(a, a_s, w, w_s, bias, dt, k=k, out=y, split=True, swap=swap)
+        want = ref.quantized_gemm(ref.pack_int4(ac), a_s, w, w_s, bias, dt, 4)
+        assert torch.isfinite(y).all()
+        assert torch.equal(y, want)
+
+
+@pytest.mark.parametrize("n,k", [(37, 208), (200, 384), (3, 16)])
+def test_unpack_weight_matches_reference(n, k):
+    """The Triton unpack (W4_GEMM = "unpack") gives reference.unpack_int4's codes, also from a strided or
+    misaligned view."""
+    wc = _codes(n, k, 8, n + k).clamp_(-8, 7)
+    w = ref.pack_int4(wc)
+    out = _poisoned_codes((n, k))
+    assert tk.unpack_weight(w, out=out) is out
+    assert torch.equal(out, wc)
+    wide = ref.pack_int4(_codes(n, k + 16, 8, 3).clamp_(-8, 7))
+    for off in (8, 1):  # word-aligned offset, then a misaligned one (copied first)
+        view = wide[:, off:off + k // 2]
+        assert torch.equal(tk.unpack_weight(view), ref.unpack_int4(view))
+
+
+def test_w4_route_choice():
+    assert tk.W4_GEMM in tk.W4_GEMMS
+    assert tk.W4_GEMMS == ("split", "split_swap", "unpack", "packed", "packed_x16")
+    assert tk._w4_route("split", 384, True) == "split"
+    assert tk._w4_route("split_swap", 256, True) == "split_swap"
+    assert tk._w4_route("split", 208, True) == "packed"  # K % 128 != 0: the fallback
+    assert tk._w4_route("split_swap", 320, True) == "packed"
+    assert tk._w4_route("unpack", 208, True) == "unpack"
+    assert tk._w4_route("packed_x16", 208, True) == "packed_x16"
+    assert tk._w4_route("split", 384, False) == "int8"  # prepared int8 weights
+    with pytest.raises(ValueError, match="CONVROT_TRITON_W4"):
+        tk._w4_route("splitt", 384, True)
+    with pytest.raises(ValueError, match="CONVROT_TRITON_W4"):
+        tk.linear_fn(64, 4, w4_gemm="nope")
+
+
+def test_split_autotune_configs_pruned_per_k_and_variant():
+    j = tk._jit()
+    for swap in (False, True):
+        for k in (128, 384, 3072):
+            cfgs = j._prune_split(j.SPLIT_CONFIGS, {"K": k}, SWAP=swap)
+            assert cfgs and all(k % c.kwargs["BLOCK_K"] == 0 and c.kwargs["BLOCK_K"] % 128 == 0 for c in cfgs)
+            if swap:  # BLOCK_N is then the wgmma M side: 64 rows per warpgroup
+                assert all(c.kwargs["BLOCK_N"] >= 64 for c in cfgs)
+            assert {c.kwargs["ONE_DOT"] for c in cfgs} == {True, False}
+
+
+def _count_calls(monkeypatch, name):
+    calls = []
+    fn = getattr(tk, name)
+
+    def spy(*args, **kwargs):
+        calls.append((*args, kwargs))
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(tk, name, spy)
+    return calls
+
+
+# G, K, dtype: K % 128 == 0 runs the split kernels; K = 208 (G=16) takes the packed fallback
+_ROUTE_CASES = [(16, 384, torch.bfloat16), (16, 208, torch.float16), (64, 256, torch.float16),
+                (256, 512, torch.bfloat16)] + ([(256, 3072, torch.bfloat16), (64, 3072, torch.float16)] if CUDA else [])
+
+
+@pytest.mark.parametrize("group_size,k,dtype", _ROUTE_CASES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("route", ["split", "split_swap", "unpack", "packed_x16"])
+def test_linear_w4_routes_match_reference(route, group_size, k, dtype, monkeypatch):
+    """linear(w4_gemm=route): the reference's result and bit-equal to the packed route (same codes, exact
+    integer sums, same epilogue); the split kernels run exactly where K % 128 == 0."""
+    m, n = (333, 3072 + 8) if CUDA else (33, 40)
+    x = _acts(m, k, dtype, seed=k + group_size)
+    w_q, w_s = _weights(n, k, group_size, 4, seed=k)
+    split_calls = _count_calls(monkeypatch, "_launch_gemm_split")
+    unpack_calls = _count_calls(monkeypatch, "_launch_unpack")
+    gemm_calls = _count_calls(monkeypatch, "_launch_gemm")
+    for bias in (torch.randn(n, device=DEV).to(dtype), None):
+        out = torch.full((m, n), float("nan"), device=DEV, dtype=dtype)
+        y = tk.linear(x, w_q, w_s, bias, group_size, 4, out=out, w4_gemm=route)
+        assert y is out
+        _assert_linear_close(y, ref.convrot_linear(x, w_q, w_s, bias, group_size, 4))
+        if bias is not None:
+            assert torch.equal(y, tk.linear(x, w_q, w_s, bias, group_size, 4, w4_gemm="packed"))
+    assert len(split_calls) == (2 if route.startswith("split") and k % 128 == 0 else 0)
+    assert len(unpack_calls) == (2 if route == "unpack" else 0)
+    # the routed calls come first (then the packed comparison): packed_x16 really unpacks by 16x
+    assert gemm_calls[0][-1].get("w_x16", False) == (route == "packed_x16")
+    if route.startswith("split"):
+        assert all(c[7] == (route == "split_swap") for c in split_calls)  # the swap argument
+
+
+@pytest.mark.parametrize("route", ["split", "split_swap", "unpack", "packed_x16"])
+@pytest.mark.parametrize("m", [1, 17])
+def test_linear_fn_w4_routes(route, m, monkeypatch):
+    """linear_fn(G, 4, w4_gemm=route) and the custom op under W4_GEMM = route: packed weights take the route,
+    prepared int8 weights the int8 GEMM; all match the reference."""
+    k, n, g = (3072, 9216, 256) if CUDA else (256, 40, 64)
+    x = _acts(m, k, torch.bfloat16, seed=m + 50)
+    w_q, w_s = _weights(n, k, g, 4, seed=51)
+    bias = torch.randn(n, device=DEV).to(torch.bfloat16)
+    want = ref.convrot_linear(x, w_q, w_s, bias, g, 4)
+    split_calls = _count_calls(monkeypatch, "_launch_gemm_split")
+    f = tk.linear_fn(g, 4, w4_gemm=route)
+    _assert_linear_close(f(x, w_q, w_s, bias), want)
+    _assert_linear_close(f(x, w_q, w_s, None), ref.convrot_linear(x, w_q, w_s, None, g, 4))
+    _assert_linear_close(f(x, tk.prepare_weight(w_q), w_s, bias), want)
+    assert len(split_calls) == (2 if route.startswith("split") else 0)
+    monkeypatch.setattr(tk, "W4_GEMM", route)
+    _assert_linear_close(tk.linear_op()(x, w_q, w_s, bias, g, 4), want)
+    assert len(split_calls) == (3 if route.startswith("split") else 0)
+
+
 def test_prepare_weight_is_unpack():
     wc = _codes(16, 64, 7, 4)
     assert torch.equal(tk.prepare_weight(ref.pack_int4(wc)), wc)
@@ -273,6 +457,19 @@ def test_argument_errors():
                 torch.bfloat16, k=64)
     with pytest.raises(ValueError, match="float16 or bfloat16"):
         tk.linear(x.float(), torch.zeros(8, 48, dtype=torch.int8), torch.ones(8), None, 16, 4)
+    x128 = torch.zeros(2, 128, device=DEV, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="split=True"):
+        tk.rotate_quantize(x128, 16, 4, split=True)  # packed codes have no split order
+    with pytest.raises(ValueError, match="split=True"):
+        tk.rotate_quantize(x, 16, 4, packed=False, split=True)  # K = 96
+    a8, ones = torch.zeros(2, 128, dtype=torch.int8, device=DEV), torch.ones(2, device=DEV)
+    with pytest.raises(ValueError, match="swap=True"):
+        tk.gemm(a8, ones, torch.zeros(2, 64, dtype=torch.int8, device=DEV), ones, None, torch.bfloat16, k=128,
+                swap=True)
+    with pytest.raises(ValueError, match="split=True"):
+        tk.gemm(a8, ones, a8, ones, None, torch.bfloat16, k=128, split=True)  # int8 weight
+    with pytest.raises(ValueError, match="x16=True"):
+        tk.gemm(a8, ones, a8, ones, None, torch.bfloat16, k=128, x16=True)  # int8 weight
 
 
 def test_limits_and_supports_shape():
