@@ -346,7 +346,8 @@ def convrot_path(log_text: str) -> str:
     """What the pack's log lines written during one prompt say about its speed path: compiled (with which
     launchers), CUDA graphs captured and replayed, or eager and why; "" where the pack said nothing (stock rows)."""
     import re
-    lines = [ln for ln in log_text.splitlines() if "ConvRot" in ln]
+    # "ConvRot on cuda:0: <route>: ..." names the kernel route, whose description may say "eagerly" too
+    lines = [ln for ln in log_text.splitlines() if "ConvRot" in ln and "ConvRot on " not in ln]
     parts = []
     if any("blocks will be compiled" in ln for ln in lines):
         parts.append("compiled" + (" (C++ wrapper)" if any("C++ wrapper" in ln for ln in lines) else ""))

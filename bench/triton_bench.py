@@ -6,7 +6,7 @@ For each (M, K, N): cuBLAS bf16 F.linear, then (times in µs, "x" = bf16 time / 
   tW4 op      Triton W4A4 whole linear, W4_GEMM "packed" (rotate+quantize to int8 codes, one GEMM that unpacks
               and re-interleaves the packed int4 weight in registers)
   tW4s op     the same, W4_GEMM "split" (codes in the split chunk order, two dots per 128 channels, no interleave;
-              K % 128 != 0 runs the packed fallback, and the split-only columns stay empty)
+              K % 128 != 0 runs the packed_x16 fallback, and the split-only columns stay empty)
   tW4sw op    W4_GEMM "split_swap" (split, computing the transposed tile: the unpacked weight is wgmma's A)
   tW4u op     W4_GEMM "unpack" (a Triton kernel unpacks the weight to int8 per call, then the int8 GEMM)
   tW4x op     W4_GEMM "packed_x16" (tW4 op's one GEMM, the nibbles unpacked as 16x values: no sign extension)

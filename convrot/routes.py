@@ -26,10 +26,9 @@ log = logging.getLogger("convrot")
 
 ROUTES = ("cuda", "torchmm", "triton", "dequant", "reference")
 ENV = "CONVROT_ROUTE"
-# Triton takes part in the automatic order once it is known to beat the fallbacks end to end. Its kernels match the
-# reference on an H200 (bench/NOTES.md Session 7), but its W4A4 op ran at 0.55-0.73x of bf16 there and its first
-# server run failed on a bug since fixed, not yet re-run; until then it runs when CONVROT_ROUTE=triton asks for it.
-TRITON_AUTOMATIC = False
+# Triton is in the automatic order after the CUDA extension: in an H200 server (bench/NOTES.md Session 10, S21)
+# mixed on it ran at 1.15x of bf16 where the dequant fallback ran at 1.06x, and test_triton.py passed there.
+TRITON_AUTOMATIC = True
 _TRITON_OPT_IN = f"not in the automatic order yet ({ENV}=triton runs it)"
 # torchmm computes the reference's integer math through torch._int_mm (tests/test_torchmm.py); it joins the automatic
 # order once bench/torchmm_bench.py and an end-to-end run have shown it beating dequant on a GPU.
@@ -44,12 +43,12 @@ COST = {
     "torchmm": "W4A4/W8A8 through PyTorch's own int8 GEMM (torch._int_mm: cuBLAS/hipBLASLt int8 tensor cores), "
                "rotate+quantize and the epilogue in torch ops: ConvRot's integer math, no compiler or Triton "
                "needed; speed not measured yet",
-    "triton": "portable Triton kernels (no compiler needed; on Hopper slower than the CUDA extension)",
+    "triton": "portable Triton kernels, no CUDA compiler needed (mixed ran at 1.15x of bf16 in an H200 server, "
+              "where the CUDA extension ran at 1.60x; the first step also tunes the kernels, once per process)",
     "dequant": "weight-only fallback, each layer's codes expanded to bf16/fp16 per call for cuBLAS: slower than "
-               "bf16 (mixed ran at 0.67x of bf16 eagerly in an H200 server; 0.90x with Compile Blocks, in process), "
-               "the memory saving kept, no 4-bit speed-up (on NVIDIA GPUs a CUDA toolkit builds ConvRot's kernels; "
-               "CONVROT_ROUTE=torchmm runs the W4A4 math on PyTorch's int8 GEMMs, CONVROT_ROUTE=triton the portable "
-               "Triton kernels)",
+               "bf16 eagerly (mixed: 0.67x of bf16 in an H200 server), about bf16's speed compiled (1.06x there), "
+               "the memory saving kept, no 4-bit speed-up (on NVIDIA GPUs from sm_80 a working Triton, or a CUDA "
+               "toolkit that builds ConvRot's extension, gives the 4-bit kernels)",
     "reference": "the PyTorch reference path, ConvRot's exact math: far slower than bf16 on a GPU (mixed ran at 0.09x "
                  "of bf16 on an H200, in process)",
 }

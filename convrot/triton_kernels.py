@@ -42,11 +42,11 @@ prepare_weight(w_packed) -> int8 codes [N, K]
 unpack_weight(w_packed, *, out=None) -> int8 codes [N, K]
     The same unpack as one Triton kernel launch (what W4_GEMM = "unpack" runs per call).
 
-W4 GEMM route (W4_GEMM, env CONVROT_TRITON_W4, read at import; default "split"), for bits=4 with a packed
+W4 GEMM route (W4_GEMM, env CONVROT_TRITON_W4, read at import; default "split_swap"), for bits=4 with a packed
 weight only (prepared int8 weights and W8A8 always take the int8 x int8 GEMM):
     "split"       rotate+quantize writes the codes in the split chunk order; per 128 channels the GEMM does two
                   int8 dots, the weight's low nibbles against the even channels and the high nibbles against
-                  the odd ones (no interleave in registers). Needs K % 128 == 0, else "packed" runs.
+                  the odd ones (no interleave in registers). Needs K % 128 == 0, else "packed_x16" runs.
     "split_swap"  the same, computing the transposed output tile (the unpacked weight is the dot's first
                   operand) and storing it transposed. Same K condition and fallback.
     "unpack"      a Triton kernel unpacks the weight into a scratch int8 [N, K] per call, then the int8 GEMM
@@ -114,7 +114,7 @@ _NO_FUSION = {"enable_fp_fusion": False}
 # False (or CONVROT_TRITON_AUTOTUNE=0): one fixed block config per kernel, no autotuning (fewer compiles; tests)
 AUTOTUNE = os.environ.get("CONVROT_TRITON_AUTOTUNE", "1") not in ("0", "")
 W4_GEMMS = ("split", "split_swap", "unpack", "packed", "packed_x16")
-W4_GEMM = os.environ.get("CONVROT_TRITON_W4", "split")  # checked where used, so a typo cannot break the import
+W4_GEMM = os.environ.get("CONVROT_TRITON_W4", "split_swap")  # the fastest on an H200 (bench/NOTES.md S21)  # checked where used, so a typo cannot break the import
 SPLIT_CHUNK = 128  # the split activation order's chunk (_triton_jit.CHUNK)
 # the block config used without autotuning (the interpreter, CONVROT_TRITON_AUTOTUNE=0, the probe)
 _SPLIT_FIXED = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, ONE_DOT=True, num_warps=4)
@@ -366,7 +366,7 @@ def _w4_route(w4_gemm: str | None, k: int, w_packed: bool) -> str:
     if not w_packed:
         return "int8"
     if mode in ("split", "split_swap") and k % SPLIT_CHUNK:
-        return "packed"
+        return "packed_x16"  # 0.68-1.05x of bf16 on an H200 where "packed" ran 0.51-0.68x (S21)
     return mode
 
 

@@ -112,3 +112,5 @@ def test_speed_path_column_reads_the_packs_log_lines():
                                     "this model's steps run uncompiled from now on (slower; the same result)")
     assert got.startswith("uncompiled: ") and "BackendCompilerFailed" in got
     assert server_bench.convrot_path("[INFO] got prompt") == ""
+    assert server_bench.convrot_path("[WARNING] ConvRot on cuda:0: dequant: weight-only fallback, slower than bf16 "
+                                     "eagerly [CONVROT_ROUTE=dequant]") == ""  # the route line is not the path

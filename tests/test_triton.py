@@ -345,8 +345,8 @@ def test_w4_route_choice():
     assert tk.W4_GEMMS == ("split", "split_swap", "unpack", "packed", "packed_x16")
     assert tk._w4_route("split", 384, True) == "split"
     assert tk._w4_route("split_swap", 256, True) == "split_swap"
-    assert tk._w4_route("split", 208, True) == "packed"  # K % 128 != 0: the fallback
-    assert tk._w4_route("split_swap", 320, True) == "packed"
+    assert tk._w4_route("split", 208, True) == "packed_x16"  # K % 128 != 0: the fallback
+    assert tk._w4_route("split_swap", 320, True) == "packed_x16"
     assert tk._w4_route("unpack", 208, True) == "unpack"
     assert tk._w4_route("packed_x16", 208, True) == "packed_x16"
     assert tk._w4_route("split", 384, False) == "int8"  # prepared int8 weights
@@ -379,7 +379,7 @@ def _count_calls(monkeypatch, name):
     return calls
 
 
-# G, K, dtype: K % 128 == 0 runs the split kernels; K = 208 (G=16) takes the packed fallback
+# G, K, dtype: K % 128 == 0 runs the split kernels; K = 208 (G=16) takes the packed_x16 fallback
 _ROUTE_CASES = [(16, 384, torch.bfloat16), (16, 208, torch.float16), (64, 256, torch.float16),
                 (256, 512, torch.bfloat16)] + ([(256, 3072, torch.bfloat16), (64, 3072, torch.float16)] if CUDA else [])
 
@@ -405,7 +405,8 @@ def test_linear_w4_routes_match_reference(route, group_size, k, dtype, monkeypat
     assert len(split_calls) == (2 if route.startswith("split") and k % 128 == 0 else 0)
     assert len(unpack_calls) == (2 if route == "unpack" else 0)
     # the routed calls come first (then the packed comparison): packed_x16 really unpacks by 16x
-    assert gemm_calls[0][-1].get("w_x16", False) == (route == "packed_x16")
+    x16 = route == "packed_x16" or (route.startswith("split") and k % 128 != 0)  # the split routes' fallback
+    assert gemm_calls[0][-1].get("w_x16", False) == x16
     if route.startswith("split"):
         assert all(c[7] == (route == "split_swap") for c in split_calls)  # the swap argument
 
