@@ -157,10 +157,13 @@ def _route(device: torch.device) -> Route:
     # each check can cost: the extension builds on first use, Triton compiles a probe; only where it could be picked
     ext, ext_report = _cuda_extension(device) if forced in (None, "cuda") or forced not in ROUTES else \
         (None, (False, f"not tried ({ENV}={forced})"))
-    wanted = forced == "torchmm" or (TORCHMM_AUTOMATIC and forced in (None, "cuda"))
+    auto = forced in (None, "cuda") or forced not in ROUTES  # an unknown CONVROT_ROUTE is ignored (decide says so)
+    wanted = forced == "torchmm" or (TORCHMM_AUTOMATIC and auto)
     mm, mm_report = _torchmm(device) if wanted else (None, (False, _TORCHMM_OPT_IN))
-    wanted = forced == "triton" or (TRITON_AUTOMATIC and forced in (None, "cuda"))
-    tri, tri_report = _triton(device) if wanted else (None, (False, _TRITON_OPT_IN))
+    # Triton's probe compiles kernels (seconds): only where the extension will not run
+    wanted = forced == "triton" or (TRITON_AUTOMATIC and auto and not ext_report[0])
+    tri, tri_report = _triton(device) if wanted else \
+        (None, (False, _TRITON_OPT_IN if not TRITON_AUTOMATIC else "not tried (the CUDA extension runs)"))
     name, why = decide(device.type, forced, ext_report, tri_report, torchmm=mm_report)
     backend = {"cuda": ext, "torchmm": mm, "triton": tri, "dequant": dequant}.get(name)
     return Route(name, why, backend)

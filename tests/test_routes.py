@@ -147,3 +147,19 @@ def test_backends_offer_the_api_ops_calls():
         for name in api:
             assert callable(getattr(backend, name, None)), (backend.__name__, name)
     assert set(routes.COST) == set(routes.ROUTES)
+
+
+@NO_GPU
+@pytest.mark.parametrize("ext_ok, forced, probed, want", [
+    (True, None, False, "cuda"),       # the extension runs: Triton's probe (kernel compiles) is never paid for
+    (False, None, True, "triton"),     # no extension: Triton, automatically
+    (False, "fastest", True, "triton"),  # an unknown CONVROT_ROUTE is ignored, the order decides
+    (True, "triton", True, "triton"),  # asked for past a working extension
+])
+def test_triton_is_probed_only_where_it_could_run(ext_ok, forced, probed, want, caplog, monkeypatch):
+    calls = []
+    ext = (object(), (True, "CUDA extension for sm_90")) if ext_ok else (None, NO_EXT)
+    monkeypatch.setattr(routes, "_cuda_extension", lambda device: ext)
+    monkeypatch.setattr(routes, "_triton", lambda device: calls.append(device) or (object(), OK_TRI))
+    r, rec = _route_line(caplog, forced, monkeypatch)
+    assert r.name == want and bool(calls) == probed
