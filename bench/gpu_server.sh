@@ -33,6 +33,7 @@ wait $build; tail -1 $OUT/env.txt; echo "setup $(( $(date +%s) - t0 )) s"
 # the built extension, for carrying into a later call as .gpu/cache (skips the 2-minute build on a fresh machine)
 [ -n "${SAVE_BUILD:-}" ] && tar -cJf $OUT/build.tar.xz -C /tmp convrot_cache 2>/dev/null
 # PRE: a command run once the extension is built (e.g. a probe script), before the tests and the harness
+rm -f /tmp/srv_env.sh  # a warm machine keeps /tmp: only this call's PRE may set the servers' environment
 if [ -n "${PRE:-}" ]; then (eval "$PRE") > $OUT/pre.txt 2>&1; tail -30 $OUT/pre.txt; fi
 # a PRE step may leave environment for the servers (e.g. the Triton GEMM variant its benchmark picked)
 [ -f /tmp/srv_env.sh ] && { . /tmp/srv_env.sh; cat /tmp/srv_env.sh; }

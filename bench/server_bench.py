@@ -357,7 +357,8 @@ def convrot_path(log_text: str) -> str:
             parts.append(f"{m.group(1)} graph(s) captured, {m.group(2)} replayed")
         elif "eagerly" in ln or "not replayed" in ln or "run uncompiled" in ln:
             said = ln.split("ConvRot", 1)[1].split(":", 1)[-1].strip()[:160]
-            parts.append(("eager: " if "eagerly" in ln else "uncompiled: ") + said)
+            label = "eager" if "eagerly" in ln else "uncompiled" if "run uncompiled" in ln else "not captured"
+            parts.append(f"{label}: {said}")
     return "; ".join(dict.fromkeys(parts))
 
 

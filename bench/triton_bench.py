@@ -179,6 +179,8 @@ def main() -> int:
                     help="write `export CONVROT_TRITON_W4=<route>` to FILE: the W4 route with the best geomean "
                          "speed-up over the shapes with M >= 4096 whose every output matched (--check)")
     args = ap.parse_args()
+    if args.pick and not args.check:
+        ap.error("--pick needs --check (a route is picked only from outputs that matched the reference)")
     if not torch.cuda.is_available():
         print("CUDA only: no GPU visible to PyTorch")
         return 2

@@ -8,13 +8,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_kernels import SPLIT_CHUNK as _SPLIT_CHUNK
+
 # 1.5 * 2^23: for |v| < 2^22, (v + C) - C is v rounded to the nearest integer, ties to even, in fp32 arithmetic
 # (no libdevice call, so it is the same on NVIDIA, AMD and the interpreter).
 ROUND_MAGIC = tl.constexpr(12582912.0)  # jit code may read module globals only as constexpr
 # The split activation order: within each CHUNK channels, the HALF even channels first, then the HALF odd ones,
 # so a packed weight's low / high nibbles of bytes [c*HALF, (c+1)*HALF) meet contiguous code runs.
-CHUNK = tl.constexpr(128)
-HALF = tl.constexpr(64)
+CHUNK = tl.constexpr(_SPLIT_CHUNK)
+HALF = tl.constexpr(_SPLIT_CHUNK // 2)
 
 
 @triton.jit

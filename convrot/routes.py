@@ -160,10 +160,14 @@ def _route(device: torch.device) -> Route:
     auto = forced in (None, "cuda") or forced not in ROUTES  # an unknown CONVROT_ROUTE is ignored (decide says so)
     wanted = forced == "torchmm" or (TORCHMM_AUTOMATIC and auto)
     mm, mm_report = _torchmm(device) if wanted else (None, (False, _TORCHMM_OPT_IN))
-    # Triton's probe compiles kernels (seconds): only where the extension will not run
-    wanted = forced == "triton" or (TRITON_AUTOMATIC and auto and not ext_report[0])
-    tri, tri_report = _triton(device) if wanted else \
-        (None, (False, _TRITON_OPT_IN if not TRITON_AUTOMATIC else "not tried (the CUDA extension runs)"))
+    # Triton's probe compiles kernels (seconds): only where it could be picked
+    tri_auto = TRITON_AUTOMATIC and torch.version.hip is None  # ROCm: correct in the probe, speed never measured
+    wanted = forced in ("triton", "torchmm") or (tri_auto and auto and not ext_report[0])
+    if wanted:
+        tri, tri_report = _triton(device)
+    else:
+        tri, tri_report = None, (False, "not tried (the CUDA extension runs)" if ext_report[0] and tri_auto
+                                 else _TRITON_OPT_IN)
     name, why = decide(device.type, forced, ext_report, tri_report, torchmm=mm_report)
     backend = {"cuda": ext, "torchmm": mm, "triton": tri, "dequant": dequant}.get(name)
     return Route(name, why, backend)

@@ -115,7 +115,7 @@ _NO_FUSION = {"enable_fp_fusion": False}
 AUTOTUNE = os.environ.get("CONVROT_TRITON_AUTOTUNE", "1") not in ("0", "")
 W4_GEMMS = ("split", "split_swap", "unpack", "packed", "packed_x16")
 W4_GEMM = os.environ.get("CONVROT_TRITON_W4", "split_swap")  # the fastest on an H200 (bench/NOTES.md S21)  # checked where used, so a typo cannot break the import
-SPLIT_CHUNK = 128  # the split activation order's chunk (_triton_jit.CHUNK)
+SPLIT_CHUNK = 128  # the split activation order's chunk (the kernels read it from here)
 # the block config used without autotuning (the interpreter, CONVROT_TRITON_AUTOTUNE=0, the probe)
 _SPLIT_FIXED = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, ONE_DOT=True, num_warps=4)
 
@@ -351,8 +351,8 @@ def unpack_weight(w_packed: torch.Tensor, *, out: torch.Tensor | None = None) ->
         raise ValueError(f"unpack_weight needs K % 8 == 0 (got {kp} bytes per row)")
     if out is None:
         out = torch.empty((n, 2 * kp), device=w_packed.device, dtype=torch.int8)
-    elif out.shape != (n, 2 * kp) or out.dtype != torch.int8 or not out.is_contiguous():
-        raise ValueError(f"out must be contiguous int8 [{n}, {2 * kp}]")
+    elif out.shape != (n, 2 * kp) or out.dtype != torch.int8 or not out.is_contiguous() or out.data_ptr() % 8:
+        raise ValueError(f"out must be contiguous, 8-byte aligned int8 [{n}, {2 * kp}] (written as 64-bit words)")
     if n and kp:
         _launch_unpack(w_packed, out)
     return out
@@ -366,7 +366,7 @@ def _w4_route(w4_gemm: str | None, k: int, w_packed: bool) -> str:
     if not w_packed:
         return "int8"
     if mode in ("split", "split_swap") and k % SPLIT_CHUNK:
-        return "packed_x16"  # 0.68-1.05x of bf16 on an H200 where "packed" ran 0.51-0.68x (S21)
+        return "packed_x16"  # faster than "packed" at every FLUX shape on an H200 (bench/NOTES.md S21)
     return mode
 
 
@@ -526,26 +526,26 @@ def available(device=None, probe: bool = True) -> tuple[bool, str]:
 
 
 def _probe(dev: torch.device) -> str | None:
-    """Compile and run one tiny W4A4 and W8A8 linear; compare with a plain torch computation. None when fine.
-    K = 128, so the W4 route that W4_GEMM picks for real shapes (split ones need K % 128 == 0) is the one probed."""
+    """Compile and run tiny W4A4 and W8A8 linears; compare with the PyTorch reference. None when fine.
+
+    The shapes take the paths real layers take: K = SPLIT_CHUNK (the split W4 GEMMs), G = 256 (its two-step
+    rotation) and K = 208 (K % SPLIT_CHUNK != 0: the packed_x16 fallback), with the fixed block configs."""
     try:
         g = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.randn(5, 128, generator=g).to(dev, torch.bfloat16)
-        for bits in (4, 8):
-            qmax = _QMAX[bits]
-            codes = torch.randint(-qmax, qmax + 1, (16, 128), generator=g, dtype=torch.int8).to(dev)
-            w = codes if bits == 8 else (((codes[:, 1::2].to(torch.int16) & 0xF) << 4)
-                                         | (codes[:, 0::2].to(torch.int16) & 0xF)).to(torch.uint8).view(torch.int8)
-            ws = torch.rand(16, generator=g).to(dev) + 0.5
-            y = linear_fn(16, bits, _fixed=True)(x.contiguous(), w.contiguous(), ws, None).float()
-            h = _hadamard_pm1(16, dev) * 0.25
-            r = (x.float().reshape(5, 8, 16) @ h).reshape(5, 128)
-            s = r.abs().amax(1).clamp_min(reference.SCALE_FLOOR) / qmax
-            a = torch.round(r / s[:, None]).clamp(-qmax, qmax)
-            ref = (a @ codes.float().t()) * s[:, None] * ws
-            if not torch.allclose(y, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()):
-                return f"W{bits}A{bits} result differs from torch (max abs err {(y - ref).abs().max().item():.3g})"
-        torch.cuda.synchronize(dev)
+        for group, k in ((16, SPLIT_CHUNK), (256, 2 * SPLIT_CHUNK), (16, 208)):
+            x = torch.randn(5, k, generator=g).to(dev, torch.bfloat16).contiguous()
+            for bits in (4, 8):
+                qmax = _QMAX[bits]
+                codes = torch.randint(-qmax, qmax + 1, (16, k), generator=g, dtype=torch.int8)
+                w = (codes if bits == 8 else reference.pack_int4(codes)).to(dev).contiguous()
+                ws = torch.rand(16, generator=g).to(dev) + 0.5
+                y = linear_fn(group, bits, _fixed=True)(x, w, ws, None).float()
+                ref = reference.convrot_linear(x, w, ws, None, group, bits).float()
+                if not torch.allclose(y, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()):
+                    return (f"W{bits}A{bits} result (G={group}, K={k}) differs from the reference (max abs err "
+                            f"{(y - ref).abs().max().item():.3g})")
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         return None
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -151,8 +151,9 @@ def _cpp_build_failure(error: BaseException) -> bool:
 
 
 def _compile_failure(error: BaseException) -> bool:
-    """Whether `error` is torch.compile failing (Dynamo, AOTAutograd, Inductor or Triton raised while compiling),
-    not the model's own error; an out-of-memory anywhere in the chain is left to ComfyUI."""
+    """Whether `error` may be torch.compile failing (Dynamo, AOTAutograd, Inductor or Triton raised it) rather than
+    the model; an out-of-memory anywhere in the chain is left to ComfyUI. A model's error raised while Dynamo
+    traces matches too: the uncompiled rerun tells them apart (_described)."""
     seen = set()
     found = False
     while error is not None and id(error) not in seen:
@@ -202,28 +203,32 @@ def _described(compiled_wrapper, python_launchers: bool, uncompiled_with_lora: b
                          "each patched layer would break the graph); steps are still replayed as CUDA graphs where "
                          "possible")
             return executor(*args, **kwargs)
-        if current[0] is None:
-            return executor(*args, **kwargs)
-        try:
-            return current[0](executor, *args, **kwargs)
-        except Exception as e:
-            if current[1] is None or not _cpp_build_failure(e):
+        while current[0] is not None:
+            try:
+                return current[0](executor, *args, **kwargs)
+            except Exception as e:
+                if current[1] is not None and _cpp_build_failure(e):
+                    _cpp_build_failed.append(f"building Inductor's C++ wrapper failed earlier in this process "
+                                             f"({type(e).__name__})")
+                    log.warning("ConvRot: Inductor's C++ wrapper failed to build (%s: %s); the blocks are compiled "
+                                "with Triton's Python launchers instead (under cudaMallocAsync their steps are not "
+                                "replayed as CUDA graphs)", type(e).__name__,
+                                str(e).strip().splitlines()[0][:200] if str(e) else "")
+                    current[:] = [current[1](), None]
+                    wrapper.convrot_python_launchers = True
+                    continue  # the same call, compiled the other way (its failure is handled here too)
                 if not (uncompiled_on_failure and _compile_failure(e)):
                     raise
+                # A model's own error can surface from Dynamo's tracing too: it is one only if the uncompiled
+                # call fails as well, and then it propagates and the blocks stay compiled for the next prompt.
+                y = executor(*args, **kwargs)
                 said = " ".join(ln.strip() for ln in str(e).strip().splitlines()[:2])
                 log.warning("ConvRot: compiling the blocks failed (%s: %s); this model's steps run uncompiled from "
                             "now on (slower; the same result)", type(e).__name__, said[:200])
                 current[:] = [None, None]
                 wrapper.convrot_python_launchers = False
-                return executor(*args, **kwargs)
-            _cpp_build_failed.append(f"building Inductor's C++ wrapper failed earlier in this process "
-                                     f"({type(e).__name__})")
-            log.warning("ConvRot: Inductor's C++ wrapper failed to build (%s: %s); the blocks are compiled with "
-                        "Triton's Python launchers instead (under cudaMallocAsync their steps are not replayed as "
-                        "CUDA graphs)", type(e).__name__, str(e).strip().splitlines()[0][:200] if str(e) else "")
-            current[:] = [current[1](), None]
-            wrapper.convrot_python_launchers = True
-            return current[0](executor, *args, **kwargs)
+                return y
+        return executor(*args, **kwargs)
     wrapper.convrot_uncompiled_for = steps_aside
     wrapper.convrot_python_launchers = python_launchers
     wrapper.convrot_not_capturable = not_capturable

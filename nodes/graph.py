@@ -141,7 +141,7 @@ def _python_launched(model: torch.nn.Module, args=(), kwargs=None) -> bool:
     dicts = [a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, dict)]
     if any(getattr(o.get("optimized_attention_override"), "convrot_python_launchers", False) for o in dicts):
         return True
-    if "triton" in routes.decided().values():  # CONVROT_ROUTE=triton: our own linears are Triton kernels
+    if "triton" in routes.decided().values():  # the Triton route (no CUDA extension, or forced): our own linears are Triton kernels
         return True
     if _cpp_wrapper_everywhere():
         return False

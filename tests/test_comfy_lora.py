@@ -393,6 +393,65 @@ def test_speed_auto_runs_uncompiled_when_compiling_fails(env, caplog):
     torch._dynamo.reset()
 
 
+def test_a_compile_failure_is_told_from_the_models_own_error(env, caplog):
+    """speed=auto's fallback reruns a failed call uncompiled and stops compiling only if that rerun works: a model
+    error that Dynamo raised while tracing fails uncompiled too, propagates, and the next call compiles again; an
+    out-of-memory propagates at once; a C++ build failure's recompile that fails as well still falls back."""
+    import torch._dynamo.exc as dynamo_exc
+    import torch._inductor.exc as inductor_exc
+    compile_ = env["comfy"].pack.nodes.compile
+    compiled_calls = []
+
+    def traced_model_error(executor_, x):
+        compiled_calls.append(x)
+        raise dynamo_exc.TorchRuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    def eager(x):
+        if x < 0:
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+        return x + 100
+
+    def run(w, x):
+        return w(_Exec(eager), x)
+    w = compile_._described(traced_model_error, python_launchers=False, uncompiled_with_lora=False,
+                            uncompiled_on_failure=True)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        run(w, -1)  # fails uncompiled too: the model's error
+    assert run(w, 1) == 101 and compiled_calls == [-1, 1]  # still compiled (tried), then uncompiled: it worked
+    assert run(w, 2) == 102 and compiled_calls == [-1, 1]  # compiling is off from then on
+
+    def oom(executor_, x):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    w = compile_._described(oom, python_launchers=False, uncompiled_with_lora=False, uncompiled_on_failure=True)
+    with pytest.raises(torch.OutOfMemoryError):
+        run(w, 1)
+
+    def cpp_failing(executor_, x):
+        raise inductor_exc.InductorError(inductor_exc.CppCompileError(["g++"], "fatal error: Python.h"), None)
+
+    def fallback():
+        def also_failing(executor_, x):
+            raise inductor_exc.InductorError(AssertionError("Mixing fake modes NYI"), None)
+        return also_failing
+    w = compile_._described(cpp_failing, python_launchers=False, uncompiled_with_lora=False, fallback=fallback,
+                            uncompiled_on_failure=True)
+    with caplog.at_level(logging.WARNING, logger="convrot"):
+        assert run(w, 3) == 103
+    assert [r for r in caplog.records if "C++ wrapper failed to build" in r.message]
+    assert [r for r in caplog.records if "compiling the blocks failed" in r.message]
+
+
+class _Exec:
+    """A stand-in for ComfyUI's wrapper executor: calling it runs the uncompiled model."""
+    class_obj = type("M", (), {"diffusion_model": None})()
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
 def test_cpp_wrapper_choice_and_what_the_graph_node_is_told(env, monkeypatch):
     """The C++ wrapper is used where it matters (cudaMallocAsync) and the toolchain allows it; an earlier failed
     build turns it off for the process; the cudagraphs backend is never captured around (it records graphs

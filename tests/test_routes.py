@@ -150,16 +150,21 @@ def test_backends_offer_the_api_ops_calls():
 
 
 @NO_GPU
-@pytest.mark.parametrize("ext_ok, forced, probed, want", [
-    (True, None, False, "cuda"),       # the extension runs: Triton's probe (kernel compiles) is never paid for
-    (False, None, True, "triton"),     # no extension: Triton, automatically
-    (False, "fastest", True, "triton"),  # an unknown CONVROT_ROUTE is ignored, the order decides
-    (True, "triton", True, "triton"),  # asked for past a working extension
+@pytest.mark.parametrize("ext_ok, forced, hip, probed, want", [
+    (True, None, None, False, "cuda"),       # the extension runs: Triton's probe (kernel compiles) is not paid for
+    (False, None, None, True, "triton"),     # no extension: Triton, automatically
+    (False, "fastest", None, True, "triton"),  # an unknown CONVROT_ROUTE is ignored, the order decides
+    (True, "triton", None, True, "triton"),  # asked for past a working extension
+    (False, None, "6.2", False, "dequant"),  # ROCm: Triton's speed there is unmeasured, so only when asked
+    (False, "triton", "6.2", True, "triton"),
 ])
-def test_triton_is_probed_only_where_it_could_run(ext_ok, forced, probed, want, caplog, monkeypatch):
+def test_triton_is_probed_only_where_it_could_run(ext_ok, forced, hip, probed, want, caplog, monkeypatch):
     calls = []
     ext = (object(), (True, "CUDA extension for sm_90")) if ext_ok else (None, NO_EXT)
     monkeypatch.setattr(routes, "_cuda_extension", lambda device: ext)
     monkeypatch.setattr(routes, "_triton", lambda device: calls.append(device) or (object(), OK_TRI))
+    monkeypatch.setattr(torch.version, "hip", hip)
     r, rec = _route_line(caplog, forced, monkeypatch)
     assert r.name == want and bool(calls) == probed
+    if want == "dequant":  # the line says why Triton was skipped
+        assert "CONVROT_ROUTE=triton runs it" in rec.getMessage()

@@ -111,6 +111,9 @@ def test_speed_path_column_reads_the_packs_log_lines():
     got = server_bench.convrot_path("[WARNING] ConvRot: compiling the blocks failed (BackendCompilerFailed: x); "
                                     "this model's steps run uncompiled from now on (slower; the same result)")
     assert got.startswith("uncompiled: ") and "BackendCompilerFailed" in got
+    got = server_bench.convrot_path("[INFO] ConvRot: blocks are compiled; under cudaMallocAsync steps are not "
+                                    "replayed as CUDA graphs (no C++ compiler)")
+    assert got.startswith("not captured: ")
     assert server_bench.convrot_path("[INFO] got prompt") == ""
     assert server_bench.convrot_path("[WARNING] ConvRot on cuda:0: dequant: weight-only fallback, slower than bf16 "
                                      "eagerly [CONVROT_ROUTE=dequant]") == ""  # the route line is not the path
