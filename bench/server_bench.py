@@ -86,6 +86,7 @@ MODES = {
     "nostatic": [],   # default flags, Inductor's static CUDA launcher off (MODE_ENV)
     "triton": [],     # default flags, the pack's Triton route forced (what a user without nvcc gets)
     "dequant": [],    # default flags, the pack's dequantize-to-bf16 fallback route forced
+    "nokernels": [],  # default flags, the CUDA extension never built: the automatic order without nvcc
     "cppwrap": [],    # default flags, Inductor's C++ wrapper (kernels launched without Triton's pointer checks)
 }
 # environment a mode adds to the server's (experiments a user could set the same way)
@@ -93,6 +94,7 @@ MODE_ENV = {
     "nostatic": {"TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER": "0"},
     "triton": {"CONVROT_ROUTE": "triton"},
     "dequant": {"CONVROT_ROUTE": "dequant"},
+    "nokernels": {"CONVROT_DISABLE_KERNELS": "1"},
     "cppwrap": {"TORCHINDUCTOR_CPP_WRAPPER": "1"},
 }
 VARIANTS = ["bf16", "fp8_fast", "mixed", "mixed+eager", "compact", "mixed+lora", "stock_native",
