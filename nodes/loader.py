@@ -131,8 +131,13 @@ def with_speed(patcher, speed: str):
     from .graph import graph_model
     from .compile import cpp_wrapper_unavailable
     from ..convrot.graphs import async_allocator
+    from ..convrot import routes
     no_cpp = cpp_wrapper_unavailable()
-    if no_cpp and async_allocator():
+    if async_allocator() and routes.route_for(patcher.load_device).name == "triton":
+        log.info("ConvRot: blocks are compiled (the first step takes about a minute longer: compiling, and tuning "
+                 "the Triton kernels); steps are not replayed as CUDA graphs: the Triton route's kernels start from "
+                 "Python, which cannot be captured under ComfyUI's cudaMallocAsync allocator")
+    elif no_cpp and async_allocator():
         log.info("ConvRot: blocks are compiled (the first step takes ~20 s longer); steps are not replayed as CUDA "
                  "graphs under ComfyUI's cudaMallocAsync allocator: %s", no_cpp)
     else:

@@ -59,3 +59,23 @@ def test_novram_runs_eagerly_even_with_room(decide, comfy):
     assert why is not None and "--novram" in why and "eagerly" in why
     assert decide(free_gb=130, reserved_gb=0.4, vram_state=states.LOW_VRAM) is None  # the model fits: captured
     assert decide(free_gb=130, reserved_gb=0.4, vram_state=states.HIGH_VRAM) is None
+
+
+@pytest.mark.parametrize("route, says", [("triton", "Triton route's kernels start from Python"),
+                                         ("cuda", "steps replayed as CUDA graphs")])
+def test_the_log_line_says_what_the_route_allows(comfy, monkeypatch, caplog, route, says):
+    """Under cudaMallocAsync the Triton route's steps are not captured (S21 log: the graph node ran eagerly), so
+    the loader's line must not promise CUDA graphs there."""
+    import logging
+    loader = comfy.pack.nodes.loader
+    pack = comfy.pack
+    monkeypatch.setattr(loader, "fast_path_unavailable", lambda patcher: None)
+    monkeypatch.setattr(pack.nodes.compile, "compile_blocks", lambda patcher, **kw: patcher)
+    monkeypatch.setattr(pack.nodes.compile, "cpp_wrapper_unavailable", lambda: None)
+    monkeypatch.setattr(pack.nodes.graph, "graph_model", lambda patcher: patcher)
+    monkeypatch.setattr(pack.convrot.graphs, "async_allocator", lambda: True)
+    monkeypatch.setattr(pack.convrot.routes, "route_for", lambda device: types.SimpleNamespace(name=route))
+    patcher = types.SimpleNamespace(load_device=torch.device("cuda", 0))
+    with caplog.at_level(logging.INFO, logger="convrot"):
+        assert loader.with_speed(patcher, "auto") is patcher
+    assert any(says in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
