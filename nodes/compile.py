@@ -219,15 +219,16 @@ def _described(compiled_wrapper, python_launchers: bool, uncompiled_with_lora: b
                     continue  # the same call, compiled the other way (its failure is handled here too)
                 if not (uncompiled_on_failure and _compile_failure(e)):
                     raise
-                # A model's own error can surface from Dynamo's tracing too: it is one only if the uncompiled
-                # call fails as well, and then it propagates and the blocks stay compiled for the next prompt.
-                y = executor(*args, **kwargs)
-                said = " ".join(ln.strip() for ln in str(e).strip().splitlines()[:2])
-                log.warning("ConvRot: compiling the blocks failed (%s: %s); this model's steps run uncompiled from "
-                            "now on (slower; the same result)", type(e).__name__, said[:200])
-                current[:] = [None, None]
-                wrapper.convrot_python_launchers = False
-                return y
+                failed = f"{type(e).__name__}: " + " ".join(ln.strip() for ln in str(e).strip().splitlines()[:2])
+            # outside the handler, so the failed trace's frames are released first. A model's own error can surface
+            # from Dynamo's tracing too: it is one if the uncompiled call fails as well, and then it propagates and
+            # the blocks stay compiled for the next prompt.
+            y = executor(*args, **kwargs)
+            log.warning("ConvRot: compiling the blocks failed (%s); this model's steps run uncompiled from now on "
+                        "(slower; the same result)", failed[:240])
+            current[:] = [None, None]
+            wrapper.convrot_python_launchers = False
+            return y
         return executor(*args, **kwargs)
     wrapper.convrot_uncompiled_for = steps_aside
     wrapper.convrot_python_launchers = python_launchers
