@@ -230,11 +230,13 @@ def main() -> int:
         times = time_runs(runs, lambda fn: bench(fn, args.iters, flush), f"{m}x{k}x{n}")
         print(f"{f'{m}x{k}x{n}':>20} " + row_cells(times, cols, 15))
         if m >= 4096:
+            want4 = reference.convrot_linear(inp[0], *inp[3], inp[2], g, 4) if args.check else None
             for col in W4_ROUTES:
                 ok = times.get(col) is not None and times.get("bf16")
-                if ok and args.check:
-                    ok = _matches(runs[col](), reference.convrot_linear(inp[0], *inp[3], inp[2], g, 4))
+                if ok and want4 is not None:
+                    ok = _matches(runs[col](), want4)
                 ratios[col].append(times["bf16"] / times[col] if ok else None)
+            del want4
         try:
             from convrot import _triton_jit as j
 
