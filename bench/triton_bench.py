@@ -8,13 +8,15 @@ For each (M, K, N): cuBLAS bf16 F.linear, then (times in µs, "x" = bf16 time / 
   tW4s op     the same, W4_GEMM "split" (codes in the split chunk order, two dots per 128 channels, no interleave;
               K % 128 != 0 runs the packed_x16 fallback, and the split-only columns stay empty)
   tW4sw op    W4_GEMM "split_swap" (split, computing the transposed tile: the unpacked weight is wgmma's A)
+  sw+fwht op / sw+row op   split_swap with the rotate+quantize method "fwht" / "row" (the others use tk.RQ)
   tW4u op     W4_GEMM "unpack" (a Triton kernel unpacks the weight to int8 per call, then the int8 GEMM)
   tW4x op     W4_GEMM "packed_x16" (tW4 op's one GEMM, the nibbles unpacked as 16x values: no sign extension)
   tW4 cop     the custom op (linear_op(): what torch.compile sees), with the module's W4_GEMM (printed)
   tW4p op     the weight prepared once as int8 codes (convrot.triton_kernels.prepare_weight)
   tW4 gemm    a GEMM alone: tW4 gemm packed weight, tW4x gemm the same as packed_x16, tW4s / tW4sw gemm the
               split kernels (split-order codes), tW4p gemm the prepared weight
-  t rq        the Triton rotate+quantize pass alone (t rqs: writing the split order); t unp the weight unpack alone
+  t rq        the Triton rotate+quantize pass alone (tk.RQ); rqs dot / fwht / row: each method writing the split
+              order; t unp the weight unpack alone
   tW8 op      Triton W8A8 whole linear
   ext W4 / ext W8   convrot.kernels.linear_fn (the built CUDA extension), when convrot.kernels.available()
 Every timed call runs after an L2 flush (a 256 MiB buffer written), timed with CUDA events; medians of --iters.
@@ -55,8 +57,11 @@ def bench(fn, iters: int, flush: torch.Tensor) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1000.0
 
 
-W4_ROUTES = {"tW4 op": "packed", "tW4s op": "split", "tW4sw op": "split_swap", "tW4u op": "unpack",
-             "tW4x op": "packed_x16"}
+# whole-op columns: (W4 route, rotate+quantize method; None = tk.RQ, from CONVROT_TRITON_RQ)
+W4_ROUTES = {"tW4 op": ("packed", None), "tW4s op": ("split", None), "tW4sw op": ("split_swap", None),
+             "tW4u op": ("unpack", None), "tW4x op": ("packed_x16", None),
+             "sw+fwht op": ("split_swap", "fwht"), "sw+row op": ("split_swap", "row")}
+RQ_COLS = {f"rqs {m}": m for m in tk.RQ_METHODS}  # rotate+quantize alone, in the split order
 
 
 def make_inputs(m, k, n, group_size, seed=0, device="cuda"):
@@ -123,7 +128,8 @@ def make_runs(inp, g: int, fns: dict) -> dict:
         a8s, a_ss = tk.rotate_quantize(x, g, 4, packed=False, split=True)
         runs["tW4s gemm"] = lambda: tk.gemm(a8s, a_ss, w4, s4, bias, torch.bfloat16, k=k, split=True)
         runs["tW4sw gemm"] = lambda: tk.gemm(a8s, a_ss, w4, s4, bias, torch.bfloat16, k=k, split=True, swap=True)
-        runs["t rqs"] = lambda: tk.rotate_quantize(x, g, 4, packed=False, split=True)
+        for col, method in RQ_COLS.items():
+            runs[col] = (lambda rq: lambda: tk.rotate_quantize(x, g, 4, packed=False, split=True, rq=rq))(method)
     runs["tW4p gemm"] = lambda: tk.gemm(a8, a_s, w4p, s4, bias, torch.bfloat16, k=k)
     runs["t rq"] = lambda: tk.rotate_quantize(x, g, 4, packed=False)
     runs["t unp"] = lambda: tk.unpack_weight(w4)
@@ -139,12 +145,13 @@ def check_lines(inp, g: int, runs: dict) -> list[str]:
     """--check: every route's output against convrot.reference (and the rotate+quantize codes)."""
     x, w, bias, (w4, s4), (w8, s8) = inp
     lines = []
-    q, s = tk.rotate_quantize(x, g, 4)
     qr, sr = reference.rotate_quantize(x, g, 4)
-    dq = (reference.unpack_int4(q).int() - reference.unpack_int4(qr).int()).abs()
-    srel = ((s - sr).abs() / sr).max().item()
-    lines.append(f"check rq: {int((dq != 0).sum())} of {dq.numel()} codes differ (max {int(dq.max())}), "
-                 f"scale max rel diff {srel:.1e}")
+    for method in tk.RQ_METHODS:
+        q, s = tk.rotate_quantize(x, g, 4, rq=method)
+        dq = (reference.unpack_int4(q).int() - reference.unpack_int4(qr).int()).abs()
+        srel = ((s - sr).abs() / sr).max().item()
+        lines.append(f"check rq {method}: {int((dq != 0).sum())} of {dq.numel()} codes differ (max "
+                     f"{int(dq.max())}), scale max rel diff {srel:.1e}")
     want4 = reference.convrot_linear(x, w4, s4, bias, g, 4)
     want8 = reference.convrot_linear(x, w8, s8, bias, g, 8)
     parts = [f"{c}: {compare(runs[c](), want8 if c in ('tW8 op', 'ext W8') else want4)}"
@@ -176,8 +183,9 @@ def main() -> int:
     ap.add_argument("--shapes", default=None, help="comma-separated MxKxN list (default: the FLUX linears)")
     ap.add_argument("--no-ext", action="store_true", help="skip the CUDA extension route")
     ap.add_argument("--pick", default=None, metavar="FILE",
-                    help="write `export CONVROT_TRITON_W4=<route>` to FILE: the W4 route with the best geomean "
-                         "speed-up over the shapes with M >= 4096 whose every output matched (--check)")
+                    help="write `export CONVROT_TRITON_W4=<route>` and `export CONVROT_TRITON_RQ=<method>` to FILE: "
+                         "the whole-op column with the best geomean speed-up over the shapes with M >= 4096 "
+                         "whose every output matched (--check)")
     args = ap.parse_args()
     if args.pick and not args.check:
         ap.error("--pick needs --check (a route is picked only from outputs that matched the reference)")
@@ -208,19 +216,20 @@ def main() -> int:
         except Exception as e:
             print(f"CUDA extension: import failed ({type(e).__name__}: {e})")
     flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
-    fns = {col: tk.linear_fn(g, 4, w4_gemm=route) for col, route in W4_ROUTES.items()}
+    fns = {col: tk.linear_fn(g, 4, w4_gemm=route, rq=rq) for col, (route, rq) in W4_ROUTES.items()}
     fns["tW8 op"] = tk.linear_fn(g, 8)
     fns["tW4 cop"] = tk.linear_op()
-    print(f"tW4 cop runs W4_GEMM={tk.W4_GEMM!r} (CONVROT_TRITON_W4)")
+    print(f"tW4 cop runs W4_GEMM={tk.W4_GEMM!r} (CONVROT_TRITON_W4); columns without a method name use "
+          f"RQ={tk.RQ!r} (CONVROT_TRITON_RQ)")
     if ext is not None:
         try:
             fns["ext W4"], fns["ext W8"] = ext.linear_fn(g, 4), ext.linear_fn(g, 8)
         except Exception as e:
             print(f"CUDA extension: linear_fn failed ({type(e).__name__}: {e}); its columns stay empty")
 
-    cols = ["bf16", "tW4 op", "tW4x op", "tW4s op", "tW4sw op", "tW4u op", "tW4 cop", "tW4p op", "tW4 gemm",
-            "tW4x gemm", "tW4s gemm", "tW4sw gemm", "tW4p gemm", "t rq", "t rqs", "t unp", "tW8 op", "ext W4",
-            "ext W8"]
+    cols = ["bf16", "tW4 op", "tW4x op", "tW4s op", "tW4sw op", "sw+fwht op", "sw+row op", "tW4u op", "tW4 cop",
+            "tW4p op", "tW4 gemm", "tW4x gemm", "tW4s gemm", "tW4sw gemm", "tW4p gemm", "t rq", *RQ_COLS, "t unp",
+            "tW8 op", "ext W4", "ext W8"]
     print()
     print(f"{'M x K x N':>20} " + " ".join(f"{c:>15}" for c in cols))
     ratios: dict = {col: [] for col in W4_ROUTES}
@@ -241,9 +250,10 @@ def main() -> int:
             from convrot import _triton_jit as j
 
             for name, tuner in (("gemm", j.gemm_tuned), ("split gemm", j.gemm_split_tuned),
-                                ("rq", j.rotate_quantize_tuned)):
+                                ("rq", j.rotate_quantize_tuned), ("rq fwht", j.rotate_quantize_fwht_tuned),
+                                ("rq row", j.rotate_quantize_row_tuned)):
                 for key, cfg in getattr(tuner, "cache", {}).items():
-                    if k in key and (name == "rq" or n in key):
+                    if k in key and (name.startswith("rq") or n in key):
                         print(f"{'':>20}  autotuned {name} {key}: {cfg}")
         except Exception:
             pass
@@ -254,12 +264,13 @@ def main() -> int:
         torch.cuda.empty_cache()
     summary = {col: statistics.geometric_mean(r) for col, r in ratios.items() if r and None not in r}
     for col, gm in sorted(summary.items(), key=lambda kv: -kv[1]):
-        print(f"geomean at M >= 4096, {W4_ROUTES[col]:>11}: {gm:.2f}x of bf16")
+        route, rq = W4_ROUTES[col]
+        print(f"geomean at M >= 4096, {route:>11} + {rq or tk.RQ:>4}: {gm:.2f}x of bf16")
     if args.pick and summary:
-        best = W4_ROUTES[max(summary, key=summary.get)]
+        route, rq = W4_ROUTES[max(summary, key=summary.get)]
         with open(args.pick, "w") as f:
-            f.write(f"export CONVROT_TRITON_W4={best}\n")
-        print(f"picked W4_GEMM={best} -> {args.pick}")
+            f.write(f"export CONVROT_TRITON_W4={route}\nexport CONVROT_TRITON_RQ={rq or tk.RQ}\n")
+        print(f"picked W4_GEMM={route}, RQ={rq or tk.RQ} -> {args.pick}")
     return 0
 
 

@@ -72,56 +72,134 @@ def _rotate_tile(x, h, G: tl.constexpr, NORM: tl.constexpr, BLOCK_M: tl.constexp
 
 
 @triton.jit
+def _fwht_rev(x, R: tl.constexpr, G: tl.constexpr):
+    """x fp32 [R, C] (C = a multiple of G; R * C / G groups) -> per group, (x @ H_G) in group-reversed order.
+
+    H_4 = J - 2 P (J all ones, P the reversal) and P commutes with J - 2I, so H_G = H_4 (x) .. (x) H_4 =
+    P_G (J - 2I)^(x)n with P_G the reversal of each group (index i -> i ^ (G - 1)). Each J - 2I factor is one
+    sum over a size-4 axis and s - 2 v: additions in registers and lane shuffles, no tensor cores, no shared
+    memory. The reversal is left to the caller's store addresses (the absmax does not depend on the order).
+    """
+    NG: tl.constexpr = R * (x.shape[1] // G)
+    if G == 16:
+        z = tl.reshape(x, (NG, 4, 4))
+        z = tl.sum(z, axis=1, keep_dims=True) - 2.0 * z
+        z = tl.sum(z, axis=2, keep_dims=True) - 2.0 * z
+    elif G == 64:
+        z = tl.reshape(x, (NG, 4, 4, 4))
+        z = tl.sum(z, axis=1, keep_dims=True) - 2.0 * z
+        z = tl.sum(z, axis=2, keep_dims=True) - 2.0 * z
+        z = tl.sum(z, axis=3, keep_dims=True) - 2.0 * z
+    else:
+        z = tl.reshape(x, (NG, 4, 4, 4, 4))
+        z = tl.sum(z, axis=1, keep_dims=True) - 2.0 * z
+        z = tl.sum(z, axis=2, keep_dims=True) - 2.0 * z
+        z = tl.sum(z, axis=3, keep_dims=True) - 2.0 * z
+        z = tl.sum(z, axis=4, keep_dims=True) - 2.0 * z
+    return tl.reshape(z, (R, x.shape[1]))
+
+
+@triton.jit
+def _store_codes(r, scale, q_rows, k0, K, m_ok, G: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
+                 SPLIT: tl.constexpr, REV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """code = clamp(rint(r / scale)) for the rotated tile r [BLOCK_M, BLOCK_K] at channels k0.., stored as PACK
+    (two int4 per byte, low nibble = even channel), SPLIT (int8, the split chunk order) or int8 channel order.
+    REV: r's positions are group-reversed (_fwht_rev): position p holds channel p ^ (G - 1)."""
+    v = tl.math.div_rn(r, tl.broadcast_to(scale[:, None], (BLOCK_M, BLOCK_K)))
+    v = (v + ROUND_MAGIC) - ROUND_MAGIC
+    q = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.int32)
+    if PACK or SPLIT:
+        a, b = tl.split(tl.reshape(q, (BLOCK_M, BLOCK_K // 2, 2)))  # positions 2j, 2j + 1
+        jp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        if REV:  # positions 2j, 2j + 1 hold channels 2p + 1, 2p with p = j ^ (G/2 - 1)
+            ev = b
+            od = a
+            jp = jp ^ (G // 2 - 1)
+        else:
+            ev = a
+            od = b
+        ok = m_ok[:, None] & (jp[None, :] < K // 2)
+        if PACK:
+            tl.store(q_rows + jp[None, :], ((ev & 15) | (od << 4)).to(tl.int8), mask=ok)
+        else:
+            tl.static_assert(BLOCK_K // CHUNK * CHUNK == BLOCK_K)
+            col = (jp // HALF) * CHUNK + jp % HALF  # pair jp: channels 2jp, 2jp + 1; runs of HALF bytes
+            tl.store(q_rows + col[None, :], ev.to(tl.int8), mask=ok)
+            tl.store(q_rows + (col + HALF)[None, :], od.to(tl.int8), mask=ok)
+    else:
+        kk = k0 + tl.arange(0, BLOCK_K)
+        if REV:
+            kk = kk ^ (G - 1)
+        tl.store(q_rows + kk[None, :], q.to(tl.int8), mask=m_ok[:, None] & (kk[None, :] < K))
+
+
+@triton.jit
+def _scale_of(amax, QMAX: tl.constexpr, BLOCK_M: tl.constexpr):
+    return tl.math.div_rn(tl.maximum(amax, 1e-10), tl.full((BLOCK_M,), QMAX, tl.float32))
+
+
+@triton.jit
 def rotate_quantize_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, M_BUCKET,
                            G: tl.constexpr, HS: tl.constexpr, NORM: tl.constexpr, QMAX: tl.constexpr,
                            PACK: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FWHT: tl.constexpr = False):
     """Per row: r = x @ blockdiag(H_G) (fp32), scale = max(absmax(r), 1e-10) / QMAX, code = rint(r / scale).
 
-    Two passes over the row block: the first finds absmax, the second recomputes the rotation (tensor-core
-    cheap) and writes codes, so a row never has to fit in registers. PACK: two int4 codes per byte, low nibble =
-    even channel; else one int8 code per channel, in channel order or (SPLIT) in the split chunk order that
-    gemm_split_kernel reads: per CHUNK channels, the even ones first, then the odd ones.
+    Two passes over the row block: the first finds absmax, the second recomputes the rotation and writes codes,
+    so a row never has to fit in registers. The rotation: tensor-core dots with h (FWHT False, the "dot" method)
+    or _fwht_rev in registers (FWHT True, the "fwht" method; h unused). PACK: two int4 codes per byte, low
+    nibble = even channel; else one int8 code per channel, in channel order or (SPLIT) in the split chunk order
+    that gemm_split_kernel reads: per CHUNK channels, the even ones first, then the odd ones.
     """
     pid = tl.program_id(0)
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = rm < M
     rows = tl.where(m_ok, rm, 0).to(tl.int64)
     rh = tl.arange(0, HS)
-    h = tl.load(h_ptr + rh[:, None] * HS + rh[None, :])
+    if not FWHT:
+        h = tl.load(h_ptr + rh[:, None] * HS + rh[None, :])
     rk = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows[:, None] * stride_xm
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0)
-        r = _rotate_tile(x, h, G, NORM, BLOCK_M, BLOCK_K, DOT_F32)
+        if FWHT:
+            r = _fwht_rev(x.to(tl.float32), BLOCK_M, G)
+        else:
+            r = _rotate_tile(x, h, G, NORM, BLOCK_M, BLOCK_K, DOT_F32)
         amax = tl.maximum(amax, tl.max(tl.abs(r), axis=1))
-    scale = tl.math.div_rn(tl.maximum(amax, 1e-10), tl.full((BLOCK_M,), QMAX, tl.float32))
+    if FWHT:
+        amax = amax * NORM
+    scale = _scale_of(amax, QMAX, BLOCK_M)
     tl.store(s_ptr + rm, scale, mask=m_ok)
     q_rows = q_ptr + rows[:, None] * stride_qm
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0)
-        r = _rotate_tile(x, h, G, NORM, BLOCK_M, BLOCK_K, DOT_F32)
-        v = tl.math.div_rn(r, tl.broadcast_to(scale[:, None], (BLOCK_M, BLOCK_K)))
-        v = (v + ROUND_MAGIC) - ROUND_MAGIC
-        q = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.int32)
-        if PACK:
-            lo, hi = tl.split(tl.reshape(q, (BLOCK_M, BLOCK_K // 2, 2)))
-            p = ((lo & 15) | (hi << 4)).to(tl.int8)
-            kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            tl.store(q_rows + kp[None, :], p, mask=m_ok[:, None] & (kp[None, :] < K // 2))
-        elif SPLIT:
-            tl.static_assert(BLOCK_K // CHUNK * CHUNK == BLOCK_K)
-            ev, od = tl.split(tl.reshape(q, (BLOCK_M, BLOCK_K // 2, 2)))
-            jp = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # pair index: channels 2jp, 2jp + 1
-            col = (jp // HALF) * CHUNK + jp % HALF  # runs of HALF contiguous bytes
-            ok = m_ok[:, None] & (jp[None, :] < K // 2)
-            tl.store(q_rows + col[None, :], ev.to(tl.int8), mask=ok)
-            tl.store(q_rows + (col + HALF)[None, :], od.to(tl.int8), mask=ok)
+        if FWHT:
+            r = _fwht_rev(x.to(tl.float32), BLOCK_M, G) * NORM
         else:
-            tl.store(q_rows + kk[None, :], q.to(tl.int8), mask=m_ok[:, None] & (kk[None, :] < K))
+            r = _rotate_tile(x, h, G, NORM, BLOCK_M, BLOCK_K, DOT_F32)
+        _store_codes(r, scale, q_rows, k0, K, m_ok, G, QMAX, PACK, SPLIT, FWHT, BLOCK_M, BLOCK_K)
+
+
+@triton.jit
+def rotate_quantize_row_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, M_BUCKET,
+                               G: tl.constexpr, NORM: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
+                               SPLIT: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The "row" method: one pass, BLOCK_M whole rows (padded to KP = a power of two >= K) held in registers;
+    x is read once. The rotation is _fwht_rev; codes and scales as rotate_quantize_kernel's."""
+    pid = tl.program_id(0)
+    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    rows = tl.where(m_ok, rm, 0).to(tl.int64)
+    kk = tl.arange(0, KP)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=kk[None, :] < K, other=0.0)
+    r = _fwht_rev(x.to(tl.float32), BLOCK_M, G) * NORM
+    scale = _scale_of(tl.max(tl.abs(r), axis=1), QMAX, BLOCK_M)
+    tl.store(s_ptr + rm, scale, mask=m_ok)
+    _store_codes(r, scale, q_ptr + rows[:, None] * stride_qm, 0, K, m_ok, G, QMAX, PACK, SPLIT, True, BLOCK_M, KP)
 
 
 @triton.jit
@@ -385,3 +463,29 @@ ROTQ_CONFIGS = [
 
 rotate_quantize_tuned = triton.autotune(
     configs=ROTQ_CONFIGS, key=["M_BUCKET", "K", "G", "QMAX", "PACK", "SPLIT"])(rotate_quantize_kernel)
+
+# the "fwht" method: small row blocks (the second pass then finds the rows in L2), longer K steps
+FWHT_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "FWHT": True}, num_warps=nw)
+                for bm, bk, nw in ((4, 512, 4), (4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4),
+                                   (16, 512, 8), (2, 1024, 4))]
+
+rotate_quantize_fwht_tuned = triton.autotune(
+    configs=FWHT_CONFIGS, key=["M_BUCKET", "K", "G", "QMAX", "PACK", "SPLIT"],
+    prune_configs_by={"early_config_prune": lambda cs, named, **kw: [
+        c for c in cs if c.kwargs["BLOCK_K"] <= max(256, {**named, **kw}["K"])] or cs[:1]})(rotate_quantize_kernel)
+
+ROW_ELEMS_PER_THREAD = (8, 64)  # the "row" configs kept: BLOCK_M * KP / threads in this range
+
+
+def _prune_row(configs, named_args, **kwargs):
+    lo, hi = ROW_ELEMS_PER_THREAD
+    kp = {**named_args, **kwargs}["KP"]
+    kept = [c for c in configs if lo <= c.kwargs["BLOCK_M"] * kp // (32 * c.num_warps) <= hi]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * kp // (32 * c.num_warps))]
+
+
+ROW_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=nw) for bm in (1, 2, 4, 8) for nw in (4, 8, 16)]
+
+rotate_quantize_row_tuned = triton.autotune(
+    configs=ROW_CONFIGS, key=["M_BUCKET", "K", "G", "QMAX", "PACK", "SPLIT"],
+    prune_configs_by={"early_config_prune": _prune_row})(rotate_quantize_row_kernel)

@@ -116,6 +116,9 @@ AUTOTUNE = os.environ.get("CONVROT_TRITON_AUTOTUNE", "1") not in ("0", "")
 W4_GEMMS = ("split", "split_swap", "unpack", "packed", "packed_x16")
 W4_GEMM = os.environ.get("CONVROT_TRITON_W4", "split_swap")  # the fastest on an H200 (bench/NOTES.md S21)  # checked where used, so a typo cannot break the import
 SPLIT_CHUNK = 128  # the split activation order's chunk (the kernels read it from here)
+RQ_METHODS = ("dot", "fwht", "row")
+RQ = os.environ.get("CONVROT_TRITON_RQ", "dot")  # the rotate+quantize method; checked where used
+ROW_MAX_K = 16384  # the "row" method holds a row padded to a power of two in registers; above this, "fwht"
 # the block config used without autotuning (the interpreter, CONVROT_TRITON_AUTOTUNE=0, the probe)
 _SPLIT_FIXED = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, ONE_DOT=True, num_warps=4)
 
@@ -174,7 +177,7 @@ def _check_group(group_size: int, k: int) -> None:
 
 
 def rotate_quantize(x2d: torch.Tensor, group_size: int, bits: int = 4, *, packed: bool = True, split: bool = False,
-                    out: torch.Tensor | None = None, scale_out: torch.Tensor | None = None):
+                    out: torch.Tensor | None = None, scale_out: torch.Tensor | None = None, rq: str | None = None):
     """(codes, scale fp32 [M]) = reference.rotate_quantize(x2d, group_size, bits) (packed=False: unpacked int4;
     split=True with it: in the split chunk order, see the module docstring).
 
@@ -205,24 +208,46 @@ def rotate_quantize(x2d: torch.Tensor, group_size: int, bits: int = 4, *, packed
         raise ValueError(f"scale_out must be contiguous float32 [{m}]")
     if m == 0:
         return out, scale_out
-    _launch_rotate_quantize(x2d, out, scale_out, group_size, _QMAX[bits], pack, split=split)
+    _launch_rotate_quantize(x2d, out, scale_out, group_size, _QMAX[bits], pack, split=split, rq=rq)
     return out, scale_out
 
 
-def _launch_rotate_quantize(x2d, out, scale_out, group_size, qmax, pack, fixed=False, split=False):
+def _rq_method(rq: str | None, k: int) -> str:
+    """The rotate+quantize method that runs for K (see RQ)."""
+    method = RQ if rq is None else rq
+    if method not in RQ_METHODS:
+        raise ValueError(f"rotate+quantize method (CONVROT_TRITON_RQ) must be one of {RQ_METHODS}, got {method!r}")
+    return "fwht" if method == "row" and k > ROW_MAX_K else method
+
+
+def _launch_rotate_quantize(x2d, out, scale_out, group_size, qmax, pack, fixed=False, split=False, rq=None):
     """One launch of the rotate+quantize kernel; `fixed` (the interpreter, the probe) skips autotuning."""
     j = _jit()
     m, k = x2d.shape
+    method = _rq_method(rq, k)
+    tune = not (fixed or j.INTERPRET or not AUTOTUNE)
+    opts = {} if j.INTERPRET else _NO_FUSION
+    common = dict(G=group_size, NORM=1.0 / (group_size ** 0.5), QMAX=qmax, PACK=pack, SPLIT=split)
+    if method == "row":
+        kp = 1 << (k - 1).bit_length()
+        args = (x2d, out, scale_out, m, k, x2d.stride(0), out.stride(0), _m_bucket(m))
+        if tune:
+            j.rotate_quantize_row_tuned[lambda meta: (triton_cdiv(m, meta["BLOCK_M"]),)](*args, **common, KP=kp, **opts)
+        else:
+            bm = 2 if kp <= 4096 else 1
+            j.rotate_quantize_row_kernel[(triton_cdiv(m, bm),)](*args, **common, KP=kp, BLOCK_M=bm,
+                                                               num_warps=min(16, max(4, kp // 1024)), **opts)
+        return
     hs = 64 if group_size == 64 else 16
     h = _hadamard_pm1(hs, x2d.device)
     args = (x2d, h, out, scale_out, m, k, x2d.stride(0), out.stride(0), _m_bucket(m))
-    consts = dict(G=group_size, HS=hs, NORM=1.0 / (group_size ** 0.5), QMAX=qmax, PACK=pack, SPLIT=split,
-                  DOT_F32=j.INTERPRET)
-    if fixed or j.INTERPRET or not AUTOTUNE:
+    consts = dict(common, HS=hs, DOT_F32=j.INTERPRET)
+    if not tune:
         j.rotate_quantize_kernel[(triton_cdiv(m, 32),)](*args, **consts, BLOCK_M=32, BLOCK_K=256, num_warps=4,
-                                                         **({} if j.INTERPRET else _NO_FUSION))
+                                                         FWHT=method == "fwht", **opts)
     else:
-        j.rotate_quantize_tuned[lambda meta: (triton_cdiv(m, meta["BLOCK_M"]),)](*args, **consts, **_NO_FUSION)
+        kern = j.rotate_quantize_fwht_tuned if method == "fwht" else j.rotate_quantize_tuned
+        kern[lambda meta: (triton_cdiv(m, meta["BLOCK_M"]),)](*args, **consts, **opts)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -372,7 +397,7 @@ def _w4_route(w4_gemm: str | None, k: int, w_packed: bool) -> str:
 
 def linear(x2d: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
            group_size: int, bits: int = 4, *, out: torch.Tensor | None = None,
-           w4_gemm: str | None = None) -> torch.Tensor:
+           w4_gemm: str | None = None, rq: str | None = None) -> torch.Tensor:
     """reference.convrot_linear for a 2-D input: rotate + quantize x per token, integer GEMM, epilogue.
 
     Output dtype = x's (fp16/bf16). The activation codes go through memory as int8 (one byte per code) so the
@@ -386,16 +411,17 @@ def linear(x2d: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: to
         raise ValueError(f"W8A8 weight has {w_q.shape[-1]} codes per row; expected K={k}")
     route = _w4_route(w4_gemm, k, w_q.dim() == 2 and w_q.shape[-1] * 2 == k) if bits == 4 else "int8"
     if route in ("split", "split_swap"):
-        a, a_scale = rotate_quantize(x2d, group_size, 4, packed=False, split=True)
+        a, a_scale = rotate_quantize(x2d, group_size, 4, packed=False, split=True, rq=rq)
         return gemm(a, a_scale, w_q, w_scale, bias, x2d.dtype, k=k, out=out, split=True,
                     swap=route == "split_swap")
     if route == "unpack":
         w_q = unpack_weight(w_q)
-    a, a_scale = rotate_quantize(x2d, group_size, bits, packed=False)
+    a, a_scale = rotate_quantize(x2d, group_size, bits, packed=False, rq=rq)
     return gemm(a, a_scale, w_q, w_scale, bias, x2d.dtype, k=k, out=out, x16=route == "packed_x16")
 
 
-def linear_fn(group_size: int, bits: int, *, w4_gemm: str | None = None, _fixed: bool = False):
+def linear_fn(group_size: int, bits: int, *, w4_gemm: str | None = None, rq: str | None = None,
+              _fixed: bool = False):
     """f(x2d, w, w_scale, bias) -> y2d with convrot.kernels.linear_fn's contract (checks left to the caller).
 
     x2d contiguous [M, K] fp16/bf16 on a device where available() is True, K inside LIMITS for group_size;
@@ -406,7 +432,9 @@ def linear_fn(group_size: int, bits: int, *, w4_gemm: str | None = None, _fixed:
     if group_size not in LIMITS.group_sizes or bits not in _QMAX:
         raise ValueError(f"unsupported group_size={group_size} / bits={bits}")
     mode = W4_GEMM if w4_gemm is None else w4_gemm
-    _w4_route(mode, SPLIT_CHUNK, False)  # reject an unknown route now
+    _w4_route(mode, SPLIT_CHUNK, False)  # reject an unknown route or method now
+    rq = RQ if rq is None else rq
+    _rq_method(rq, SPLIT_CHUNK)
     _jit()
     qmax = _QMAX[bits]
 
@@ -421,7 +449,7 @@ def linear_fn(group_size: int, bits: int, *, w4_gemm: str | None = None, _fixed:
         split = route in ("split", "split_swap")
         a = torch.empty((m, k), device=dev, dtype=torch.int8)
         a_s = torch.empty((m,), device=dev, dtype=torch.float32)
-        _launch_rotate_quantize(x, a, a_s, group_size, qmax, False, _fixed, split=split)
+        _launch_rotate_quantize(x, a, a_s, group_size, qmax, False, _fixed, split=split, rq=rq)
         if w_scale.dtype != torch.float32:
             w_scale = w_scale.float()
         if split:
@@ -454,7 +482,7 @@ def linear_op():
                 fns: dict = {}
 
                 def impl(x, w, w_scale, bias, group_size, bits):
-                    key = (group_size, bits, W4_GEMM)
+                    key = (group_size, bits, W4_GEMM, RQ)
                     f = fns.get(key)
                     if f is None:
                         f = fns[key] = linear_fn(group_size, bits)

@@ -77,16 +77,18 @@ def _poisoned_codes(shape):
     return torch.full(shape, -128, device=DEV, dtype=torch.int8)
 
 
+@pytest.mark.parametrize("rq", tk.RQ_METHODS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [16, 64, 256])
-def test_rotate_quantize_matches_reference(group_size, bits, dtype):
+def test_rotate_quantize_matches_reference(group_size, bits, dtype, rq):
+    """Every rotate+quantize method: the reference's codes and scales, every output byte written."""
     m, k = (333, 3 * 1024) if CUDA else (17, K_OF[group_size])
     x = _acts(m, k, dtype, seed=group_size + bits)
     cols = k // 2 if bits == 4 else k
     q = _poisoned_codes((m, cols))
     s = torch.full((m,), float("nan"), device=DEV)
-    q2, s2 = tk.rotate_quantize(x, group_size, bits, out=q, scale_out=s)
+    q2, s2 = tk.rotate_quantize(x, group_size, bits, out=q, scale_out=s, rq=rq)
     assert q2 is q and s2 is s
     assert (q != -128).all(), "unwritten code bytes"
     qr, sr = ref.rotate_quantize(x, group_size, bits)
@@ -106,11 +108,13 @@ def test_rotate_quantize_odd_rows_and_unpacked_codes(m):
     assert q.abs().max().item() <= 7
 
 
+@pytest.mark.parametrize("rq", tk.RQ_METHODS)
 @pytest.mark.parametrize("group_size", [16, 64, 256])
-def test_rotate_quantize_fp32_weights(group_size):
-    """fp32 input (offline weight quantization): the kernel's three-piece bf16 split keeps fp32 accuracy."""
+def test_rotate_quantize_fp32_weights(group_size, rq):
+    """fp32 input (offline weight quantization): the dot method's three-piece bf16 split keeps fp32 accuracy
+    (the fwht / row methods add in fp32)."""
     w = _acts(24, K_OF[group_size], torch.float32, seed=7)
-    q, s = tk.rotate_quantize(w, group_size, 4)
+    q, s = tk.rotate_quantize(w, group_size, 4, rq=rq)
     qr, sr = ref.rotate_quantize(w, group_size, 4)
     torch.testing.assert_close(s, sr, rtol=2e-6, atol=0)
     _assert_codes_close(q, qr, 4)
@@ -267,15 +271,16 @@ def test_split_perm_is_the_documented_order():
 
 @pytest.mark.parametrize("group_size,k", [(16, 384), (64, 256), (256, 512)] + ([(256, 3072)] if CUDA else []))
 @pytest.mark.parametrize("m", [1, 77])
-def test_rotate_quantize_split_order(group_size, k, m):
+@pytest.mark.parametrize("rq", tk.RQ_METHODS)
+def test_rotate_quantize_split_order(group_size, k, m, rq):
     """split=True writes the channel-order codes permuted into the split chunk order: undoing the permutation
     gives exactly the kernel's channel-order codes, and those match the reference."""
     x = _acts(m, k, torch.bfloat16, seed=k + m)
     q = _poisoned_codes((m, k))
     s = torch.full((m,), float("nan"), device=DEV)
-    tk.rotate_quantize(x, group_size, 4, packed=False, split=True, out=q, scale_out=s)
+    tk.rotate_quantize(x, group_size, 4, packed=False, split=True, out=q, scale_out=s, rq=rq)
     assert (q != -128).all(), "unwritten code bytes"
-    qc, sc = tk.rotate_quantize(x, group_size, 4, packed=False)
+    qc, sc = tk.rotate_quantize(x, group_size, 4, packed=False, rq=rq)
     assert torch.equal(s, sc)
     unperm = torch.empty_like(q)
     unperm[:, _split_perm(k)] = q
@@ -430,6 +435,31 @@ def test_linear_fn_w4_routes(route, m, monkeypatch):
     monkeypatch.setattr(tk, "W4_GEMM", route)
     _assert_linear_close(tk.linear_op()(x, w_q, w_s, bias, g, 4), want)
     assert len(split_calls) == (3 if route.startswith("split") else 0)
+
+
+@pytest.mark.parametrize("rq", ["fwht", "row"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_linear_with_each_rotate_quantize_method(rq, bits):
+    """linear_fn(rq=method) (split_swap for W4): the reference's result; K not a power of two (the row method
+    pads the row in registers)."""
+    k, n, g = (3072, 3072 + 8, 256) if CUDA else (384, 40, 64)
+    x = _acts(65, k, torch.bfloat16, seed=bits + 60)
+    w_q, w_s = _weights(n, k, g, bits, seed=61)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(7)).to(DEV, torch.bfloat16)
+    f = tk.linear_fn(g, bits, w4_gemm="split_swap", rq=rq)
+    _assert_linear_close(f(x, w_q, w_s, bias), ref.convrot_linear(x, w_q, w_s, bias, g, bits))
+
+
+def test_rotate_quantize_method_choice(monkeypatch):
+    assert tk._rq_method("row", tk.ROW_MAX_K) == "row"
+    assert tk._rq_method("row", tk.ROW_MAX_K + 256) == "fwht"  # a padded row would not fit in registers
+    assert tk._rq_method("dot", 65536) == "dot"
+    monkeypatch.setattr(tk, "RQ", "fwht")
+    assert tk._rq_method(None, 3072) == "fwht"
+    with pytest.raises(ValueError, match="CONVROT_TRITON_RQ"):
+        tk._rq_method("rows", 3072)
+    with pytest.raises(ValueError, match="CONVROT_TRITON_RQ"):
+        tk.linear_fn(64, 4, rq="nope")
 
 
 def test_prepare_weight_is_unpack():
