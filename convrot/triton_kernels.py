@@ -116,9 +116,13 @@ AUTOTUNE = os.environ.get("CONVROT_TRITON_AUTOTUNE", "1") not in ("0", "")
 W4_GEMMS = ("split", "split_swap", "unpack", "packed", "packed_x16")
 W4_GEMM = os.environ.get("CONVROT_TRITON_W4", "split_swap")  # the fastest on an H200 (bench/NOTES.md S21)  # checked where used, so a typo cannot break the import
 SPLIT_CHUNK = 128  # the split activation order's chunk (the kernels read it from here)
-RQ_METHODS = ("dot", "fwht", "row")
-RQ = os.environ.get("CONVROT_TRITON_RQ", "dot")  # the rotate+quantize method; checked where used
+RQ_METHODS = ("auto", "dot", "fwht", "row")
+RQ = os.environ.get("CONVROT_TRITON_RQ", "auto")  # the rotate+quantize method; checked where used
 ROW_MAX_K = 16384  # the "row" method holds a row padded to a power of two in registers; above this, "fwht"
+# "auto" (bench/NOTES.md Session 11, H200): row up to this many rows (2.5-5x faster than dot at 1 and 512 tokens),
+# above it fwht from AUTO_FWHT_MIN_K channels (~10% faster at K = 12288 / 15360), else dot
+AUTO_ROW_MAX_M = 1024
+AUTO_FWHT_MIN_K = 8192
 # the block config used without autotuning (the interpreter, CONVROT_TRITON_AUTOTUNE=0, the probe)
 _SPLIT_FIXED = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, ONE_DOT=True, num_warps=4)
 
@@ -212,11 +216,13 @@ def rotate_quantize(x2d: torch.Tensor, group_size: int, bits: int = 4, *, packed
     return out, scale_out
 
 
-def _rq_method(rq: str | None, k: int) -> str:
-    """The rotate+quantize method that runs for K (see RQ)."""
+def _rq_method(rq: str | None, k: int, m: int = 1) -> str:
+    """The rotate+quantize method that runs for an [M, K] input (see RQ)."""
     method = RQ if rq is None else rq
     if method not in RQ_METHODS:
         raise ValueError(f"rotate+quantize method (CONVROT_TRITON_RQ) must be one of {RQ_METHODS}, got {method!r}")
+    if method == "auto":
+        method = "row" if m <= AUTO_ROW_MAX_M else "fwht" if k >= AUTO_FWHT_MIN_K else "dot"
     return "fwht" if method == "row" and k > ROW_MAX_K else method
 
 
@@ -224,7 +230,7 @@ def _launch_rotate_quantize(x2d, out, scale_out, group_size, qmax, pack, fixed=F
     """One launch of the rotate+quantize kernel; `fixed` (the interpreter, the probe) skips autotuning."""
     j = _jit()
     m, k = x2d.shape
-    method = _rq_method(rq, k)
+    method = _rq_method(rq, k, m)
     tune = not (fixed or j.INTERPRET or not AUTOTUNE)
     opts = {} if j.INTERPRET else _NO_FUSION
     common = dict(G=group_size, NORM=1.0 / (group_size ** 0.5), QMAX=qmax, PACK=pack, SPLIT=split)
@@ -557,11 +563,14 @@ def _probe(dev: torch.device) -> str | None:
     """Compile and run tiny W4A4 and W8A8 linears; compare with the PyTorch reference. None when fine.
 
     The shapes take the paths real layers take: K = SPLIT_CHUNK (the split W4 GEMMs), G = 256 (its two-step
-    rotation) and K = 208 (K % SPLIT_CHUNK != 0: the packed_x16 fallback), with the fixed block configs."""
+    rotation) and K = 208 (K % SPLIT_CHUNK != 0: the packed_x16 fallback), with the fixed block configs; a few
+    rows and more than AUTO_ROW_MAX_M (each rotate+quantize method that RQ "auto" picks)."""
     try:
         g = torch.Generator(device="cpu").manual_seed(0)
-        for group, k in ((16, SPLIT_CHUNK), (256, 2 * SPLIT_CHUNK), (16, 208)):
-            x = torch.randn(5, k, generator=g).to(dev, torch.bfloat16).contiguous()
+        big = AUTO_ROW_MAX_M + 1  # under RQ "auto", more rows than this take the other rotate+quantize methods
+        for rows, group, k in ((5, 16, SPLIT_CHUNK), (5, 256, 2 * SPLIT_CHUNK), (5, 16, 208),
+                               (big, 16, SPLIT_CHUNK), (big, 256, AUTO_FWHT_MIN_K)):
+            x = torch.randn(rows, k, generator=g).to(dev, torch.bfloat16).contiguous()
             for bits in (4, 8):
                 qmax = _QMAX[bits]
                 codes = torch.randint(-qmax, qmax + 1, (16, k), generator=g, dtype=torch.int8)
@@ -570,7 +579,7 @@ def _probe(dev: torch.device) -> str | None:
                 y = linear_fn(group, bits, _fixed=True)(x, w, ws, None).float()
                 ref = reference.convrot_linear(x, w, ws, None, group, bits).float()
                 if not torch.allclose(y, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()):
-                    return (f"W{bits}A{bits} result (G={group}, K={k}) differs from the reference (max abs err "
+                    return (f"W{bits}A{bits} result (G={group}, K={k}, M={rows}) differs from the reference (max abs err "
                             f"{(y - ref).abs().max().item():.3g})")
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)

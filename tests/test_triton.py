@@ -77,7 +77,7 @@ def _poisoned_codes(shape):
     return torch.full(shape, -128, device=DEV, dtype=torch.int8)
 
 
-@pytest.mark.parametrize("rq", tk.RQ_METHODS)
+@pytest.mark.parametrize("rq", [m for m in tk.RQ_METHODS if m != "auto"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [16, 64, 256])
@@ -108,7 +108,7 @@ def test_rotate_quantize_odd_rows_and_unpacked_codes(m):
     assert q.abs().max().item() <= 7
 
 
-@pytest.mark.parametrize("rq", tk.RQ_METHODS)
+@pytest.mark.parametrize("rq", [m for m in tk.RQ_METHODS if m != "auto"])
 @pytest.mark.parametrize("group_size", [16, 64, 256])
 def test_rotate_quantize_fp32_weights(group_size, rq):
     """fp32 input (offline weight quantization): the dot method's three-piece bf16 split keeps fp32 accuracy
@@ -271,7 +271,7 @@ def test_split_perm_is_the_documented_order():
 
 @pytest.mark.parametrize("group_size,k", [(16, 384), (64, 256), (256, 512)] + ([(256, 3072)] if CUDA else []))
 @pytest.mark.parametrize("m", [1, 77])
-@pytest.mark.parametrize("rq", tk.RQ_METHODS)
+@pytest.mark.parametrize("rq", [m for m in tk.RQ_METHODS if m != "auto"])
 def test_rotate_quantize_split_order(group_size, k, m, rq):
     """split=True writes the channel-order codes permuted into the split chunk order: undoing the permutation
     gives exactly the kernel's channel-order codes, and those match the reference."""
@@ -454,6 +454,10 @@ def test_rotate_quantize_method_choice(monkeypatch):
     assert tk._rq_method("row", tk.ROW_MAX_K) == "row"
     assert tk._rq_method("row", tk.ROW_MAX_K + 256) == "fwht"  # a padded row would not fit in registers
     assert tk._rq_method("dot", 65536) == "dot"
+    assert tk._rq_method("auto", 3072, tk.AUTO_ROW_MAX_M) == "row"
+    assert tk._rq_method("auto", 3072, tk.AUTO_ROW_MAX_M + 1) == "dot"
+    assert tk._rq_method("auto", tk.AUTO_FWHT_MIN_K, 4096) == "fwht"
+    assert tk._rq_method("auto", 65536, 1) == "fwht"  # row, but too long for registers
     monkeypatch.setattr(tk, "RQ", "fwht")
     assert tk._rq_method(None, 3072) == "fwht"
     with pytest.raises(ValueError, match="CONVROT_TRITON_RQ"):
@@ -526,13 +530,21 @@ def test_probe_checks_the_paths_real_layers_take(monkeypatch):
     """The availability probe runs the split GEMM (K = 128), G = 256's rotation and the K % 128 fallback against
     the reference (in the interpreter here, compiled on a GPU), and names a wrong result."""
     dev = torch.device(DEV)
-    routes_run = []
+    routes_run, methods_run = [], []
     real = tk._w4_route
     monkeypatch.setattr(tk, "_w4_route", lambda mode, k, packed: routes_run.append(real(mode, k, packed))
                         or routes_run[-1])
+    real_rq = tk._rq_method
+    monkeypatch.setattr(tk, "_rq_method", lambda rq, k, m=1: methods_run.append(real_rq(rq, k, m))
+                        or methods_run[-1])
+    if not CUDA:  # the interpreter: the "auto" thresholds scaled down (the probe reads them; same kernels)
+        monkeypatch.setattr(tk, "AUTO_ROW_MAX_M", 2)
+        monkeypatch.setattr(tk, "AUTO_FWHT_MIN_K", 512)
+    monkeypatch.setattr(tk, "RQ", "auto")
     assert tk._probe(dev) is None
     if tk.W4_GEMM.startswith("split"):
         assert {tk.W4_GEMM, "packed_x16", "int8"} <= set(routes_run), routes_run
+    assert {"row", "dot", "fwht"} <= set(methods_run), methods_run
     real_fn = tk.linear_fn
     monkeypatch.setattr(tk, "linear_fn", lambda g, bits, **kw: (lambda *a: real_fn(g, bits, **kw)(*a) * 1.5))
     why = tk._probe(dev)
