@@ -16,7 +16,7 @@ available(device=None, probe=True) -> (ok: bool, reason: str)
     computation (a few seconds, once per process and device).
 supports_shape(k, n=None, group_size=256, bits=4) -> bool
     The shape limits in LIMITS, for dispatch.
-rotate_quantize(x2d, group_size, bits=4, *, packed=True, split=False, out=None, scale_out=None)
+rotate_quantize(x2d, group_size, bits=4, *, packed=True, split=False, out=None, scale_out=None, rq=None)
         -> (codes, scale fp32 [M])
     bits=4: packed int8 [M, K/2] (packed=False: one int8 code per channel, [M, K], values in [-7, 7]);
     bits=8: int8 [M, K] in [-127, 127]. x2d: [M, K] fp16/bf16/fp32, last dim contiguous.
@@ -55,6 +55,13 @@ weight only (prepared int8 weights and W8A8 always take the int8 x int8 GEMM):
     "packed_x16"  the same with the nibbles unpacked as 16x values (no sign extension; int32 sums shifted back
                   by 4, exact), which takes far fewer instructions than the sign extension.
 Every route gives the same, bit-equal result. On NVIDIA the split and packed_x16 kernels unpack with inline PTX.
+
+Rotate+quantize method (RQ, env CONVROT_TRITON_RQ, read at import; `rq=` per call; default "auto"):
+    "dot"   two passes over each row block (absmax, then codes), the rotation as tensor-core dots with +-1 factors
+    "fwht"  the same two passes, the rotation as sums over size-4 axes in registers (H_4 = J - 2P), no dots
+    "row"   one pass: whole rows, padded to a power of two, in registers (K <= ROW_MAX_K, else "fwht")
+    "auto"  "row" up to AUTO_ROW_MAX_M rows, else "fwht" from AUTO_FWHT_MIN_K channels, else "dot"
+All give the reference's codes (up to rare rounding ties) and scales.
 
 Limits (LIMITS, a TritonLimits): group_size in {16, 64, 256}; K % group_size == 0 and 0 < K <= 65536 (int32
 accumulator exact for int8 codes up to K = 133,000); any N >= 1 (N % 8 recommended: cuBLAS/extension parity,
@@ -408,7 +415,7 @@ def linear(x2d: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: to
 
     Output dtype = x's (fp16/bf16). The activation codes go through memory as int8 (one byte per code) so the
     GEMM's A operand needs no unpacking; the weight may be packed [N, K/2] or prepared int8 [N, K].
-    w4_gemm: the W4 GEMM route for a packed weight (None = W4_GEMM; see the module docstring).
+    w4_gemm: the W4 GEMM route for a packed weight (None = W4_GEMM); rq: the rotate+quantize method (None = RQ).
     """
     if x2d.dtype not in LIMITS.linear_dtypes:
         raise ValueError(f"linear returns x's dtype, which must be float16 or bfloat16, got {x2d.dtype}")
@@ -433,7 +440,8 @@ def linear_fn(group_size: int, bits: int, *, w4_gemm: str | None = None, rq: str
     x2d contiguous [M, K] fp16/bf16 on a device where available() is True, K inside LIMITS for group_size;
     w packed [N, K/2] or int8 [N, K] (bits=8: int8 [N, K]); w_scale [N] (fp32 avoids a conversion);
     bias None or contiguous [N] (x's dtype avoids nothing: it is read as fp32 in any float dtype).
-    w4_gemm: the W4 GEMM route for packed weights (None = W4_GEMM now), fixed for this f.
+    w4_gemm: the W4 GEMM route for packed weights (None = W4_GEMM now), rq the rotate+quantize method (None = RQ
+    now), both fixed for this f.
     """
     if group_size not in LIMITS.group_sizes or bits not in _QMAX:
         raise ValueError(f"unsupported group_size={group_size} / bits={bits}")
