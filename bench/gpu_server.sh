@@ -39,7 +39,8 @@ if [ -n "${PRE:-}" ]; then (eval "$PRE") > $OUT/pre.txt 2>&1; tail -30 $OUT/pre.
 [ -f /tmp/srv_env.sh ] && { . /tmp/srv_env.sh; cat /tmp/srv_env.sh; }
 run_tests() {
   [ "$tests" = none ] && return
-  COMFYUI_PATH=/tmp/ComfyUI timeout ${TESTS_S:-200} python3 -m pytest -q -x -p no:cacheprovider $tests \
+  # eval: the tests argument may quote a -k expression ("tests/test_triton.py -k 'rotate or probe'")
+  eval "COMFYUI_PATH=/tmp/ComfyUI timeout ${TESTS_S:-200} python3 -m pytest -q -x -p no:cacheprovider $tests" \
     > $OUT/tests.txt 2>&1
   tail -15 $OUT/tests.txt
 }
