@@ -1,5 +1,6 @@
-"""Profile target for Nsight Compute: the Triton rotate+quantize methods at FLUX shapes, each with the block config
-autotuning picked on an H200 (bench/NOTES.md Session 11), split order, G = 256. Run on the GPU machine:
+"""Profile target for Nsight Compute: the Triton rotate+quantize methods at FLUX shapes, split order, G = 256; fwht
+and row with the block configs autotuning picked at 4096 x 3072 on an H200 (bench/NOTES.md Session 11, S22), dot
+with one of its autotune configs. Run on the GPU machine:
 
     ncu --kernel-name regex:rotate_quantize --section SpeedOfLight --section InstructionStats \
         --section WarpStateStats --section Occupancy python3 bench/ncu_rq.py
@@ -28,7 +29,7 @@ for (m, k) in ((4096, 3072), (4608, 15360)):
         for _ in range(2):
             if method == "row":
                 j.rotate_quantize_row_kernel[grid](x, q, s, m, k, x.stride(0), q.stride(0), 0, **common,
-                                                   KP=1 << (k - 1).bit_length(), **cfg)
+                                                   KP=tk.row_width(k), **cfg)
             else:
                 j.rotate_quantize_kernel[grid](x, h, q, s, m, k, x.stride(0), q.stride(0), 0, **common, HS=16,
                                                DOT_F32=False, FWHT=method == "fwht", **cfg)

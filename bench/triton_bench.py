@@ -183,9 +183,9 @@ def main() -> int:
     ap.add_argument("--shapes", default=None, help="comma-separated MxKxN list (default: the FLUX linears)")
     ap.add_argument("--no-ext", action="store_true", help="skip the CUDA extension route")
     ap.add_argument("--pick", default=None, metavar="FILE",
-                    help="write `export CONVROT_TRITON_W4=<route>` and `export CONVROT_TRITON_RQ=<method>` to FILE: "
-                         "the whole-op column with the best geomean speed-up over the shapes with M >= 4096 "
-                         "whose every output matched (--check)")
+                    help="write `export CONVROT_TRITON_W4=<route>` to FILE: the W4 route whose whole op (with the "
+                         "module's rotate+quantize method) has the best geomean speed-up over the shapes with "
+                         "M >= 4096 whose every output matched (--check)")
     args = ap.parse_args()
     if args.pick and not args.check:
         ap.error("--pick needs --check (a route is picked only from outputs that matched the reference)")
@@ -267,10 +267,13 @@ def main() -> int:
         route, rq = W4_ROUTES[col]
         print(f"geomean at M >= 4096, {route:>11} + {rq or tk.RQ:>4}: {gm:.2f}x of bf16")
     if args.pick and summary:
-        route, rq = W4_ROUTES[max(summary, key=summary.get)]
+        # the W4 route only: a rotate+quantize method picked on these large shapes would override RQ "auto"'s
+        # per-shape choice (row for few tokens) everywhere
+        routes_only = {c: gm for c, gm in summary.items() if W4_ROUTES[c][1] is None}
+        route = W4_ROUTES[max(routes_only, key=routes_only.get)][0]
         with open(args.pick, "w") as f:
-            f.write(f"export CONVROT_TRITON_W4={route}\nexport CONVROT_TRITON_RQ={rq or tk.RQ}\n")
-        print(f"picked W4_GEMM={route}, RQ={rq or tk.RQ} -> {args.pick}")
+            f.write(f"export CONVROT_TRITON_W4={route}\n")
+        print(f"picked W4_GEMM={route} -> {args.pick} (rotate+quantize stays RQ={tk.RQ!r})")
     return 0
 
 

@@ -77,8 +77,9 @@ def _fwht_rev(x, R: tl.constexpr, G: tl.constexpr):
 
     H_4 = J - 2 P (J all ones, P the reversal) and P commutes with J - 2I, so H_G = H_4 (x) .. (x) H_4 =
     P_G (J - 2I)^(x)n with P_G the reversal of each group (index i -> i ^ (G - 1)). Each J - 2I factor is one
-    sum over a size-4 axis and s - 2 v: additions in registers and lane shuffles, no tensor cores, no shared
-    memory. The reversal is left to the caller's store addresses (the absmax does not depend on the order).
+    sum over a size-4 axis and s - 2 v (the identity hadamard.fast_regular_hadamard uses): additions in
+    registers and lane shuffles, no tensor cores (the kernels' stores still convert layouts through shared
+    memory). The reversal is left to the caller's store addresses (the absmax does not depend on the order).
     """
     NG: tl.constexpr = R * (x.shape[1] // G)
     if G == 16:
@@ -91,6 +92,7 @@ def _fwht_rev(x, R: tl.constexpr, G: tl.constexpr):
         z = tl.sum(z, axis=2, keep_dims=True) - 2.0 * z
         z = tl.sum(z, axis=3, keep_dims=True) - 2.0 * z
     else:
+        tl.static_assert(G == 256)
         z = tl.reshape(x, (NG, 4, 4, 4, 4))
         z = tl.sum(z, axis=1, keep_dims=True) - 2.0 * z
         z = tl.sum(z, axis=2, keep_dims=True) - 2.0 * z
@@ -461,31 +463,49 @@ ROTQ_CONFIGS = [
     triton.Config({"BLOCK_M": 32, "BLOCK_K": 256}, num_warps=8),
 ]
 
-rotate_quantize_tuned = triton.autotune(
-    configs=ROTQ_CONFIGS, key=["M_BUCKET", "K", "G", "QMAX", "PACK", "SPLIT"])(rotate_quantize_kernel)
+RQ_KEY = ["M_BUCKET", "K", "G", "QMAX", "PACK", "SPLIT"]  # every rotate+quantize kernel tunes per these
+
+rotate_quantize_tuned = triton.autotune(configs=ROTQ_CONFIGS, key=RQ_KEY)(rotate_quantize_kernel)
 
 # the "fwht" method: small row blocks (the second pass then finds the rows in L2), longer K steps
 FWHT_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "FWHT": True}, num_warps=nw)
                 for bm, bk, nw in ((4, 512, 4), (4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4),
                                    (16, 512, 8), (2, 1024, 4))]
 
-rotate_quantize_fwht_tuned = triton.autotune(
-    configs=FWHT_CONFIGS, key=["M_BUCKET", "K", "G", "QMAX", "PACK", "SPLIT"],
-    prune_configs_by={"early_config_prune": lambda cs, named, **kw: [
-        c for c in cs if c.kwargs["BLOCK_K"] <= max(256, {**named, **kw}["K"])] or cs[:1]})(rotate_quantize_kernel)
 
-ROW_ELEMS_PER_THREAD = (8, 64)  # the "row" configs kept: BLOCK_M * KP / threads in this range
+def _prune_fwht(configs, named_args, **kwargs):
+    """No K step longer than K (past 256: every K here is a multiple of G <= 256)."""
+    k = {**named_args, **kwargs}["K"]
+    return [c for c in configs if c.kwargs["BLOCK_K"] <= max(256, k)] or configs[:1]
+
+
+rotate_quantize_fwht_tuned = triton.autotune(
+    configs=FWHT_CONFIGS, key=RQ_KEY, prune_configs_by={"early_config_prune": _prune_fwht})(rotate_quantize_kernel)
+
+ROW_MIN_PER_THREAD = 8  # the "row" configs kept hold at least this many values per thread
+
+
+def _row_range(c) -> tuple[int, int]:
+    """Values per thread a row config may hold: at most 64, and at most a quarter of the registers a thread has
+    when its block takes the SM's 64K (16 warps: 128 registers, so 32 values; (2 rows, 16 warps) at KP = 16384
+    spilled)."""
+    return ROW_MIN_PER_THREAD, min(64, 65536 // (32 * c.num_warps) // 4)
 
 
 def _prune_row(configs, named_args, **kwargs):
-    lo, hi = ROW_ELEMS_PER_THREAD
+    """Configs whose values per thread (BLOCK_M * KP / threads) lie in _row_range; else the nearest one."""
     kp = {**named_args, **kwargs}["KP"]
-    kept = [c for c in configs if lo <= c.kwargs["BLOCK_M"] * kp // (32 * c.num_warps) <= hi]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * kp // (32 * c.num_warps))]
+
+    def miss(c):
+        lo, hi = _row_range(c)
+        per = c.kwargs["BLOCK_M"] * kp // (32 * c.num_warps)
+        return max(lo - per, per - hi, 0)
+
+    kept = [c for c in configs if miss(c) == 0]
+    return kept or [min(configs, key=miss)]
 
 
 ROW_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=nw) for bm in (1, 2, 4, 8) for nw in (4, 8, 16)]
 
 rotate_quantize_row_tuned = triton.autotune(
-    configs=ROW_CONFIGS, key=["M_BUCKET", "K", "G", "QMAX", "PACK", "SPLIT"],
-    prune_configs_by={"early_config_prune": _prune_row})(rotate_quantize_row_kernel)
+    configs=ROW_CONFIGS, key=RQ_KEY, prune_configs_by={"early_config_prune": _prune_row})(rotate_quantize_row_kernel)

@@ -27,7 +27,8 @@ log = logging.getLogger("convrot")
 ROUTES = ("cuda", "torchmm", "triton", "dequant", "reference")
 ENV = "CONVROT_ROUTE"
 # Triton is in the automatic order after the CUDA extension: in an H200 server (bench/NOTES.md Session 11, S23)
-# mixed on it ran at 1.23x of bf16 (the dequant fallback: 1.06x, S21), and its GPU tests passed there.
+# mixed on it ran at 1.23x of bf16 (the dequant fallback: 1.06x, S21); its GPU tests passed on that machine (the whole
+# file in S21, the rotate+quantize, method, probe and W4-route tests after the S22 change in S26).
 TRITON_AUTOMATIC = True
 _TRITON_OPT_IN = f"not in the automatic order yet ({ENV}=triton runs it)"
 # torchmm computes the reference's integer math through torch._int_mm (tests/test_torchmm.py); it joins the automatic

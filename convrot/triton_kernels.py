@@ -123,11 +123,15 @@ AUTOTUNE = os.environ.get("CONVROT_TRITON_AUTOTUNE", "1") not in ("0", "")
 W4_GEMMS = ("split", "split_swap", "unpack", "packed", "packed_x16")
 W4_GEMM = os.environ.get("CONVROT_TRITON_W4", "split_swap")  # the fastest on an H200 (bench/NOTES.md S21)  # checked where used, so a typo cannot break the import
 SPLIT_CHUNK = 128  # the split activation order's chunk (the kernels read it from here)
-RQ_METHODS = ("auto", "dot", "fwht", "row")
+RQ_KERNELS = ("dot", "fwht", "row")  # the rotate+quantize kernels
+RQ_METHODS = ("auto",) + RQ_KERNELS
 RQ = os.environ.get("CONVROT_TRITON_RQ", "auto")  # the rotate+quantize method; checked where used
 ROW_MAX_K = 16384  # the "row" method holds a row padded to a power of two in registers; above this, "fwht"
-# "auto" (bench/NOTES.md Session 11, H200): row up to this many rows (2.5-5x faster than dot at 1 and 512 tokens),
-# above it fwht from AUTO_FWHT_MIN_K channels (~10% faster at K = 12288 / 15360), else dot
+# "auto" (bench/NOTES.md Session 11, S22, H200). Row up to AUTO_ROW_MAX_M rows: at 512 and 1 tokens the pass
+# alone 3.0x / 5.2x faster than dot, the W4A4 op 2.7x / 2.5x. Above it, fwht from AUTO_FWHT_MIN_K channels (the
+# op ~10% faster than dot at K = 12288 and 15360), else dot: at K = 3072 the op's two rows disagree (fwht ahead at
+# N = 9216, dot at N = 3072) while the pass alone favoured fwht; dot is what the S23 server figure ran. Both
+# thresholds lie between measured points (512 / 4096 rows, K 3072 / 12288), not on them.
 AUTO_ROW_MAX_M = 1024
 AUTO_FWHT_MIN_K = 8192
 # the block config used without autotuning (the interpreter, CONVROT_TRITON_AUTOTUNE=0, the probe)
@@ -223,11 +227,23 @@ def rotate_quantize(x2d: torch.Tensor, group_size: int, bits: int = 4, *, packed
     return out, scale_out
 
 
-def _rq_method(rq: str | None, k: int, m: int = 1) -> str:
-    """The rotate+quantize method that runs for an [M, K] input (see RQ)."""
+def _check_rq(rq: str | None) -> str:
+    """rq, or RQ for None, checked against RQ_METHODS."""
     method = RQ if rq is None else rq
     if method not in RQ_METHODS:
         raise ValueError(f"rotate+quantize method (CONVROT_TRITON_RQ) must be one of {RQ_METHODS}, got {method!r}")
+    return method
+
+
+def row_width(k: int) -> int:
+    """The "row" kernel's register row: K padded to a power of two."""
+    return 1 << (k - 1).bit_length()
+
+
+def _rq_method(rq: str | None, k: int, m: int = 1) -> str:
+    """The rotate+quantize kernel that runs for an [M, K] input (see RQ). The methods round apart at the last
+    bit of fp32 now and then, so a token's scale may differ by an ulp when M crosses AUTO_ROW_MAX_M."""
+    method = _check_rq(rq)
     if method == "auto":
         method = "row" if m <= AUTO_ROW_MAX_M else "fwht" if k >= AUTO_FWHT_MIN_K else "dot"
     return "fwht" if method == "row" and k > ROW_MAX_K else method
@@ -242,7 +258,7 @@ def _launch_rotate_quantize(x2d, out, scale_out, group_size, qmax, pack, fixed=F
     opts = {} if j.INTERPRET else _NO_FUSION
     common = dict(G=group_size, NORM=1.0 / (group_size ** 0.5), QMAX=qmax, PACK=pack, SPLIT=split)
     if method == "row":
-        kp = 1 << (k - 1).bit_length()
+        kp = row_width(k)
         args = (x2d, out, scale_out, m, k, x2d.stride(0), out.stride(0), _m_bucket(m))
         if tune:
             j.rotate_quantize_row_tuned[lambda meta: (triton_cdiv(m, meta["BLOCK_M"]),)](*args, **common, KP=kp, **opts)
@@ -256,7 +272,9 @@ def _launch_rotate_quantize(x2d, out, scale_out, group_size, qmax, pack, fixed=F
     args = (x2d, h, out, scale_out, m, k, x2d.stride(0), out.stride(0), _m_bucket(m))
     consts = dict(common, HS=hs, DOT_F32=j.INTERPRET)
     if not tune:
-        j.rotate_quantize_kernel[(triton_cdiv(m, 32),)](*args, **consts, BLOCK_M=32, BLOCK_K=256, num_warps=4,
+        # fwht: small row blocks, as its autotuned configs (32 x 256 in registers compiled to ~200 registers)
+        bm, bk = (4, 512) if method == "fwht" else (32, 256)
+        j.rotate_quantize_kernel[(triton_cdiv(m, bm),)](*args, **consts, BLOCK_M=bm, BLOCK_K=bk, num_warps=4,
                                                          FWHT=method == "fwht", **opts)
     else:
         kern = j.rotate_quantize_fwht_tuned if method == "fwht" else j.rotate_quantize_tuned
@@ -447,8 +465,7 @@ def linear_fn(group_size: int, bits: int, *, w4_gemm: str | None = None, rq: str
         raise ValueError(f"unsupported group_size={group_size} / bits={bits}")
     mode = W4_GEMM if w4_gemm is None else w4_gemm
     _w4_route(mode, SPLIT_CHUNK, False)  # reject an unknown route or method now
-    rq = RQ if rq is None else rq
-    _rq_method(rq, SPLIT_CHUNK)
+    rq = _check_rq(rq)
     _jit()
     qmax = _QMAX[bits]
 

@@ -77,7 +77,7 @@ def _poisoned_codes(shape):
     return torch.full(shape, -128, device=DEV, dtype=torch.int8)
 
 
-@pytest.mark.parametrize("rq", [m for m in tk.RQ_METHODS if m != "auto"])
+@pytest.mark.parametrize("rq", tk.RQ_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [16, 64, 256])
@@ -108,7 +108,7 @@ def test_rotate_quantize_odd_rows_and_unpacked_codes(m):
     assert q.abs().max().item() <= 7
 
 
-@pytest.mark.parametrize("rq", [m for m in tk.RQ_METHODS if m != "auto"])
+@pytest.mark.parametrize("rq", tk.RQ_KERNELS)
 @pytest.mark.parametrize("group_size", [16, 64, 256])
 def test_rotate_quantize_fp32_weights(group_size, rq):
     """fp32 input (offline weight quantization): the dot method's three-piece bf16 split keeps fp32 accuracy
@@ -271,7 +271,7 @@ def test_split_perm_is_the_documented_order():
 
 @pytest.mark.parametrize("group_size,k", [(16, 384), (64, 256), (256, 512)] + ([(256, 3072)] if CUDA else []))
 @pytest.mark.parametrize("m", [1, 77])
-@pytest.mark.parametrize("rq", [m for m in tk.RQ_METHODS if m != "auto"])
+@pytest.mark.parametrize("rq", tk.RQ_KERNELS)
 def test_rotate_quantize_split_order(group_size, k, m, rq):
     """split=True writes the channel-order codes permuted into the split chunk order: undoing the permutation
     gives exactly the kernel's channel-order codes, and those match the reference."""
@@ -450,6 +450,74 @@ def test_linear_with_each_rotate_quantize_method(rq, bits):
     _assert_linear_close(f(x, w_q, w_s, bias), ref.convrot_linear(x, w_q, w_s, bias, g, bits))
 
 
+class _LaunchSpy:
+    """Stands in for a jit kernel (kernel[grid](...)): records which kernel launched, and launches it."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.log.append("fwht" if kwargs.get("FWHT") else self.name)
+            return launch(*args, **kwargs)
+        return run
+
+
+def test_each_method_launches_its_kernel(kernels, monkeypatch):
+    """rq=method runs that method's kernel (results alone would not tell: every method computes the same codes);
+    "auto" picks by rows and K; row falls back to fwht above ROW_MAX_K."""
+    log = []
+    for attr, name in (("rotate_quantize_kernel", "dot"), ("rotate_quantize_row_kernel", "row"),
+                       ("rotate_quantize_tuned", "dot"), ("rotate_quantize_fwht_tuned", "fwht"),
+                       ("rotate_quantize_row_tuned", "row")):
+        monkeypatch.setattr(kernels, attr, _LaunchSpy(getattr(kernels, attr), name, log))
+    x = _acts(3, 512, torch.bfloat16, seed=3)
+    for method in tk.RQ_KERNELS:
+        tk.rotate_quantize(x, 64, 4, rq=method)
+        assert log.pop() == method and not log
+    monkeypatch.setattr(tk, "AUTO_ROW_MAX_M", 2)
+    monkeypatch.setattr(tk, "AUTO_FWHT_MIN_K", 512)
+    for rows, k, want in ((2, 256, "row"), (3, 256, "dot"), (3, 512, "fwht")):
+        tk.rotate_quantize(x[:rows, :k].contiguous(), 64, 4, rq="auto")
+        assert log.pop() == want and not log
+    monkeypatch.setattr(tk, "ROW_MAX_K", 256)
+    tk.rotate_quantize(x, 64, 4, rq="row")
+    assert log.pop() == "fwht"
+
+
+@pytest.mark.skipif(not CUDA, reason="autotuning runs compiled kernels only (needs a CUDA GPU)")
+@pytest.mark.parametrize("m,k", [(512, 3072), (4096, 12288), (1, 15360)])
+@pytest.mark.parametrize("rq", ["fwht", "row"])
+def test_autotuned_rotate_quantize_methods(rq, m, k, monkeypatch):
+    """The fwht and row methods with their autotune configs (and prune functions) at FLUX shapes."""
+    monkeypatch.setattr(tk, "AUTOTUNE", True)
+    x = _acts(m, k, torch.bfloat16, seed=m + k)
+    q, s = tk.rotate_quantize(x, 256, 4, rq=rq)
+    qr, sr = ref.rotate_quantize(x, 256, 4)
+    torch.testing.assert_close(s, sr, rtol=2e-6, atol=0)
+    _assert_codes_close(q, qr, 4)
+
+
+def test_autotune_prune_functions(kernels):
+    """The row configs kept hold 8-64 values per thread, at most 32 with 16 warps (more spilled); some config is
+    always left; fwht never steps past K."""
+    for kp in (16, 128, 1024, 4096, 16384):
+        kept = kernels._prune_row(kernels.ROW_CONFIGS, {}, KP=kp)
+        assert kept
+        per = [c.kwargs["BLOCK_M"] * kp // (32 * c.num_warps) for c in kept]
+        if kp >= 1024:
+            assert all(8 <= p <= (32 if c.num_warps == 16 else 64) for p, c in zip(per, kept)), (kp, per)
+        else:  # nothing reaches 8 values per thread: the config nearest to it
+            assert len(kept) == 1 and per[0] == max(c.kwargs["BLOCK_M"] * kp // (32 * c.num_warps)
+                                                     for c in kernels.ROW_CONFIGS)
+    assert (2, 16) not in {(c.kwargs["BLOCK_M"], c.num_warps) for c in kernels._prune_row(kernels.ROW_CONFIGS, {},
+                                                                                           KP=16384)}
+    assert all(c.kwargs["BLOCK_K"] <= 256 for c in kernels._prune_fwht(kernels.FWHT_CONFIGS, {"K": 256}))
+    assert len(kernels._prune_fwht(kernels.FWHT_CONFIGS, {"K": 3072})) == len(kernels.FWHT_CONFIGS)
+
+
 def test_rotate_quantize_method_choice(monkeypatch):
     assert tk._rq_method("row", tk.ROW_MAX_K) == "row"
     assert tk._rq_method("row", tk.ROW_MAX_K + 256) == "fwht"  # a padded row would not fit in registers
@@ -538,7 +606,7 @@ def test_probe_checks_the_paths_real_layers_take(monkeypatch):
     monkeypatch.setattr(tk, "_rq_method", lambda rq, k, m=1: methods_run.append(real_rq(rq, k, m))
                         or methods_run[-1])
     if not CUDA:  # the interpreter: the "auto" thresholds scaled down (the probe reads them; same kernels)
-        monkeypatch.setattr(tk, "AUTO_ROW_MAX_M", 2)
+        monkeypatch.setattr(tk, "AUTO_ROW_MAX_M", 8)  # the probe's few rows (5) stay below it
         monkeypatch.setattr(tk, "AUTO_FWHT_MIN_K", 512)
     monkeypatch.setattr(tk, "RQ", "auto")
     assert tk._probe(dev) is None
