@@ -121,7 +121,8 @@ _NO_FUSION = {"enable_fp_fusion": False}
 # False (or CONVROT_TRITON_AUTOTUNE=0): one fixed block config per kernel, no autotuning (fewer compiles; tests)
 AUTOTUNE = os.environ.get("CONVROT_TRITON_AUTOTUNE", "1") not in ("0", "")
 W4_GEMMS = ("split", "split_swap", "unpack", "packed", "packed_x16")
-W4_GEMM = os.environ.get("CONVROT_TRITON_W4", "split_swap")  # the fastest on an H200 (bench/NOTES.md S21)  # checked where used, so a typo cannot break the import
+# the fastest on an H200 (bench/NOTES.md S21, again S22); checked where used, so a typo cannot break the import
+W4_GEMM = os.environ.get("CONVROT_TRITON_W4", "split_swap")
 SPLIT_CHUNK = 128  # the split activation order's chunk (the kernels read it from here)
 RQ_KERNELS = ("dot", "fwht", "row")  # the rotate+quantize kernels
 RQ_METHODS = ("auto",) + RQ_KERNELS
@@ -604,8 +605,8 @@ def _probe(dev: torch.device) -> str | None:
                 y = linear_fn(group, bits, _fixed=True)(x, w, ws, None).float()
                 ref = reference.convrot_linear(x, w, ws, None, group, bits).float()
                 if not torch.allclose(y, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()):
-                    return (f"W{bits}A{bits} result (G={group}, K={k}, M={rows}) differs from the reference (max abs err "
-                            f"{(y - ref).abs().max().item():.3g})")
+                    return (f"W{bits}A{bits} result (G={group}, K={k}, M={rows}) differs from the reference "
+                            f"(max abs err {(y - ref).abs().max().item():.3g})")
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return None
