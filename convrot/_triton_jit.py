@@ -102,14 +102,20 @@ def _fwht_rev(x, R: tl.constexpr, G: tl.constexpr):
 
 
 @triton.jit
-def _store_codes(r, scale, q_rows, k0, K, m_ok, G: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
-                 SPLIT: tl.constexpr, REV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """code = clamp(rint(r / scale)) for the rotated tile r [BLOCK_M, BLOCK_K] at channels k0.., stored as PACK
-    (two int4 per byte, low nibble = even channel), SPLIT (int8, the split chunk order) or int8 channel order.
-    REV: r's positions are group-reversed (_fwht_rev): position p holds channel p ^ (G - 1)."""
-    v = tl.math.div_rn(r, tl.broadcast_to(scale[:, None], (BLOCK_M, BLOCK_K)))
-    v = (v + ROUND_MAGIC) - ROUND_MAGIC
-    q = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.int32)
+def _store_codes(r, mul, q_rows, k0, K, m_ok, G: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr,
+                 REV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """code = rint(r * mul[row]) for the tile r [BLOCK_M, BLOCK_K] at channels k0.., stored as PACK (two int4 per
+    byte, low nibble = even channel), SPLIT (int8, the split chunk order) or int8 channel order. REV: r's
+    positions are group-reversed (_fwht_rev): position p holds channel p ^ (G - 1).
+
+    mul = (normalization) / scale, rounded once per row: r * (1/s) differs from the reference's r / s by about an
+    ulp, which moves a code only when r / s lies within ~2^-21 of a half-integer (the CUDA extension rounds the
+    same way). No clamp: |r| <= absmax keeps |r * mul| <= QMAX (1 + 2^-23), which rounds to QMAX. r * mul + 1.5 *
+    2^23 (one FMA where contraction is on) holds the rounded code in its low mantissa bits, so the code is the
+    low byte (nibble) of its bit pattern: no division, compare or float-to-int conversion per element.
+    """
+    y = r * tl.broadcast_to(mul[:, None], (BLOCK_M, BLOCK_K)) + ROUND_MAGIC
+    q = y.to(tl.int32, bitcast=True)  # 0x4B400000 + code: low byte = the int8 code, low nibble = the int4 one
     if PACK or SPLIT:
         a, b = tl.split(tl.reshape(q, (BLOCK_M, BLOCK_K // 2, 2)))  # positions 2j, 2j + 1
         jp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
@@ -137,7 +143,13 @@ def _store_codes(r, scale, q_rows, k0, K, m_ok, G: tl.constexpr, QMAX: tl.conste
 
 @triton.jit
 def _scale_of(amax, QMAX: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The reference's scale: max(absmax, 1e-10) / QMAX, IEEE division."""
     return tl.math.div_rn(tl.maximum(amax, 1e-10), tl.full((BLOCK_M,), QMAX, tl.float32))
+
+
+@triton.jit
+def _inverse(scale, BLOCK_M: tl.constexpr):
+    return tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), scale)
 
 
 @triton.jit
@@ -145,7 +157,7 @@ def rotate_quantize_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_q
                            G: tl.constexpr, HS: tl.constexpr, NORM: tl.constexpr, QMAX: tl.constexpr,
                            PACK: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FWHT: tl.constexpr = False):
-    """Per row: r = x @ blockdiag(H_G) (fp32), scale = max(absmax(r), 1e-10) / QMAX, code = rint(r / scale).
+    """Per row: r = x @ blockdiag(H_G) (fp32), scale = max(absmax(r), 1e-10) / QMAX, code = rint(r * (1 / scale)).
 
     Two passes over the row block: the first finds absmax, the second recomputes the rotation and writes codes,
     so a row never has to fit in registers. The rotation: tensor-core dots with h (FWHT False, the "dot" method)
@@ -172,18 +184,21 @@ def rotate_quantize_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_q
             r = _rotate_tile(x, h, G, NORM, BLOCK_M, BLOCK_K, DOT_F32)
         amax = tl.maximum(amax, tl.max(tl.abs(r), axis=1))
     if FWHT:
-        amax = amax * NORM
+        amax = amax * NORM  # a power of two: exact
     scale = _scale_of(amax, QMAX, BLOCK_M)
     tl.store(s_ptr + rm, scale, mask=m_ok)
+    inv = _inverse(scale, BLOCK_M)
+    if FWHT:
+        inv = inv * NORM  # _fwht_rev's sums are not normalized
     q_rows = q_ptr + rows[:, None] * stride_qm
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0)
         if FWHT:
-            r = _fwht_rev(x.to(tl.float32), BLOCK_M, G) * NORM
+            r = _fwht_rev(x.to(tl.float32), BLOCK_M, G)
         else:
             r = _rotate_tile(x, h, G, NORM, BLOCK_M, BLOCK_K, DOT_F32)
-        _store_codes(r, scale, q_rows, k0, K, m_ok, G, QMAX, PACK, SPLIT, FWHT, BLOCK_M, BLOCK_K)
+        _store_codes(r, inv, q_rows, k0, K, m_ok, G, PACK, SPLIT, FWHT, BLOCK_M, BLOCK_K)
 
 
 @triton.jit
@@ -198,10 +213,11 @@ def rotate_quantize_row_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, 
     rows = tl.where(m_ok, rm, 0).to(tl.int64)
     kk = tl.arange(0, KP)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=kk[None, :] < K, other=0.0)
-    r = _fwht_rev(x.to(tl.float32), BLOCK_M, G) * NORM
-    scale = _scale_of(tl.max(tl.abs(r), axis=1), QMAX, BLOCK_M)
+    r = _fwht_rev(x.to(tl.float32), BLOCK_M, G)
+    scale = _scale_of(tl.max(tl.abs(r), axis=1) * NORM, QMAX, BLOCK_M)  # NORM: a power of two, exact
     tl.store(s_ptr + rm, scale, mask=m_ok)
-    _store_codes(r, scale, q_ptr + rows[:, None] * stride_qm, 0, K, m_ok, G, QMAX, PACK, SPLIT, True, BLOCK_M, KP)
+    _store_codes(r, _inverse(scale, BLOCK_M) * NORM, q_ptr + rows[:, None] * stride_qm, 0, K, m_ok, G, PACK, SPLIT,
+                 True, BLOCK_M, KP)
 
 
 @triton.jit

@@ -74,8 +74,10 @@ configs; off, one fixed config is used (fewer compiles, slower GEMMs). With it o
 bucket, dtype) compiles and benchmarks each config (seconds per new kernel variant, once per process; compiled
 kernels are cached on disk by Triton), so warm up before CUDA-graph capture; afterwards a call is two kernel
 launches (int8 activation codes between them; three with W4_GEMM = "unpack"). The
-rotation is tensor-core matmuls with exact +-1 products and fp32 accumulation (fp32 inputs split into three
-bf16 pieces), so codes equal the reference's except at rare rounding ties (r / scale within an ulp of k + 0.5).
+rotation sums in fp32 (the dot method: tensor-core matmuls with exact +-1 products, fp32 inputs split into
+three bf16 pieces), and codes are rint(r * (1 / scale)) as in the CUDA extension, so codes equal the
+reference's rint(r / scale) except near rounding ties (r / scale within ~2^-21 of k + 0.5); scales are the
+reference's, bit for bit, up to the summation order.
 Under TRITON_INTERPRET=1 (set before this module first imports triton) the same kernels run on CPU tensors in
 Triton's interpreter: for tests only, far slower than the reference.
 """
@@ -115,8 +117,9 @@ _lock = threading.Lock()
 _jit_mod = []
 _h_cache: dict = {}
 _avail_cache: dict = {}
-# No multiply-add contraction: the epilogue (acc * a_scale) * w_scale + bias then rounds like the reference's
-# separate torch ops (bit-equal outputs), and nothing in these kernels needs float FMAs for speed.
+# No multiply-add contraction in the GEMMs: the epilogue (acc * a_scale) * w_scale + bias then rounds like the
+# reference's separate torch ops (bit-equal outputs). The rotate+quantize kernels keep it on: their products are
+# exact (2 * z, powers of two) except r * (1 / scale), whose FMA with the rounding constant rounds once.
 _NO_FUSION = {"enable_fp_fusion": False}
 # False (or CONVROT_TRITON_AUTOTUNE=0): one fixed block config per kernel, no autotuning (fewer compiles; tests)
 AUTOTUNE = os.environ.get("CONVROT_TRITON_AUTOTUNE", "1") not in ("0", "")
@@ -256,7 +259,7 @@ def _launch_rotate_quantize(x2d, out, scale_out, group_size, qmax, pack, fixed=F
     m, k = x2d.shape
     method = _rq_method(rq, k, m)
     tune = not (fixed or j.INTERPRET or not AUTOTUNE)
-    opts = {} if j.INTERPRET else _NO_FUSION
+    opts = {}  # contraction on (Triton's default): no product here meets an add whose rounding it would change
     common = dict(G=group_size, NORM=1.0 / (group_size ** 0.5), QMAX=qmax, PACK=pack, SPLIT=split)
     if method == "row":
         kp = row_width(k)
