@@ -28,8 +28,9 @@ for (m, k) in ((4096, 3072), (4608, 15360)):
         grid = (tk.triton_cdiv(m, cfg["BLOCK_M"]),)
         for _ in range(2):
             if method == "row":
+                kp, thirds = tk.row_tiles(k, 256)
                 j.rotate_quantize_row_kernel[grid](x, q, s, m, k, x.stride(0), q.stride(0), 0, **common,
-                                                   KP=tk.row_width(k), **cfg)
+                                                   KP=kp, THIRDS=thirds, **cfg)
             else:
                 j.rotate_quantize_kernel[grid](x, h, q, s, m, k, x.stride(0), q.stride(0), 0, **common, HS=16,
                                                DOT_F32=False, FWHT=method == "fwht", **cfg)

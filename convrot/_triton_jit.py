@@ -204,20 +204,35 @@ def rotate_quantize_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_q
 @triton.jit
 def rotate_quantize_row_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, M_BUCKET,
                                G: tl.constexpr, NORM: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
-                               SPLIT: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The "row" method: one pass, BLOCK_M whole rows (padded to KP = a power of two >= K) held in registers;
-    x is read once. The rotation is _fwht_rev; codes and scales as rotate_quantize_kernel's."""
+                               SPLIT: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, THIRDS: tl.constexpr = False):
+    """The "row" method: one pass, BLOCK_M whole rows held in registers; x is read once. A row is one tile of KP
+    (a power of two >= K, the rest masked) or, THIRDS, three tiles of KP = K / 3 (K = 3 * 2^n: 3072, 12288),
+    which computes no padding. The rotation is _fwht_rev; codes and scales as rotate_quantize_kernel's."""
     pid = tl.program_id(0)
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = rm < M
     rows = tl.where(m_ok, rm, 0).to(tl.int64)
     kk = tl.arange(0, KP)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=kk[None, :] < K, other=0.0)
-    r = _fwht_rev(x.to(tl.float32), BLOCK_M, G)
-    scale = _scale_of(tl.max(tl.abs(r), axis=1) * NORM, QMAX, BLOCK_M)  # NORM: a power of two, exact
-    tl.store(s_ptr + rm, scale, mask=m_ok)
-    _store_codes(r, _inverse(scale, BLOCK_M) * NORM, q_ptr + rows[:, None] * stride_qm, 0, K, m_ok, G, PACK, SPLIT,
-                 True, BLOCK_M, KP)
+    x_rows = x_ptr + rows[:, None] * stride_xm
+    q_rows = q_ptr + rows[:, None] * stride_qm
+    if THIRDS:
+        r0 = _fwht_rev(tl.load(x_rows + kk[None, :]).to(tl.float32), BLOCK_M, G)
+        r1 = _fwht_rev(tl.load(x_rows + (KP + kk)[None, :]).to(tl.float32), BLOCK_M, G)
+        r2 = _fwht_rev(tl.load(x_rows + (2 * KP + kk)[None, :]).to(tl.float32), BLOCK_M, G)
+        amax = tl.maximum(tl.maximum(tl.max(tl.abs(r0), axis=1), tl.max(tl.abs(r1), axis=1)),
+                          tl.max(tl.abs(r2), axis=1))
+        scale = _scale_of(amax * NORM, QMAX, BLOCK_M)  # NORM: a power of two, exact
+        tl.store(s_ptr + rm, scale, mask=m_ok)
+        mul = _inverse(scale, BLOCK_M) * NORM
+        _store_codes(r0, mul, q_rows, 0, K, m_ok, G, PACK, SPLIT, True, BLOCK_M, KP)
+        _store_codes(r1, mul, q_rows, KP, K, m_ok, G, PACK, SPLIT, True, BLOCK_M, KP)
+        _store_codes(r2, mul, q_rows, 2 * KP, K, m_ok, G, PACK, SPLIT, True, BLOCK_M, KP)
+    else:
+        x = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0)
+        r = _fwht_rev(x.to(tl.float32), BLOCK_M, G)
+        scale = _scale_of(tl.max(tl.abs(r), axis=1) * NORM, QMAX, BLOCK_M)  # NORM: a power of two, exact
+        tl.store(s_ptr + rm, scale, mask=m_ok)
+        _store_codes(r, _inverse(scale, BLOCK_M) * NORM, q_rows, 0, K, m_ok, G, PACK, SPLIT, True, BLOCK_M, KP)
 
 
 @triton.jit
@@ -509,8 +524,9 @@ def _row_range(c) -> tuple[int, int]:
 
 
 def _prune_row(configs, named_args, **kwargs):
-    """Configs whose values per thread (BLOCK_M * KP / threads) lie in _row_range; else the nearest one."""
-    kp = {**named_args, **kwargs}["KP"]
+    """Configs whose values per thread (BLOCK_M * row values / threads) lie in _row_range; else the nearest one."""
+    args = {**named_args, **kwargs}
+    kp = args["KP"] * (3 if args.get("THIRDS") else 1)
 
     def miss(c):
         lo, hi = _row_range(c)

@@ -59,7 +59,8 @@ Every route gives the same, bit-equal result. On NVIDIA the split and packed_x16
 Rotate+quantize method (RQ, env CONVROT_TRITON_RQ, read at import; `rq=` per call; default "auto"):
     "dot"   two passes over each row block (absmax, then codes), the rotation as tensor-core dots with +-1 factors
     "fwht"  the same two passes, the rotation as sums over size-4 axes in registers (H_4 = J - 2P), no dots
-    "row"   one pass: whole rows, padded to a power of two, in registers (K <= ROW_MAX_K, else "fwht")
+    "row"   one pass: whole rows in registers, padded to a power of two or as three tiles of K / 3 (K = 3 * 2^n)
+            (K <= ROW_MAX_K, else "fwht")
     "auto"  "row" up to AUTO_ROW_MAX_M rows, else "fwht" from AUTO_FWHT_MIN_K channels, else "dot"
 All give the reference's codes (up to rare rounding ties) and scales.
 
@@ -239,9 +240,13 @@ def _check_rq(rq: str | None) -> str:
     return method
 
 
-def row_width(k: int) -> int:
-    """The "row" kernel's register row: K padded to a power of two."""
-    return 1 << (k - 1).bit_length()
+def row_tiles(k: int, group_size: int) -> tuple[int, bool]:
+    """The "row" kernel's register tiles for K: (KP, thirds). K = 3 * 2^n (3072, 12288) as three tiles of K / 3
+    (no padding) where K / 3 is a multiple of the group size; else one tile of K padded to a power of two."""
+    third = k // 3
+    if k % 3 == 0 and third & (third - 1) == 0 and third % group_size == 0:
+        return third, True
+    return 1 << (k - 1).bit_length(), False
 
 
 def _rq_method(rq: str | None, k: int, m: int = 1) -> str:
@@ -262,14 +267,16 @@ def _launch_rotate_quantize(x2d, out, scale_out, group_size, qmax, pack, fixed=F
     opts = {}  # contraction on (Triton's default): no product here meets an add whose rounding it would change
     common = dict(G=group_size, NORM=1.0 / (group_size ** 0.5), QMAX=qmax, PACK=pack, SPLIT=split)
     if method == "row":
-        kp = row_width(k)
+        kp, thirds = row_tiles(k, group_size)
         args = (x2d, out, scale_out, m, k, x2d.stride(0), out.stride(0), _m_bucket(m))
+        row = dict(common, KP=kp, THIRDS=thirds, **opts)
         if tune:
-            j.rotate_quantize_row_tuned[lambda meta: (triton_cdiv(m, meta["BLOCK_M"]),)](*args, **common, KP=kp, **opts)
+            j.rotate_quantize_row_tuned[lambda meta: (triton_cdiv(m, meta["BLOCK_M"]),)](*args, **row)
         else:
-            bm = 2 if kp <= 4096 else 1
-            j.rotate_quantize_row_kernel[(triton_cdiv(m, bm),)](*args, **common, KP=kp, BLOCK_M=bm,
-                                                               num_warps=min(16, max(4, kp // 1024)), **opts)
+            values = kp * (3 if thirds else 1)
+            bm = 2 if values <= 4096 else 1
+            nw = 4 if values <= 4096 else 8 if values <= 8192 else 16
+            j.rotate_quantize_row_kernel[(triton_cdiv(m, bm),)](*args, **row, BLOCK_M=bm, num_warps=nw)
         return
     hs = 64 if group_size == 64 else 16
     h = _hadamard_pm1(hs, x2d.device)

@@ -514,8 +514,39 @@ def test_autotune_prune_functions(kernels):
                                                      for c in kernels.ROW_CONFIGS)
     assert (2, 16) not in {(c.kwargs["BLOCK_M"], c.num_warps) for c in kernels._prune_row(kernels.ROW_CONFIGS, {},
                                                                                            KP=16384)}
+    kept = kernels._prune_row(kernels.ROW_CONFIGS, {}, KP=4096, THIRDS=True)  # K = 12288 as three tiles
+    assert kept and all(8 <= c.kwargs["BLOCK_M"] * 12288 // (32 * c.num_warps) <= (32 if c.num_warps == 16 else 64)
+                        for c in kept)
     assert all(c.kwargs["BLOCK_K"] <= 256 for c in kernels._prune_fwht(kernels.FWHT_CONFIGS, {"K": 256}))
     assert len(kernels._prune_fwht(kernels.FWHT_CONFIGS, {"K": 3072})) == len(kernels.FWHT_CONFIGS)
+
+
+def test_row_tiles():
+    assert tk.row_tiles(3072, 256) == (1024, True)  # FLUX's most common K: three tiles, no padding
+    assert tk.row_tiles(12288, 256) == (4096, True)
+    assert tk.row_tiles(15360, 256) == (16384, False)  # 15 x 1024: padded to a power of two
+    assert tk.row_tiles(384, 256) == (512, False)  # a third would split a group
+    assert tk.row_tiles(384, 64) == (128, True)
+    assert tk.row_tiles(4096, 256) == (4096, False)
+
+
+@pytest.mark.parametrize("group_size", [16, 64, 256])
+@pytest.mark.parametrize("packed,split", [(True, False), (False, False), (False, True)], ids=["packed", "int8", "split"])
+def test_row_method_in_thirds(group_size, packed, split):
+    """K = 3 * 2^n: the row kernel's three tiles give the reference's codes in every store format."""
+    k = 3 * 256 if not CUDA else 3072
+    assert tk.row_tiles(k, group_size)[1]
+    x = _acts(7, k, torch.bfloat16, seed=group_size)
+    q = _poisoned_codes((7, k // 2 if packed else k))
+    q, s = tk.rotate_quantize(x, group_size, 4, packed=packed, split=split, out=q, rq="row")
+    assert (q != -128).all(), "unwritten code bytes"
+    qr, sr = ref.rotate_quantize(x, group_size, 4)
+    torch.testing.assert_close(s, sr, rtol=2e-6, atol=0)
+    if split:
+        unperm = torch.empty_like(q)
+        unperm[:, _split_perm(k)] = q
+        q = unperm
+    _assert_codes_close(q if packed else ref.pack_int4(q), qr, 4)
 
 
 def test_rotate_quantize_method_choice(monkeypatch):
