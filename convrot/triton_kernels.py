@@ -61,7 +61,7 @@ Rotate+quantize method (RQ, env CONVROT_TRITON_RQ, read at import; `rq=` per cal
     "fwht"  the same two passes, the rotation as sums over size-4 axes in registers (H_4 = J - 2P), no dots
     "row"   one pass: whole rows in registers, padded to a power of two or as three tiles of K / 3 (K = 3 * 2^n)
             (K <= ROW_MAX_K, else "fwht")
-    "auto"  "row" up to AUTO_ROW_MAX_M rows, else "fwht" from AUTO_FWHT_MIN_K channels, else "dot"
+    "auto"  "row" where K <= ROW_MAX_K, else "fwht" ("dot" only when asked for)
 All give the reference's codes (up to rare rounding ties) and scales.
 
 Limits (LIMITS, a TritonLimits): group_size in {16, 64, 256}; K % group_size == 0 and 0 < K <= 65536 (int32
@@ -132,13 +132,10 @@ RQ_KERNELS = ("dot", "fwht", "row")  # the rotate+quantize kernels
 RQ_METHODS = ("auto",) + RQ_KERNELS
 RQ = os.environ.get("CONVROT_TRITON_RQ", "auto")  # the rotate+quantize method; checked where used
 ROW_MAX_K = 16384  # the "row" method holds a row padded to a power of two in registers; above this, "fwht"
-# "auto" (bench/NOTES.md Session 11, S22, H200). Row up to AUTO_ROW_MAX_M rows: at 512 and 1 tokens the pass
-# alone 3.0x / 5.2x faster than dot, the W4A4 op 2.7x / 2.5x. Above it, fwht from AUTO_FWHT_MIN_K channels (the
-# op ~10% faster than dot at K = 12288 and 15360), else dot: at K = 3072 the op's two rows disagree (fwht ahead at
-# N = 9216, dot at N = 3072) while the pass alone favoured fwht; dot is what the S23 server figure ran. Both
-# thresholds lie between measured points (512 / 4096 rows, K 3072 / 12288), not on them.
-AUTO_ROW_MAX_M = 1024
-AUTO_FWHT_MIN_K = 8192
+# "auto" = row wherever a row fits (bench/NOTES.md Session 11). In S22 (H200) the row pass alone beat dot at every
+# measured size (4096 x 3072: 41-44 against 56-65 µs; 512 and 1 tokens: 3.0x / 5.2x) and was within noise of fwht
+# at M >= 4096; since then the per-element code path lost its division (sm_90 SASS: row 62 -> 40 instructions per
+# value, 36 over the three unpadded tiles of K = 3072; fwht 90 -> 64.5; dot 67 -> 50.5). Not yet timed on a GPU.
 # the block config used without autotuning (the interpreter, CONVROT_TRITON_AUTOTUNE=0, the probe)
 _SPLIT_FIXED = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, ONE_DOT=True, num_warps=4)
 
@@ -250,11 +247,11 @@ def row_tiles(k: int, group_size: int) -> tuple[int, bool]:
 
 
 def _rq_method(rq: str | None, k: int, m: int = 1) -> str:
-    """The rotate+quantize kernel that runs for an [M, K] input (see RQ). The methods round apart at the last
-    bit of fp32 now and then, so a token's scale may differ by an ulp when M crosses AUTO_ROW_MAX_M."""
+    """The rotate+quantize kernel that runs for an [M, K] input (see RQ); the same for every M, so a token's codes
+    do not depend on how many tokens share the call (the methods round apart at fp32's last bit now and then)."""
     method = _check_rq(rq)
     if method == "auto":
-        method = "row" if m <= AUTO_ROW_MAX_M else "fwht" if k >= AUTO_FWHT_MIN_K else "dot"
+        method = "row"
     return "fwht" if method == "row" and k > ROW_MAX_K else method
 
 
@@ -599,13 +596,12 @@ def _probe(dev: torch.device) -> str | None:
     """Compile and run tiny W4A4 and W8A8 linears; compare with the PyTorch reference. None when fine.
 
     The shapes take the paths real layers take: K = SPLIT_CHUNK (the split W4 GEMMs), G = 256 (its two-step
-    rotation) and K = 208 (K % SPLIT_CHUNK != 0: the packed_x16 fallback), with the fixed block configs; a few
-    rows and more than AUTO_ROW_MAX_M (each rotate+quantize method that RQ "auto" picks)."""
+    rotation) and K = 208 (K % SPLIT_CHUNK != 0: the packed_x16 fallback), with the fixed block configs; K = 384
+    (the row kernel's three tiles) and K > ROW_MAX_K (RQ "auto"'s fwht)."""
     try:
         g = torch.Generator(device="cpu").manual_seed(0)
-        big = AUTO_ROW_MAX_M + 1  # under RQ "auto", more rows than this take the other rotate+quantize methods
         for rows, group, k in ((5, 16, SPLIT_CHUNK), (5, 256, 2 * SPLIT_CHUNK), (5, 16, 208),
-                               (big, 16, SPLIT_CHUNK), (big, 256, AUTO_FWHT_MIN_K)):
+                               (3, 64, 3 * SPLIT_CHUNK), (3, 256, ROW_MAX_K + 256)):
             x = torch.randn(rows, k, generator=g).to(dev, torch.bfloat16).contiguous()
             for bits in (4, 8):
                 qmax = _QMAX[bits]
