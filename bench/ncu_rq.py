@@ -1,6 +1,6 @@
 """Profile target for Nsight Compute: the Triton rotate+quantize methods at FLUX shapes, split order, G = 256; fwht
-and row with the block configs autotuning picked at 4096 x 3072 on an H200 (bench/NOTES.md Session 11, S22), dot
-with one of its autotune configs. Run on the GPU machine:
+and row with the block configs autotuning picked at 4096 x 3072 on an H200 for S22's kernels (bench/NOTES.md
+Session 11; the row kernel has since taken K = 3072 as three tiles), dot with one of its autotune configs. Run on the GPU machine:
 
     ncu --kernel-name regex:rotate_quantize --section SpeedOfLight --section InstructionStats \
         --section WarpStateStats --section Occupancy python3 bench/ncu_rq.py
@@ -21,7 +21,7 @@ for (m, k) in ((4096, 3072), (4608, 15360)):
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     q = torch.empty((m, k), device="cuda", dtype=torch.int8)
     s = torch.empty((m,), device="cuda", dtype=torch.float32)
-    common = dict(G=256, NORM=1 / 16, QMAX=7, PACK=False, SPLIT=True, **tk._NO_FUSION)
+    common = dict(G=256, NORM=1 / 16, QMAX=7, PACK=False, SPLIT=True)  # contraction on, as the launcher runs them
     for method, cfg in CONFIGS.items():
         if method == "row" and k > tk.ROW_MAX_K:
             continue

@@ -10,8 +10,8 @@ import triton.language as tl
 
 from .triton_kernels import SPLIT_CHUNK as _SPLIT_CHUNK
 
-# 1.5 * 2^23: for |v| < 2^22, (v + C) - C is v rounded to the nearest integer, ties to even, in fp32 arithmetic
-# (no libdevice call, so it is the same on NVIDIA, AMD and the interpreter).
+# 1.5 * 2^23: for |v| < 2^22, v + C holds v rounded to the nearest integer (ties to even) in its low mantissa bits
+# (no libdevice call, so it is the same on NVIDIA, AMD and the interpreter); _store_codes takes the code from there.
 ROUND_MAGIC = tl.constexpr(12582912.0)  # jit code may read module globals only as constexpr
 # The split activation order: within each CHUNK channels, the HALF even channels first, then the HALF odd ones,
 # so a packed weight's low / high nibbles of bytes [c*HALF, (c+1)*HALF) meet contiguous code runs.

@@ -61,7 +61,7 @@ Rotate+quantize method (RQ, env CONVROT_TRITON_RQ, read at import; `rq=` per cal
     "fwht"  the same two passes, the rotation as sums over size-4 axes in registers (H_4 = J - 2P), no dots
     "row"   one pass: whole rows in registers, padded to a power of two or as three tiles of K / 3 (K = 3 * 2^n)
             (K <= ROW_MAX_K, else "fwht")
-    "auto"  "row" where K <= ROW_MAX_K, else "fwht" ("dot" only when asked for)
+    "auto"  "row" up to AUTO_ROW_MAX_M rows, else "fwht" from AUTO_FWHT_MIN_K channels, else "dot"
 All give the reference's codes (up to rare rounding ties) and scales.
 
 Limits (LIMITS, a TritonLimits): group_size in {16, 64, 256}; K % group_size == 0 and 0 < K <= 65536 (int32
@@ -131,11 +131,16 @@ SPLIT_CHUNK = 128  # the split activation order's chunk (the kernels read it fro
 RQ_KERNELS = ("dot", "fwht", "row")  # the rotate+quantize kernels
 RQ_METHODS = ("auto",) + RQ_KERNELS
 RQ = os.environ.get("CONVROT_TRITON_RQ", "auto")  # the rotate+quantize method; checked where used
-ROW_MAX_K = 16384  # the "row" method holds a row padded to a power of two in registers; above this, "fwht"
-# "auto" = row wherever a row fits (bench/NOTES.md Session 11). In S22 (H200) the row pass alone beat dot at every
-# measured size (4096 x 3072: 41-44 against 56-65 µs; 512 and 1 tokens: 3.0x / 5.2x) and was within noise of fwht
-# at M >= 4096; since then the per-element code path lost its division (sm_90 SASS: row 62 -> 40 instructions per
-# value, 36 over the three unpadded tiles of K = 3072; fwht 90 -> 64.5; dot 67 -> 50.5). Not yet timed on a GPU.
+ROW_MAX_K = 16384  # the "row" method holds whole rows in registers (row_tiles); above this, "fwht"
+# "auto" (bench/NOTES.md Session 11, S22, H200), the rule S23's server figure ran. Row up to AUTO_ROW_MAX_M rows:
+# at 512 and 1 tokens the pass alone 3.0x / 5.2x faster than dot, the W4A4 op 2.7x / 2.5x. Above it, fwht from
+# AUTO_FWHT_MIN_K channels (at 4096 x 12288 the pass alone 143 µs against dot's 160 and the padded row's 205;
+# 4608 x 15360: 198 / 239 / 221), else dot: at K = 3072 the two whole-op rows disagree (fwht ahead at N = 9216,
+# dot at N = 3072) while the pass alone favoured fwht and row over dot. Both thresholds lie between measured
+# points (512 / 4096 rows, K 3072 / 12288). The kernels have changed since (no per-value division; the row
+# kernel's K = 3 * 2^n in three tiles): the rule waits for their timing.
+AUTO_ROW_MAX_M = 1024
+AUTO_FWHT_MIN_K = 8192
 # the block config used without autotuning (the interpreter, CONVROT_TRITON_AUTOTUNE=0, the probe)
 _SPLIT_FIXED = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, ONE_DOT=True, num_warps=4)
 
@@ -247,11 +252,11 @@ def row_tiles(k: int, group_size: int) -> tuple[int, bool]:
 
 
 def _rq_method(rq: str | None, k: int, m: int = 1) -> str:
-    """The rotate+quantize kernel that runs for an [M, K] input (see RQ); the same for every M, so a token's codes
-    do not depend on how many tokens share the call (the methods round apart at fp32's last bit now and then)."""
+    """The rotate+quantize kernel that runs for an [M, K] input (see RQ). The methods sum in different orders, so a
+    token's scale may differ in fp32's last bit when M crosses AUTO_ROW_MAX_M (its codes only near a tie)."""
     method = _check_rq(rq)
     if method == "auto":
-        method = "row"
+        method = "row" if m <= AUTO_ROW_MAX_M else "fwht" if k >= AUTO_FWHT_MIN_K else "dot"
     return "fwht" if method == "row" and k > ROW_MAX_K else method
 
 
@@ -596,12 +601,14 @@ def _probe(dev: torch.device) -> str | None:
     """Compile and run tiny W4A4 and W8A8 linears; compare with the PyTorch reference. None when fine.
 
     The shapes take the paths real layers take: K = SPLIT_CHUNK (the split W4 GEMMs), G = 256 (its two-step
-    rotation) and K = 208 (K % SPLIT_CHUNK != 0: the packed_x16 fallback), with the fixed block configs; K = 384
-    (the row kernel's three tiles) and K > ROW_MAX_K (RQ "auto"'s fwht)."""
+    rotation) and K = 208 (K % SPLIT_CHUNK != 0: the packed_x16 fallback), with the fixed block configs; K = 768
+    at G = 256 (the row kernel's three tiles, as FLUX's K = 3072) and more than AUTO_ROW_MAX_M rows (the methods
+    RQ "auto" picks there)."""
     try:
         g = torch.Generator(device="cpu").manual_seed(0)
-        for rows, group, k in ((5, 16, SPLIT_CHUNK), (5, 256, 2 * SPLIT_CHUNK), (5, 16, 208),
-                               (3, 64, 3 * SPLIT_CHUNK), (3, 256, ROW_MAX_K + 256)):
+        big = AUTO_ROW_MAX_M + 1
+        for rows, group, k in ((5, 16, SPLIT_CHUNK), (5, 256, 2 * SPLIT_CHUNK), (5, 16, 208), (3, 256, 768),
+                               (big, 16, SPLIT_CHUNK), (big, 256, AUTO_FWHT_MIN_K)):
             x = torch.randn(rows, k, generator=g).to(dev, torch.bfloat16).contiguous()
             for bits in (4, 8):
                 qmax = _QMAX[bits]

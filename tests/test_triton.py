@@ -477,10 +477,12 @@ def test_each_method_launches_its_kernel(kernels, monkeypatch):
     for method in tk.RQ_KERNELS:
         tk.rotate_quantize(x, 64, 4, rq=method)
         assert log.pop() == method and not log
-    monkeypatch.setattr(tk, "ROW_MAX_K", 256)
-    for rows, k, want in ((2, 256, "row"), (3, 256, "row"), (3, 512, "fwht")):
+    monkeypatch.setattr(tk, "AUTO_ROW_MAX_M", 2)
+    monkeypatch.setattr(tk, "AUTO_FWHT_MIN_K", 512)
+    for rows, k, want in ((2, 256, "row"), (3, 256, "dot"), (3, 512, "fwht")):
         tk.rotate_quantize(x[:rows, :k].contiguous(), 64, 4, rq="auto")
         assert log.pop() == want and not log
+    monkeypatch.setattr(tk, "ROW_MAX_K", 256)
     tk.rotate_quantize(x, 64, 4, rq="row")
     assert log.pop() == "fwht"
 
@@ -529,30 +531,32 @@ def test_row_tiles():
 
 
 @pytest.mark.parametrize("group_size", [16, 64, 256])
-@pytest.mark.parametrize("packed,split", [(True, False), (False, False), (False, True)], ids=["packed", "int8", "split"])
-def test_row_method_in_thirds(group_size, packed, split):
+@pytest.mark.parametrize("bits,packed,split", [(4, True, False), (4, False, False), (4, False, True), (8, False, False)],
+                         ids=["packed", "int8", "split", "w8"])
+def test_row_method_in_thirds(group_size, bits, packed, split):
     """K = 3 * 2^n: the row kernel's three tiles give the reference's codes in every store format."""
     k = 3 * 256 if not CUDA else 3072
     assert tk.row_tiles(k, group_size)[1]
     x = _acts(7, k, torch.bfloat16, seed=group_size)
     q = _poisoned_codes((7, k // 2 if packed else k))
-    q, s = tk.rotate_quantize(x, group_size, 4, packed=packed, split=split, out=q, rq="row")
+    q, s = tk.rotate_quantize(x, group_size, bits, packed=packed, split=split, out=q, rq="row")
     assert (q != -128).all(), "unwritten code bytes"
-    qr, sr = ref.rotate_quantize(x, group_size, 4)
+    qr, sr = ref.rotate_quantize(x, group_size, bits)
     torch.testing.assert_close(s, sr, rtol=2e-6, atol=0)
     if split:
         unperm = torch.empty_like(q)
         unperm[:, _split_perm(k)] = q
         q = unperm
-    _assert_codes_close(q if packed else ref.pack_int4(q), qr, 4)
+    _assert_codes_close(q if packed or bits == 8 else ref.pack_int4(q), qr, bits)
 
 
 def test_rotate_quantize_method_choice(monkeypatch):
     assert tk._rq_method("row", tk.ROW_MAX_K) == "row"
     assert tk._rq_method("row", tk.ROW_MAX_K + 256) == "fwht"  # a padded row would not fit in registers
     assert tk._rq_method("dot", 65536) == "dot"
-    assert tk._rq_method("auto", 3072, 1) == tk._rq_method("auto", 3072, 8192) == "row"  # no dependence on M
-    assert tk._rq_method("auto", tk.ROW_MAX_K + 256, 4096) == "fwht"
+    assert tk._rq_method("auto", 3072, tk.AUTO_ROW_MAX_M) == "row"
+    assert tk._rq_method("auto", 3072, tk.AUTO_ROW_MAX_M + 1) == "dot"
+    assert tk._rq_method("auto", tk.AUTO_FWHT_MIN_K, 4096) == "fwht"
     assert tk._rq_method("auto", 65536, 1) == "fwht"  # row, but too long for registers
     monkeypatch.setattr(tk, "RQ", "fwht")
     assert tk._rq_method(None, 3072) == "fwht"
@@ -633,8 +637,9 @@ def test_probe_checks_the_paths_real_layers_take(monkeypatch):
     real_rq = tk._rq_method
     monkeypatch.setattr(tk, "_rq_method", lambda rq, k, m=1: methods_run.append(real_rq(rq, k, m))
                         or methods_run[-1])
-    if not CUDA:  # the interpreter: the row limit scaled down (the probe reads it; the same kernels)
-        monkeypatch.setattr(tk, "ROW_MAX_K", 512)
+    if not CUDA:  # the interpreter: the "auto" thresholds scaled down (the probe reads them; the same kernels)
+        monkeypatch.setattr(tk, "AUTO_ROW_MAX_M", 8)  # the probe's few rows (3, 5) stay below it
+        monkeypatch.setattr(tk, "AUTO_FWHT_MIN_K", 512)
     monkeypatch.setattr(tk, "RQ", "auto")
     tiles = []
     real_tiles = tk.row_tiles
@@ -642,7 +647,7 @@ def test_probe_checks_the_paths_real_layers_take(monkeypatch):
     assert tk._probe(dev) is None
     if tk.W4_GEMM.startswith("split"):
         assert {tk.W4_GEMM, "packed_x16", "int8"} <= set(routes_run), routes_run
-    assert {"row", "fwht"} <= set(methods_run), methods_run
+    assert {"row", "dot", "fwht"} <= set(methods_run), methods_run
     assert {True, False} <= {thirds for _, thirds in tiles}, tiles  # the row kernel in both tile forms
     real_fn = tk.linear_fn
     monkeypatch.setattr(tk, "linear_fn", lambda g, bits, **kw: (lambda *a: real_fn(g, bits, **kw)(*a) * 1.5))
