@@ -1,6 +1,7 @@
 """Profile target for Nsight Compute: the Triton rotate+quantize methods at FLUX shapes, split order, G = 256; fwht
 and row with the block configs autotuning picked at 4096 x 3072 on an H200 for S22's kernels (bench/NOTES.md
-Session 11; the row kernel has since taken K = 3072 as three tiles), dot with one of its autotune configs. Run on the GPU machine:
+Session 11; the row kernel has since taken K = 3072 as three tiles), dot with one of its autotune configs.
+Run on the GPU machine:
 
     ncu --kernel-name regex:rotate_quantize --section SpeedOfLight --section InstructionStats \
         --section WarpStateStats --section Occupancy python3 bench/ncu_rq.py

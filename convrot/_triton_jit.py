@@ -142,14 +142,13 @@ def _store_codes(r, mul, q_rows, k0, K, m_ok, G: tl.constexpr, PACK: tl.constexp
 
 
 @triton.jit
-def _scale_of(amax, QMAX: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The reference's scale: max(absmax, 1e-10) / QMAX, IEEE division."""
-    return tl.math.div_rn(tl.maximum(amax, 1e-10), tl.full((BLOCK_M,), QMAX, tl.float32))
-
-
-@triton.jit
-def _inverse(scale, BLOCK_M: tl.constexpr):
-    return tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), scale)
+def _row_scale(amax, NORM_SUMS: tl.constexpr, s_ptr, rm, m_ok, QMAX: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Stores the reference's scale, max(absmax * NORM_SUMS, 1e-10) / QMAX (IEEE division; NORM_SUMS, the
+    normalization the rotated sums still need, is a power of two: exact), and returns _store_codes' multiplier
+    NORM_SUMS / scale, rounded once per row."""
+    scale = tl.math.div_rn(tl.maximum(amax * NORM_SUMS, 1e-10), tl.full((BLOCK_M,), QMAX, tl.float32))
+    tl.store(s_ptr + rm, scale, mask=m_ok)
+    return tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), scale) * NORM_SUMS
 
 
 @triton.jit
@@ -183,13 +182,7 @@ def rotate_quantize_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_q
         else:
             r = _rotate_tile(x, h, G, NORM, BLOCK_M, BLOCK_K, DOT_F32)
         amax = tl.maximum(amax, tl.max(tl.abs(r), axis=1))
-    if FWHT:
-        amax = amax * NORM  # a power of two: exact
-    scale = _scale_of(amax, QMAX, BLOCK_M)
-    tl.store(s_ptr + rm, scale, mask=m_ok)
-    inv = _inverse(scale, BLOCK_M)
-    if FWHT:
-        inv = inv * NORM  # _fwht_rev's sums are not normalized
+    mul = _row_scale(amax, NORM if FWHT else 1.0, s_ptr, rm, m_ok, QMAX, BLOCK_M)  # _fwht_rev does not normalize
     q_rows = q_ptr + rows[:, None] * stride_qm
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
@@ -198,13 +191,14 @@ def rotate_quantize_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_q
             r = _fwht_rev(x.to(tl.float32), BLOCK_M, G)
         else:
             r = _rotate_tile(x, h, G, NORM, BLOCK_M, BLOCK_K, DOT_F32)
-        _store_codes(r, inv, q_rows, k0, K, m_ok, G, PACK, SPLIT, FWHT, BLOCK_M, BLOCK_K)
+        _store_codes(r, mul, q_rows, k0, K, m_ok, G, PACK, SPLIT, FWHT, BLOCK_M, BLOCK_K)
 
 
 @triton.jit
 def rotate_quantize_row_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, M_BUCKET,
                                G: tl.constexpr, NORM: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
-                               SPLIT: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, THIRDS: tl.constexpr = False):
+                               SPLIT: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr,
+                               THIRDS: tl.constexpr = False):
     """The "row" method: one pass, BLOCK_M whole rows held in registers; x is read once. A row is one tile of KP
     (a power of two >= K, the rest masked) or, THIRDS, three tiles of KP = K / 3 (K = 3 * 2^n: 3072, 12288),
     which computes no padding. The rotation is _fwht_rev; codes and scales as rotate_quantize_kernel's."""
@@ -221,18 +215,15 @@ def rotate_quantize_row_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, 
         r2 = _fwht_rev(tl.load(x_rows + (2 * KP + kk)[None, :]).to(tl.float32), BLOCK_M, G)
         amax = tl.maximum(tl.maximum(tl.max(tl.abs(r0), axis=1), tl.max(tl.abs(r1), axis=1)),
                           tl.max(tl.abs(r2), axis=1))
-        scale = _scale_of(amax * NORM, QMAX, BLOCK_M)  # NORM: a power of two, exact
-        tl.store(s_ptr + rm, scale, mask=m_ok)
-        mul = _inverse(scale, BLOCK_M) * NORM
+        mul = _row_scale(amax, NORM, s_ptr, rm, m_ok, QMAX, BLOCK_M)
         _store_codes(r0, mul, q_rows, 0, K, m_ok, G, PACK, SPLIT, True, BLOCK_M, KP)
         _store_codes(r1, mul, q_rows, KP, K, m_ok, G, PACK, SPLIT, True, BLOCK_M, KP)
         _store_codes(r2, mul, q_rows, 2 * KP, K, m_ok, G, PACK, SPLIT, True, BLOCK_M, KP)
     else:
         x = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0)
         r = _fwht_rev(x.to(tl.float32), BLOCK_M, G)
-        scale = _scale_of(tl.max(tl.abs(r), axis=1) * NORM, QMAX, BLOCK_M)  # NORM: a power of two, exact
-        tl.store(s_ptr + rm, scale, mask=m_ok)
-        _store_codes(r, _inverse(scale, BLOCK_M) * NORM, q_rows, 0, K, m_ok, G, PACK, SPLIT, True, BLOCK_M, KP)
+        mul = _row_scale(tl.max(tl.abs(r), axis=1), NORM, s_ptr, rm, m_ok, QMAX, BLOCK_M)
+        _store_codes(r, mul, q_rows, 0, K, m_ok, G, PACK, SPLIT, True, BLOCK_M, KP)
 
 
 @triton.jit

@@ -266,12 +266,12 @@ def _launch_rotate_quantize(x2d, out, scale_out, group_size, qmax, pack, fixed=F
     m, k = x2d.shape
     method = _rq_method(rq, k, m)
     tune = not (fixed or j.INTERPRET or not AUTOTUNE)
-    opts = {}  # contraction on (Triton's default): no product here meets an add whose rounding it would change
+    # no _NO_FUSION here: contraction (Triton's default) changes no result of these kernels (see _NO_FUSION)
     common = dict(G=group_size, NORM=1.0 / (group_size ** 0.5), QMAX=qmax, PACK=pack, SPLIT=split)
     if method == "row":
         kp, thirds = row_tiles(k, group_size)
         args = (x2d, out, scale_out, m, k, x2d.stride(0), out.stride(0), _m_bucket(m))
-        row = dict(common, KP=kp, THIRDS=thirds, **opts)
+        row = dict(common, KP=kp, THIRDS=thirds)
         if tune:
             j.rotate_quantize_row_tuned[lambda meta: (triton_cdiv(m, meta["BLOCK_M"]),)](*args, **row)
         else:
@@ -288,10 +288,10 @@ def _launch_rotate_quantize(x2d, out, scale_out, group_size, qmax, pack, fixed=F
         # fwht: small row blocks, as its autotuned configs (32 x 256 in registers compiled to ~200 registers)
         bm, bk = (4, 512) if method == "fwht" else (32, 256)
         j.rotate_quantize_kernel[(triton_cdiv(m, bm),)](*args, **consts, BLOCK_M=bm, BLOCK_K=bk, num_warps=4,
-                                                         FWHT=method == "fwht", **opts)
+                                                         FWHT=method == "fwht")
     else:
         kern = j.rotate_quantize_fwht_tuned if method == "fwht" else j.rotate_quantize_tuned
-        kern[lambda meta: (triton_cdiv(m, meta["BLOCK_M"]),)](*args, **consts, **opts)
+        kern[lambda meta: (triton_cdiv(m, meta["BLOCK_M"]),)](*args, **consts)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -531,7 +531,8 @@ def test_row_tiles():
 
 
 @pytest.mark.parametrize("group_size", [16, 64, 256])
-@pytest.mark.parametrize("bits,packed,split", [(4, True, False), (4, False, False), (4, False, True), (8, False, False)],
+@pytest.mark.parametrize("bits,packed,split",
+                         [(4, True, False), (4, False, False), (4, False, True), (8, False, False)],
                          ids=["packed", "int8", "split", "w8"])
 def test_row_method_in_thirds(group_size, bits, packed, split):
     """K = 3 * 2^n: the row kernel's three tiles give the reference's codes in every store format."""
