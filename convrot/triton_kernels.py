@@ -61,7 +61,7 @@ Rotate+quantize method (RQ, env CONVROT_TRITON_RQ, read at import; `rq=` per cal
     "fwht"  the same two passes, the rotation as sums over size-4 axes in registers (H_4 = J - 2P), no dots
     "row"   one pass: whole rows in registers, padded to a power of two or as three tiles of K / 3 (K = 3 * 2^n)
             (K <= ROW_MAX_K, else "fwht")
-    "auto"  "row" up to AUTO_ROW_MAX_M rows, else "fwht" from AUTO_FWHT_MIN_K channels, else "dot"
+    "auto"  "row" (K <= ROW_MAX_K, else "fwht"), at every M
 All give the reference's codes (up to rare rounding ties) and scales.
 
 Limits (LIMITS, a TritonLimits): group_size in {16, 64, 256}; K % group_size == 0 and 0 < K <= 65536 (int32
@@ -132,15 +132,8 @@ RQ_KERNELS = ("dot", "fwht", "row")  # the rotate+quantize kernels
 RQ_METHODS = ("auto",) + RQ_KERNELS
 RQ = os.environ.get("CONVROT_TRITON_RQ", "auto")  # the rotate+quantize method; checked where used
 ROW_MAX_K = 16384  # the "row" method holds whole rows in registers (row_tiles); above this, "fwht"
-# "auto" (bench/NOTES.md Session 11, S22, H200), the rule S23's server figure ran. Row up to AUTO_ROW_MAX_M rows:
-# at 512 and 1 tokens the pass alone 3.0x / 5.2x faster than dot, the W4A4 op 2.7x / 2.5x. Above it, fwht from
-# AUTO_FWHT_MIN_K channels (at 4096 x 12288 the pass alone 143 µs against dot's 160 and the padded row's 205;
-# 4608 x 15360: 198 / 239 / 221), else dot: at K = 3072 the two whole-op rows disagree (fwht ahead at N = 9216,
-# dot at N = 3072) while the pass alone favoured fwht and row over dot. Both thresholds lie between measured
-# points (512 / 4096 rows, K 3072 / 12288). The kernels have changed since (no per-value division; the row
-# kernel's K = 3 * 2^n in three tiles): the rule waits for their timing.
-AUTO_ROW_MAX_M = 1024
-AUTO_FWHT_MIN_K = 8192
+# "auto" is "row" wherever a row fits (bench/NOTES.md Session 12, S27, H200: with the three-tile row kernel, the
+# pass alone is faster than fwht and dot at every measured FLUX shape, 1 to 4608 tokens, K 3072 to 15360)
 # the block config used without autotuning (the interpreter, CONVROT_TRITON_AUTOTUNE=0, the probe)
 _SPLIT_FIXED = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, ONE_DOT=True, num_warps=4)
 
@@ -253,10 +246,10 @@ def row_tiles(k: int, group_size: int) -> tuple[int, bool]:
 
 def _rq_method(rq: str | None, k: int, m: int = 1) -> str:
     """The rotate+quantize kernel that runs for an [M, K] input (see RQ). The methods sum in different orders, so a
-    token's scale may differ in fp32's last bit when M crosses AUTO_ROW_MAX_M (its codes only near a tie)."""
+    token's scale may differ in fp32's last bit between them (its codes only near a tie)."""
     method = _check_rq(rq)
     if method == "auto":
-        method = "row" if m <= AUTO_ROW_MAX_M else "fwht" if k >= AUTO_FWHT_MIN_K else "dot"
+        method = "row"
     return "fwht" if method == "row" and k > ROW_MAX_K else method
 
 
@@ -602,13 +595,12 @@ def _probe(dev: torch.device) -> str | None:
 
     The shapes take the paths real layers take: K = SPLIT_CHUNK (the split W4 GEMMs), G = 256 (its two-step
     rotation) and K = 208 (K % SPLIT_CHUNK != 0: the packed_x16 fallback), with the fixed block configs; K = 768
-    at G = 256 (the row kernel's three tiles, as FLUX's K = 3072) and more than AUTO_ROW_MAX_M rows (the methods
-    RQ "auto" picks there)."""
+    at G = 256 (the row kernel's three tiles, as FLUX's K = 3072) and K > ROW_MAX_K (where "row" and "auto"
+    run fwht)."""
     try:
         g = torch.Generator(device="cpu").manual_seed(0)
-        big = AUTO_ROW_MAX_M + 1
         for rows, group, k in ((5, 16, SPLIT_CHUNK), (5, 256, 2 * SPLIT_CHUNK), (5, 16, 208), (3, 256, 768),
-                               (big, 16, SPLIT_CHUNK), (big, 256, AUTO_FWHT_MIN_K)):
+                               (3, 256, ROW_MAX_K + 256)):
             x = torch.randn(rows, k, generator=g).to(dev, torch.bfloat16).contiguous()
             for bits in (4, 8):
                 qmax = _QMAX[bits]

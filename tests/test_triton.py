@@ -467,7 +467,7 @@ class _LaunchSpy:
 
 def test_each_method_launches_its_kernel(kernels, monkeypatch):
     """rq=method runs that method's kernel (results alone would not tell: every method computes the same codes);
-    "auto" picks by rows and K; row falls back to fwht above ROW_MAX_K."""
+    "auto" runs row; row falls back to fwht above ROW_MAX_K."""
     log = []
     for attr, name in (("rotate_quantize_kernel", "dot"), ("rotate_quantize_row_kernel", "row"),
                        ("rotate_quantize_tuned", "dot"), ("rotate_quantize_fwht_tuned", "fwht"),
@@ -477,12 +477,10 @@ def test_each_method_launches_its_kernel(kernels, monkeypatch):
     for method in tk.RQ_KERNELS:
         tk.rotate_quantize(x, 64, 4, rq=method)
         assert log.pop() == method and not log
-    monkeypatch.setattr(tk, "AUTO_ROW_MAX_M", 2)
-    monkeypatch.setattr(tk, "AUTO_FWHT_MIN_K", 512)
-    for rows, k, want in ((2, 256, "row"), (3, 256, "dot"), (3, 512, "fwht")):
+    monkeypatch.setattr(tk, "ROW_MAX_K", 256)
+    for rows, k, want in ((2, 256, "row"), (3, 256, "row"), (3, 512, "fwht")):
         tk.rotate_quantize(x[:rows, :k].contiguous(), 64, 4, rq="auto")
         assert log.pop() == want and not log
-    monkeypatch.setattr(tk, "ROW_MAX_K", 256)
     tk.rotate_quantize(x, 64, 4, rq="row")
     assert log.pop() == "fwht"
 
@@ -555,9 +553,10 @@ def test_rotate_quantize_method_choice(monkeypatch):
     assert tk._rq_method("row", tk.ROW_MAX_K) == "row"
     assert tk._rq_method("row", tk.ROW_MAX_K + 256) == "fwht"  # a padded row would not fit in registers
     assert tk._rq_method("dot", 65536) == "dot"
-    assert tk._rq_method("auto", 3072, tk.AUTO_ROW_MAX_M) == "row"
-    assert tk._rq_method("auto", 3072, tk.AUTO_ROW_MAX_M + 1) == "dot"
-    assert tk._rq_method("auto", tk.AUTO_FWHT_MIN_K, 4096) == "fwht"
+    assert tk._rq_method("auto", 3072, 1) == "row"
+    assert tk._rq_method("auto", 3072, 4608) == "row"
+    assert tk._rq_method("auto", tk.ROW_MAX_K, 4096) == "row"
+    assert tk._rq_method("auto", tk.ROW_MAX_K + 256, 4096) == "fwht"
     assert tk._rq_method("auto", 65536, 1) == "fwht"  # row, but too long for registers
     monkeypatch.setattr(tk, "RQ", "fwht")
     assert tk._rq_method(None, 3072) == "fwht"
@@ -638,9 +637,8 @@ def test_probe_checks_the_paths_real_layers_take(monkeypatch):
     real_rq = tk._rq_method
     monkeypatch.setattr(tk, "_rq_method", lambda rq, k, m=1: methods_run.append(real_rq(rq, k, m))
                         or methods_run[-1])
-    if not CUDA:  # the interpreter: the "auto" thresholds scaled down (the probe reads them; the same kernels)
-        monkeypatch.setattr(tk, "AUTO_ROW_MAX_M", 8)  # the probe's few rows (3, 5) stay below it
-        monkeypatch.setattr(tk, "AUTO_FWHT_MIN_K", 512)
+    if not CUDA:  # the interpreter: the row limit scaled down (the probe reads it; the same kernels)
+        monkeypatch.setattr(tk, "ROW_MAX_K", 768)  # the three-tile row (K = 768) stays a row
     monkeypatch.setattr(tk, "RQ", "auto")
     tiles = []
     real_tiles = tk.row_tiles
@@ -648,7 +646,7 @@ def test_probe_checks_the_paths_real_layers_take(monkeypatch):
     assert tk._probe(dev) is None
     if tk.W4_GEMM.startswith("split"):
         assert {tk.W4_GEMM, "packed_x16", "int8"} <= set(routes_run), routes_run
-    assert {"row", "dot", "fwht"} <= set(methods_run), methods_run
+    assert {"row", "fwht"} <= set(methods_run), methods_run
     assert {True, False} <= {thirds for _, thirds in tiles}, tiles  # the row kernel in both tile forms
     real_fn = tk.linear_fn
     monkeypatch.setattr(tk, "linear_fn", lambda g, bits, **kw: (lambda *a: real_fn(g, bits, **kw)(*a) * 1.5))
