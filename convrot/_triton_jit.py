@@ -102,43 +102,76 @@ def _fwht_rev(x, R: tl.constexpr, G: tl.constexpr):
 
 
 @triton.jit
+def _flip_runs(x, BLOCK_M: tl.constexpr, N: tl.constexpr, RUN: tl.constexpr):
+    """x [BLOCK_M, N] -> [BLOCK_M, N // RUN, RUN] with each run of RUN values reversed (RUN 1, 2 or 4). Splits
+    and joins of size-2 axes only: where a run lies in one thread's registers it is a renaming of registers."""
+    z = tl.reshape(x, (BLOCK_M, N // RUN, RUN))
+    if RUN >= 2:
+        z = tl.reshape(z, (BLOCK_M, N // RUN, RUN // 2, 2))
+        lo, hi = tl.split(z)
+        z = tl.join(hi, lo)  # the low index bit flipped
+        if RUN == 4:
+            lo, hi = tl.split(tl.permute(z, (0, 1, 3, 2)))
+            z = tl.permute(tl.join(hi, lo), (0, 1, 3, 2))  # the high one
+        z = tl.reshape(z, (BLOCK_M, N // RUN, RUN))
+    return z
+
+
+@triton.jit
+def _run_index(base, N: tl.constexpr, RUN: tl.constexpr, REV: tl.constexpr, SPAN: tl.constexpr):
+    """[N // RUN, RUN] channel index of _flip_runs(x)'s value [t, i] (REV: x's position j holds channel
+    j ^ (SPAN - 1), SPAN a multiple of RUN; else channel j), offset by base (a multiple of SPAN). Written as a run
+    start plus tl.arange(0, RUN), so that the stores see RUN contiguous channels per run."""
+    t = tl.arange(0, N // RUN) * RUN
+    if REV:
+        t = t ^ (SPAN - RUN)  # (t + RUN - 1 - i) ^ (SPAN - 1) = (t ^ (SPAN - RUN)) + i
+    return tl.multiple_of(base + t, RUN)[:, None] + tl.arange(0, RUN)[None, :]
+
+
+@triton.jit
 def _store_codes(r, mul, q_rows, k0, K, m_ok, G: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr,
-                 REV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """code = rint(r * mul[row]) for the tile r [BLOCK_M, BLOCK_K] at channels k0.., stored as PACK (two int4 per
-    byte, low nibble = even channel), SPLIT (int8, the split chunk order) or int8 channel order. REV: r's
-    positions are group-reversed (_fwht_rev): position p holds channel p ^ (G - 1).
+                 REV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RUN: tl.constexpr = 4):
+    """code = rint(r * mul[row]) for the tile r [BLOCK_M, BLOCK_K] at channels k0.. (k0 a multiple of G), stored
+    as PACK (two int4 per byte, low nibble = even channel), SPLIT (int8, the split chunk order) or int8 channel
+    order. REV: r's positions are group-reversed (_fwht_rev): position p holds channel p ^ (G - 1).
 
     mul = (normalization) / scale, rounded once per row: r * (1/s) differs from the reference's r / s by about an
     ulp, which moves a code only when r / s lies within ~2^-21 of a half-integer (the CUDA extension rounds the
     same way). No clamp: |r| <= absmax keeps |r * mul| <= QMAX (1 + 2^-23), which rounds to QMAX. r * mul + 1.5 *
     2^23 (one FMA where contraction is on) holds the rounded code in its low mantissa bits, so the code is the
     low byte (nibble) of its bit pattern: no division, compare or float-to-int conversion per element.
+    Stores go out in runs of RUN channels: with REV each run is reversed in registers first, so that its
+    addresses ascend (descending addresses would make Triton store byte by byte through a layout conversion).
     """
     y = r * tl.broadcast_to(mul[:, None], (BLOCK_M, BLOCK_K)) + ROUND_MAGIC
     q = y.to(tl.int32, bitcast=True)  # 0x4B400000 + code: low byte = the int8 code, low nibble = the int4 one
     if PACK or SPLIT:
-        a, b = tl.split(tl.reshape(q, (BLOCK_M, BLOCK_K // 2, 2)))  # positions 2j, 2j + 1
-        jp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        NP: tl.constexpr = BLOCK_K // 2
+        RP: tl.constexpr = RUN if RUN <= NP else NP
+        a, b = tl.split(tl.reshape(q, (BLOCK_M, NP, 2)))  # positions 2j, 2j + 1
         if REV:  # positions 2j, 2j + 1 hold channels 2p + 1, 2p with p = j ^ (G/2 - 1)
-            ev = b
-            od = a
-            jp = jp ^ (G // 2 - 1)
+            ev = _flip_runs(b, BLOCK_M, NP, RP)
+            od = _flip_runs(a, BLOCK_M, NP, RP)
         else:
-            ev = a
-            od = b
-        ok = m_ok[:, None] & (jp[None, :] < K // 2)
+            ev = tl.reshape(a, (BLOCK_M, NP // RP, RP))
+            od = tl.reshape(b, (BLOCK_M, NP // RP, RP))
+        jp = _run_index(k0 // 2, NP, RP, REV, G // 2)  # channel pairs
+        ok = m_ok[:, None, None] & (jp[None, :, :] < K // 2)
         if PACK:
-            tl.store(q_rows + jp[None, :], ((ev & 15) | (od << 4)).to(tl.int8), mask=ok)
+            tl.store(q_rows[:, :, None] + jp[None, :, :], ((ev & 15) | (od << 4)).to(tl.int8), mask=ok)
         else:
             tl.static_assert(BLOCK_K // CHUNK * CHUNK == BLOCK_K)
             col = (jp // HALF) * CHUNK + jp % HALF  # pair jp: channels 2jp, 2jp + 1; runs of HALF bytes
-            tl.store(q_rows + col[None, :], ev.to(tl.int8), mask=ok)
-            tl.store(q_rows + (col + HALF)[None, :], od.to(tl.int8), mask=ok)
+            tl.store(q_rows[:, :, None] + col[None, :, :], ev.to(tl.int8), mask=ok)
+            tl.store(q_rows[:, :, None] + (col + HALF)[None, :, :], od.to(tl.int8), mask=ok)
     else:
-        kk = k0 + tl.arange(0, BLOCK_K)
+        RQ: tl.constexpr = RUN if RUN <= BLOCK_K else BLOCK_K
         if REV:
-            kk = kk ^ (G - 1)
-        tl.store(q_rows + kk[None, :], q.to(tl.int8), mask=m_ok[:, None] & (kk[None, :] < K))
+            c = _flip_runs(q, BLOCK_M, BLOCK_K, RQ)
+        else:
+            c = tl.reshape(q, (BLOCK_M, BLOCK_K // RQ, RQ))
+        kk = _run_index(k0, BLOCK_K, RQ, REV, G)
+        tl.store(q_rows[:, :, None] + kk[None, :, :], c.to(tl.int8), mask=m_ok[:, None, None] & (kk[None, :, :] < K))
 
 
 @triton.jit
@@ -213,8 +246,7 @@ def rotate_quantize_row_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, 
         r0 = _fwht_rev(tl.load(x_rows + kk[None, :]).to(tl.float32), BLOCK_M, G)
         r1 = _fwht_rev(tl.load(x_rows + (KP + kk)[None, :]).to(tl.float32), BLOCK_M, G)
         r2 = _fwht_rev(tl.load(x_rows + (2 * KP + kk)[None, :]).to(tl.float32), BLOCK_M, G)
-        amax = tl.maximum(tl.maximum(tl.max(tl.abs(r0), axis=1), tl.max(tl.abs(r1), axis=1)),
-                          tl.max(tl.abs(r2), axis=1))
+        amax = tl.max(tl.maximum(tl.maximum(tl.abs(r0), tl.abs(r1)), tl.abs(r2)), axis=1)  # one reduction
         mul = _row_scale(amax, NORM, s_ptr, rm, m_ok, QMAX, BLOCK_M)
         _store_codes(r0, mul, q_rows, 0, K, m_ok, G, PACK, SPLIT, True, BLOCK_M, KP)
         _store_codes(r1, mul, q_rows, KP, K, m_ok, G, PACK, SPLIT, True, BLOCK_M, KP)

@@ -61,7 +61,7 @@ Rotate+quantize method (RQ, env CONVROT_TRITON_RQ, read at import; `rq=` per cal
     "fwht"  the same two passes, the rotation as sums over size-4 axes in registers (H_4 = J - 2P), no dots
     "row"   one pass: whole rows in registers, padded to a power of two or as three tiles of K / 3 (K = 3 * 2^n)
             (K <= ROW_MAX_K, else "fwht")
-    "auto"  "row" (K <= ROW_MAX_K, else "fwht"), at every M
+    "auto"  "row" where it needs no padding (K = 2^n or 3 * 2^n, K <= ROW_MAX_K), else "fwht", at every M
 All give the reference's codes (up to rare rounding ties) and scales.
 
 Limits (LIMITS, a TritonLimits): group_size in {16, 64, 256}; K % group_size == 0 and 0 < K <= 65536 (int32
@@ -132,8 +132,8 @@ RQ_KERNELS = ("dot", "fwht", "row")  # the rotate+quantize kernels
 RQ_METHODS = ("auto",) + RQ_KERNELS
 RQ = os.environ.get("CONVROT_TRITON_RQ", "auto")  # the rotate+quantize method; checked where used
 ROW_MAX_K = 16384  # the "row" method holds whole rows in registers (row_tiles); above this, "fwht"
-# "auto" is "row" wherever a row fits (bench/NOTES.md Session 12, S27, H200: with the three-tile row kernel, the
-# pass alone is faster than fwht and dot at every measured FLUX shape, 1 to 4608 tokens, K 3072 to 15360)
+# "auto" is "row" wherever a row needs no padding, else fwht (bench/NOTES.md Session 12, S33, H200: the row kernel
+# beat fwht and dot at every FLUX shape but K = 15360, which it pads to 16384)
 # the block config used without autotuning (the interpreter, CONVROT_TRITON_AUTOTUNE=0, the probe)
 _SPLIT_FIXED = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, ONE_DOT=True, num_warps=4)
 
@@ -249,8 +249,15 @@ def _rq_method(rq: str | None, k: int, m: int = 1) -> str:
     token's scale may differ in fp32's last bit between them (its codes only near a tie)."""
     method = _check_rq(rq)
     if method == "auto":
-        method = "row"
+        method = "row" if _row_unpadded(k) else "fwht"
     return "fwht" if method == "row" and k > ROW_MAX_K else method
+
+
+def _row_unpadded(k: int) -> bool:
+    """Whether the row kernel holds K with no padding (K = 2^n, or 3 * 2^n as three tiles; at G = 256, the
+    largest group, so the answer holds for every group size)."""
+    kp, thirds = row_tiles(k, 256)
+    return kp * (3 if thirds else 1) == k
 
 
 def _launch_rotate_quantize(x2d, out, scale_out, group_size, qmax, pack, fixed=False, split=False, rq=None):
@@ -268,10 +275,9 @@ def _launch_rotate_quantize(x2d, out, scale_out, group_size, qmax, pack, fixed=F
         if tune:
             j.rotate_quantize_row_tuned[lambda meta: (triton_cdiv(m, meta["BLOCK_M"]),)](*args, **row)
         else:
-            values = kp * (3 if thirds else 1)
-            bm = 2 if values <= 4096 else 1
-            nw = 4 if values <= 4096 else 8 if values <= 8192 else 16
-            j.rotate_quantize_row_kernel[(triton_cdiv(m, bm),)](*args, **row, BLOCK_M=bm, num_warps=nw)
+            # one row, 8 values of each tile per thread: a 256-group then lies in one warp (no shared memory)
+            nw = min(16, max(4, kp // 256))
+            j.rotate_quantize_row_kernel[(m,)](*args, **row, BLOCK_M=1, num_warps=nw)
         return
     hs = 64 if group_size == 64 else 16
     h = _hadamard_pm1(hs, x2d.device)

@@ -467,7 +467,7 @@ class _LaunchSpy:
 
 def test_each_method_launches_its_kernel(kernels, monkeypatch):
     """rq=method runs that method's kernel (results alone would not tell: every method computes the same codes);
-    "auto" runs row; row falls back to fwht above ROW_MAX_K."""
+    "auto" runs row where a row needs no padding; row falls back to fwht above ROW_MAX_K."""
     log = []
     for attr, name in (("rotate_quantize_kernel", "dot"), ("rotate_quantize_row_kernel", "row"),
                        ("rotate_quantize_tuned", "dot"), ("rotate_quantize_fwht_tuned", "fwht"),
@@ -558,6 +558,9 @@ def test_rotate_quantize_method_choice(monkeypatch):
     assert tk._rq_method("auto", tk.ROW_MAX_K, 4096) == "row"
     assert tk._rq_method("auto", tk.ROW_MAX_K + 256, 4096) == "fwht"
     assert tk._rq_method("auto", 65536, 1) == "fwht"  # row, but too long for registers
+    assert tk._rq_method("auto", 12288, 4096) == "row"  # three tiles of 4096
+    assert tk._rq_method("auto", 15360, 4608) == "fwht"  # a row would pad it to 16384
+    assert tk._rq_method("row", 15360) == "row"  # asked for: padded
     monkeypatch.setattr(tk, "RQ", "fwht")
     assert tk._rq_method(None, 3072) == "fwht"
     with pytest.raises(ValueError, match="CONVROT_TRITON_RQ"):
