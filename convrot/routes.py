@@ -26,9 +26,9 @@ log = logging.getLogger("convrot")
 
 ROUTES = ("cuda", "torchmm", "triton", "dequant", "reference")
 ENV = "CONVROT_ROUTE"
-# Triton is in the automatic order after the CUDA extension: in an H200 server (bench/NOTES.md Session 11, S23)
-# mixed on it ran at 1.23x of bf16 (the dequant fallback: 1.06x, S21); its GPU tests passed on that machine (the whole
-# file in S21, the rotate+quantize, method, probe and W4-route tests after the S22 change in S26).
+# Triton is in the automatic order after the CUDA extension: in H200 servers (bench/NOTES.md Sessions 11-12) mixed
+# on it ran at 0.91x-1.23x of bf16 (the dequant fallback: 1.06x, S21); its GPU tests passed on that machine (the whole
+# file in S21, the rotate+quantize, method, probe, launch and split tests with today's kernels in S33).
 TRITON_AUTOMATIC = True
 _TRITON_OPT_IN = f"not in the automatic order yet ({ENV}=triton runs it)"
 # torchmm computes the reference's integer math through torch._int_mm (tests/test_torchmm.py); it joins the automatic
@@ -44,7 +44,7 @@ COST = {
     "torchmm": "W4A4/W8A8 through PyTorch's own int8 GEMM (torch._int_mm: cuBLAS/hipBLASLt int8 tensor cores), "
                "rotate+quantize and the epilogue in torch ops: ConvRot's integer math, no compiler or Triton "
                "needed; speed not measured yet",
-    "triton": "portable Triton kernels, no CUDA compiler needed (mixed ran at 1.23x of bf16 in an H200 server, "
+    "triton": "portable Triton kernels, no CUDA compiler needed (mixed ran at 0.91x-1.23x of bf16 in H200 servers, "
               "where the CUDA extension ran at 1.60x; the first step also tunes the kernels, once per process)",
     "dequant": "weight-only fallback, each layer's codes expanded to bf16/fp16 per call for cuBLAS: slower than "
                "bf16 eagerly (mixed: 0.67x of bf16 in an H200 server), about bf16's speed compiled (1.06x there), "
