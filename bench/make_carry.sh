@@ -25,7 +25,8 @@ kitchen() {  # version, destination: the package and its dist-info, the CUDA lib
 }
 kitchen 0.2.24 .gpu/kitchen
 kitchen 0.2.36 .ck36
-tar -C "$(dirname "$comfy")" --transform "s,^$(basename "$comfy"),ComfyUI," --exclude='*/tests' \
-  --exclude='*/tests-unit' --exclude='ComfyUI/comfy/text_encoders/*_tokenizer' --exclude='ComfyUI/comfy/sd1_tokenizer' --exclude='__pycache__' -cJf .gpu/comfyui.tar.xz \
-  "$(basename "$comfy")"
+base=$(basename "$comfy")  # tar's names start with it; --transform renames it ComfyUI (gpu_server.sh's /tmp/ComfyUI)
+tar -C "$(dirname "$comfy")" --transform "s,^$base,ComfyUI," --exclude='*/tests' --exclude='*/tests-unit' \
+  --exclude="$base/comfy/text_encoders/*_tokenizer" --exclude="$base/comfy/sd1_tokenizer" --exclude='__pycache__' \
+  -cJf .gpu/comfyui.tar.xz "$base"
 du -sh .gpu .ck36
