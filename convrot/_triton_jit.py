@@ -102,11 +102,11 @@ def _fwht_rev(x, R: tl.constexpr, G: tl.constexpr):
 
 
 @triton.jit
-def _flip_runs(x, BLOCK_M: tl.constexpr, N: tl.constexpr, RUN: tl.constexpr):
-    """x [BLOCK_M, N] -> [BLOCK_M, N // RUN, RUN] with each run of RUN values reversed (RUN 1, 2 or 4). Splits
+def _runs(x, BLOCK_M: tl.constexpr, N: tl.constexpr, RUN: tl.constexpr, FLIP: tl.constexpr):
+    """x [BLOCK_M, N] -> [BLOCK_M, N // RUN, RUN], each run of RUN values (1, 2 or 4) reversed if FLIP. Splits
     and joins of size-2 axes only: where a run lies in one thread's registers it is a renaming of registers."""
     z = tl.reshape(x, (BLOCK_M, N // RUN, RUN))
-    if RUN >= 2:
+    if FLIP and RUN >= 2:
         z = tl.reshape(z, (BLOCK_M, N // RUN, RUN // 2, 2))
         lo, hi = tl.split(z)
         z = tl.join(hi, lo)  # the low index bit flipped
@@ -119,7 +119,7 @@ def _flip_runs(x, BLOCK_M: tl.constexpr, N: tl.constexpr, RUN: tl.constexpr):
 
 @triton.jit
 def _run_index(base, N: tl.constexpr, RUN: tl.constexpr, REV: tl.constexpr, SPAN: tl.constexpr):
-    """[N // RUN, RUN] channel index of _flip_runs(x)'s value [t, i] (REV: x's position j holds channel
+    """[N // RUN, RUN] channel index of _runs(x, .., FLIP=REV)'s value [t, i] (REV: x's position j holds channel
     j ^ (SPAN - 1), SPAN a multiple of RUN; else channel j), offset by base (a multiple of SPAN). Written as a run
     start plus tl.arange(0, RUN), so that the stores see RUN contiguous channels per run."""
     t = tl.arange(0, N // RUN) * RUN
@@ -150,11 +150,9 @@ def _store_codes(r, mul, q_rows, k0, K, m_ok, G: tl.constexpr, PACK: tl.constexp
         RP: tl.constexpr = RUN if RUN <= NP else NP
         a, b = tl.split(tl.reshape(q, (BLOCK_M, NP, 2)))  # positions 2j, 2j + 1
         if REV:  # positions 2j, 2j + 1 hold channels 2p + 1, 2p with p = j ^ (G/2 - 1)
-            ev = _flip_runs(b, BLOCK_M, NP, RP)
-            od = _flip_runs(a, BLOCK_M, NP, RP)
-        else:
-            ev = tl.reshape(a, (BLOCK_M, NP // RP, RP))
-            od = tl.reshape(b, (BLOCK_M, NP // RP, RP))
+            a, b = b, a
+        ev = _runs(a, BLOCK_M, NP, RP, REV)
+        od = _runs(b, BLOCK_M, NP, RP, REV)
         jp = _run_index(k0 // 2, NP, RP, REV, G // 2)  # channel pairs
         ok = m_ok[:, None, None] & (jp[None, :, :] < K // 2)
         if PACK:
@@ -166,12 +164,9 @@ def _store_codes(r, mul, q_rows, k0, K, m_ok, G: tl.constexpr, PACK: tl.constexp
             tl.store(q_rows[:, :, None] + (col + HALF)[None, :, :], od.to(tl.int8), mask=ok)
     else:
         RQ: tl.constexpr = RUN if RUN <= BLOCK_K else BLOCK_K
-        if REV:
-            c = _flip_runs(q, BLOCK_M, BLOCK_K, RQ)
-        else:
-            c = tl.reshape(q, (BLOCK_M, BLOCK_K // RQ, RQ))
         kk = _run_index(k0, BLOCK_K, RQ, REV, G)
-        tl.store(q_rows[:, :, None] + kk[None, :, :], c.to(tl.int8), mask=m_ok[:, None, None] & (kk[None, :, :] < K))
+        tl.store(q_rows[:, :, None] + kk[None, :, :], _runs(q, BLOCK_M, BLOCK_K, RQ, REV).to(tl.int8),
+                 mask=m_ok[:, None, None] & (kk[None, :, :] < K))
 
 
 @triton.jit

@@ -254,8 +254,8 @@ def _rq_method(rq: str | None, k: int, m: int = 1) -> str:
 
 
 def _row_unpadded(k: int) -> bool:
-    """Whether the row kernel holds K with no padding (K = 2^n, or 3 * 2^n as three tiles; at G = 256, the
-    largest group, so the answer holds for every group size)."""
+    """Whether the row kernel holds K with no padding (K = 2^n, or 3 * 2^n as three tiles), judged at G = 256:
+    K = 3 * 2^n below 768 counts as padded even where a smaller group would tile it (auto then runs fwht)."""
     kp, thirds = row_tiles(k, 256)
     return kp * (3 if thirds else 1) == k
 
